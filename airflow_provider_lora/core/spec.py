@@ -1,0 +1,454 @@
+"""LoRASpec: the one definition of every fine-tuning parameter.
+
+Every caller (operator kwargs, the UI trigger form, the KFP component, the trainer CLI, the docs table) derives its
+parameters from the fields below. The first block mirrors the seed KFP component's ``training_*`` inputs, without the
+prefix and with the seed's defaults; where the seed documents an effective default for an Optional ("default: 2e-4"),
+validation fills it in, so downstream code never re-defaults anything.
+
+This module imports neither airflow nor kfp nor any ML library: it runs on the Airflow scheduler, in the KFP launcher
+and in the training image alike.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Section of each field, used to group the trigger form and the docs table.
+MODEL, DATA, LORA, QUANT, TRAINING, RESOURCES, KUBERNETES, OUTPUT = (
+    "model", "data", "LoRA", "quantisation", "training", "resources", "Kubernetes", "output",
+)
+
+# transformers SchedulerType values that need no extra kwargs (a test checks they exist in transformers).
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+FSDP_STRATEGIES = ("FULL_SHARD", "HYBRID_SHARD", "NO_SHARD")
+DATASET_FORMATS = ("auto", "messages", "conversations", "alpaca", "prompt_completion", "text")
+
+# Effective defaults of the seed's Optional parameters ("default: 2e-4" in its table, training_hub's defaults
+# elsewhere). Filled in by validation; the seed's signature keeps None.
+EFFECTIVE_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 2e-4,
+    "lr_warmup_steps": 10,
+    "checkpoint_at_epoch": False,
+    "num_epochs": 3,
+    "lora_use_rslora": False,
+    "lora_use_dora": False,
+    "lora_load_in_4bit": False,
+    "lora_load_in_8bit": False,
+    "lora_sample_packing": True,
+    "seed": 42,
+    "use_liger": False,
+    "lr_scheduler": "linear",
+}
+# Filled in only when 4-bit loading is on; set without it they are an error (they would be ignored).
+EFFECTIVE_4BIT_DEFAULTS: dict[str, Any] = {
+    "lora_bnb_4bit_quant_type": "nf4",
+    "lora_bnb_4bit_compute_dtype": "bfloat16",
+    "lora_bnb_4bit_use_double_quant": True,
+}
+
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?)$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)([numkMGTPE]|Ki|Mi|Gi|Ti|Pi|Ei|[eE][+-]?[0-9]+)?$")
+
+
+class SpecError(ValueError):
+    """A parameter has a value that cannot be accepted. The message names the parameter, the value and what is
+    accepted; ``errors`` holds one such message per bad parameter."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("invalid LoRA training parameters:\n  " + "\n  ".join(errors))
+
+
+def _bad(name: str, value: Any, accepted: str) -> ValueError:
+    return ValueError(f"{name}={value!r} is not valid: {accepted}")
+
+
+# ---- KEY=VAL,KEY=VAL strings (envs, labels, annotations) --------------------------------------------------------
+# A backslash escapes the next character, so a value may hold "\," "\=" or "\\".
+
+def parse_key_values(text: str, name: str = "value") -> dict[str, str]:
+    """Parse ``KEY=VAL,KEY=VAL`` into a dict. ``\\,``, ``\\=`` and ``\\\\`` put a literal comma, equals sign or
+    backslash in a key or value. Whitespace around keys is ignored; values are kept as written."""
+    pairs: dict[str, str] = {}
+    if text is None or text.strip() == "":
+        return pairs
+    items: list[list[str]] = [[""]]  # each item: [key-or-whole, value?]
+    escaped = False
+    for ch in text:
+        if escaped:
+            items[-1][-1] += ch
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ",":
+            items.append([""])
+        elif ch == "=" and len(items[-1]) == 1:
+            items[-1].append("")
+        else:
+            items[-1][-1] += ch
+    if escaped:
+        raise _bad(name, text, "ends with a lone backslash; write \\\\ for a literal backslash")
+    for item in items:
+        if len(item) == 1 and item[0].strip() == "":
+            raise _bad(name, text, "has an empty item; expected KEY=VAL,KEY=VAL (escape a literal comma as \\,)")
+        if len(item) == 1:
+            raise _bad(name, text, f"item {item[0]!r} has no '='; expected KEY=VAL,KEY=VAL")
+        key, value = item[0].strip(), item[1]
+        if not key:
+            raise _bad(name, text, "has an item with an empty key; expected KEY=VAL,KEY=VAL")
+        if key in pairs:
+            raise _bad(name, text, f"sets {key!r} twice")
+        pairs[key] = value
+    return pairs
+
+
+def format_key_values(pairs: dict[str, str]) -> str:
+    """The inverse of :func:`parse_key_values`."""
+
+    def esc(s: str) -> str:
+        return s.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=")
+
+    return ",".join(f"{esc(k)}={esc(v)}" for k, v in pairs.items())
+
+
+def check_label_key(key: str) -> bool:
+    """Kubernetes label/annotation key: optional DNS subdomain prefix + '/' + name of <= 63 characters."""
+    prefix, _, name = key.rpartition("/")
+    if prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
+        return False
+    return bool(_LABEL_NAME.match(name))
+
+
+def check_quantity(value: str) -> bool:
+    """Kubernetes resource quantity such as "4", "500m", "32Gi", "1.5"."""
+    return bool(_QUANTITY.match(value))
+
+
+def _field(default: Any, description: str, section: str, *, seed: bool = False, **kwargs: Any) -> Any:
+    return Field(default, description=description, json_schema_extra={"section": section, "seed": seed}, **kwargs)
+
+
+class LoRASpec(BaseModel):
+    """Every parameter of one LoRA fine-tune. Build it with :func:`LoRASpec.parse` (or the constructor) and it is
+    valid, with every effective default filled in."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, frozen=True)
+
+    # ---- the seed component's training_* inputs (names without the prefix, same defaults, same order) ----------
+    base_model: str = _field("Qwen/Qwen2.5-1.5B-Instruct", "Base model (HuggingFace ID or local path).", MODEL,
+                             seed=True)
+    effective_batch_size: int = _field(128, "Effective batch size per optimizer step.", TRAINING, seed=True)
+    max_tokens_per_gpu: int = _field(32000, "Max tokens per GPU (memory cap): bounds the micro-batch.", TRAINING,
+                                     seed=True)
+    max_seq_len: int = _field(8192, "Max sequence length in tokens; longer examples are truncated.", TRAINING,
+                              seed=True)
+    learning_rate: Optional[float] = _field(None, "Learning rate (default: 2e-4).", TRAINING, seed=True)
+    lr_warmup_steps: Optional[int] = _field(None, "Learning rate warmup steps (default: 10).", TRAINING, seed=True)
+    checkpoint_at_epoch: Optional[bool] = _field(None, "Save checkpoint at each epoch (default: false).", TRAINING,
+                                                 seed=True)
+    num_epochs: Optional[int] = _field(None, "Number of training epochs (default: 3).", TRAINING, seed=True)
+    data_output_dir: Optional[str] = _field(
+        None, "Directory for processed training data; reused only when its fingerprint matches.", DATA, seed=True)
+    envs: str = _field("", "Environment overrides as KEY=VAL,KEY=VAL (\\, and \\= escape).", KUBERNETES, seed=True)
+    resource_cpu_per_worker: str = _field("4", "CPU cores per worker.", RESOURCES, seed=True)
+    resource_gpu_per_worker: int = _field(1, "GPUs per worker.", RESOURCES, seed=True)
+    resource_memory_per_worker: str = _field("32Gi", "Memory per worker (e.g., 32Gi).", RESOURCES, seed=True)
+    resource_num_procs_per_worker: str = _field("auto", "Processes per worker (auto or int).", RESOURCES, seed=True)
+    resource_num_workers: int = _field(1, "Number of training pods.", RESOURCES, seed=True)
+    metadata_labels: str = _field("", "Pod labels as key=value,key=value.", KUBERNETES, seed=True)
+    metadata_annotations: str = _field("", "Pod annotations as key=value,key=value.", KUBERNETES, seed=True)
+    lora_r: int = _field(16, "LoRA rank (controls model capacity).", LORA, seed=True)
+    lora_alpha: int = _field(32, "LoRA scaling factor.", LORA, seed=True)
+    lora_dropout: float = _field(0.0, "Dropout rate for LoRA layers.", LORA, seed=True)
+    lora_target_modules: str = _field(
+        "", "Comma-separated list of modules to apply LoRA (empty = every linear projection except the LM head).",
+        LORA, seed=True)
+    lora_use_rslora: Optional[bool] = _field(None, "Use Rank-Stabilized LoRA variant (default: false).", LORA,
+                                             seed=True)
+    lora_use_dora: Optional[bool] = _field(None, "Use Weight-Decomposed LoRA (DoRA) (default: false).", LORA,
+                                           seed=True)
+    lora_load_in_4bit: Optional[bool] = _field(None, "Enable 4-bit quantization (QLoRA) (default: false).", QUANT,
+                                               seed=True)
+    lora_load_in_8bit: Optional[bool] = _field(None, "Enable 8-bit quantization (default: false).", QUANT, seed=True)
+    lora_bnb_4bit_quant_type: Optional[str] = _field(
+        None, "4-bit quantization type: nf4 or fp4 (default with 4-bit: nf4).", QUANT, seed=True)
+    lora_bnb_4bit_compute_dtype: Optional[str] = _field(
+        None, "4-bit compute dtype: bfloat16, float16 or float32 (default with 4-bit: bfloat16).", QUANT, seed=True)
+    lora_bnb_4bit_use_double_quant: Optional[bool] = _field(
+        None, "Enable double quantization (default with 4-bit: true).", QUANT, seed=True)
+    lora_sample_packing: Optional[bool] = _field(
+        None, "Pack multiple samples per sequence (default: true; needs FlashAttention, so off on CPU, said loudly).",
+        TRAINING, seed=True)
+    seed: Optional[int] = _field(None, "Random seed for reproducibility (default: 42).", TRAINING, seed=True)
+    use_liger: Optional[bool] = _field(None, "Enable Liger kernel optimizations (CUDA only) (default: false).",
+                                       TRAINING, seed=True)
+    lr_scheduler: Optional[str] = _field(
+        None, "LR scheduler type: " + ", ".join(LR_SCHEDULERS) + " (default: linear).", TRAINING, seed=True)
+    fsdp_sharding_strategy: Optional[str] = _field(
+        None, "FSDP sharding strategy. NO_SHARD (plain data parallel, what LoRA with unsloth runs) is accepted; "
+        "FULL_SHARD and HYBRID_SHARD are rejected: unsloth's LoRA path does not run under FSDP.", RESOURCES, seed=True)
+
+    # ---- what the trainer needs beyond the seed ---------------------------------------------------------------
+    dataset: str = _field("", "Training data: a local file or directory (PVC path), s3://bucket/key, a Hugging Face "
+                          "dataset id or hf://id. JSONL, JSON, parquet or CSV.", DATA)
+    dataset_format: Literal[DATASET_FORMATS] = _field(  # type: ignore[valid-type]
+        "auto", "Row format: auto, messages, conversations, alpaca, prompt_completion or text.", DATA)
+    eval_fraction: float = _field(0.0, "Share of rows held out for evaluation loss (0 = none, < 0.5).", DATA)
+    train_on_inputs: bool = _field(False, "Compute loss on prompt tokens too (default: assistant/completion tokens "
+                                   "only).", DATA)
+    output_uri: str = _field("", "Where the run's artifacts go: a local/PVC path or s3://bucket/prefix.", OUTPUT)
+    overwrite_output: bool = _field(False, "Replace a completed run already at output_uri (otherwise an error).",
+                                    OUTPUT)
+    save_merged: bool = _field(False, "Also save the base model merged with the adapter in 16-bit.", OUTPUT)
+    resume_from_checkpoint: Optional[str] = _field(
+        None, "Resume training: 'latest' (the newest checkpoint of this run) or a checkpoint directory.", TRAINING)
+    max_steps: Optional[int] = _field(None, "Stop after this many optimizer steps (overrides num_epochs).", TRAINING)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = _field(
+        "auto", "Training dtype: auto picks bfloat16 where the hardware has it, else float16 on GPU / float32 on "
+        "CPU.", TRAINING)
+
+    # ---- validation ---------------------------------------------------------------------------------------------
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_effective_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("lora_load_in_4bit"):
+            for name, value in EFFECTIVE_4BIT_DEFAULTS.items():
+                if data.get(name) is None:
+                    data[name] = value
+        for name, value in EFFECTIVE_DEFAULTS.items():
+            if data.get(name) is None:
+                data[name] = value
+        return data
+
+    @field_validator("effective_batch_size", "max_tokens_per_gpu", "max_seq_len", "lora_r", "num_epochs",
+                     "resource_num_workers")
+    @classmethod
+    def _at_least_one(cls, v: Optional[int], info: Any) -> Optional[int]:
+        if v is not None and v < 1:
+            raise _bad(info.field_name, v, "must be an integer >= 1")
+        return v
+
+    @field_validator("lr_warmup_steps", "resource_gpu_per_worker", "seed")
+    @classmethod
+    def _non_negative(cls, v: Optional[int], info: Any) -> Optional[int]:
+        if v is not None and v < 0:
+            raise _bad(info.field_name, v, "must be an integer >= 0")
+        return v
+
+    @field_validator("max_steps")
+    @classmethod
+    def _max_steps(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and v < 1:
+            raise _bad("max_steps", v, "must be an integer >= 1, or unset to train num_epochs")
+        return v
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _lr(cls, v: Optional[float]) -> Optional[float]:
+        if v is not None and not (0 < v < 1):
+            raise _bad("learning_rate", v, "must be a number > 0 and < 1 (typical LoRA: 1e-4 to 5e-4)")
+        return v
+
+    @field_validator("lora_alpha")
+    @classmethod
+    def _alpha(cls, v: int) -> int:
+        if v <= 0:
+            raise _bad("lora_alpha", v, "must be an integer > 0")
+        return v
+
+    @field_validator("lora_dropout")
+    @classmethod
+    def _dropout(cls, v: float) -> float:
+        if not (0 <= v < 1):
+            raise _bad("lora_dropout", v, "must be >= 0 and < 1")
+        return v
+
+    @field_validator("eval_fraction")
+    @classmethod
+    def _eval_fraction(cls, v: float) -> float:
+        if not (0 <= v < 0.5):
+            raise _bad("eval_fraction", v, "must be >= 0 and < 0.5")
+        return v
+
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _targets(cls, v: str) -> str:
+        names = [n.strip() for n in v.split(",")] if v.strip() else []
+        for n in names:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", n):
+                raise _bad("lora_target_modules", v, "must be comma-separated module names such as "
+                           "'q_proj,v_proj' (letters, digits, '_' and '.'), or empty for every linear projection")
+        return ",".join(names)
+
+    @field_validator("lora_bnb_4bit_quant_type")
+    @classmethod
+    def _quant_type(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and v not in QUANT_TYPES:
+            raise _bad("lora_bnb_4bit_quant_type", v, f"accepted: {', '.join(QUANT_TYPES)}")
+        return v
+
+    @field_validator("lora_bnb_4bit_compute_dtype")
+    @classmethod
+    def _compute_dtype(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and v not in COMPUTE_DTYPES:
+            raise _bad("lora_bnb_4bit_compute_dtype", v, f"accepted: {', '.join(COMPUTE_DTYPES)}")
+        return v
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _scheduler(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and v not in LR_SCHEDULERS:
+            raise _bad("lr_scheduler", v, f"accepted: {', '.join(LR_SCHEDULERS)}")
+        return v
+
+    @field_validator("fsdp_sharding_strategy")
+    @classmethod
+    def _fsdp(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
+        if v not in FSDP_STRATEGIES:
+            raise _bad("fsdp_sharding_strategy", v, f"accepted: {', '.join(FSDP_STRATEGIES)}")
+        if v != "NO_SHARD":
+            raise _bad("fsdp_sharding_strategy", v, "unsloth's LoRA path trains with plain data parallelism (DDP), "
+                       "not FSDP; use NO_SHARD or leave it unset")
+        return v
+
+    @field_validator("resource_cpu_per_worker", "resource_memory_per_worker")
+    @classmethod
+    def _quantity(cls, v: str, info: Any) -> str:
+        if not check_quantity(v) or v.strip("0.") == "":
+            raise _bad(info.field_name, v, "must be a positive Kubernetes quantity such as '4', '500m', '32Gi'")
+        return v
+
+    @field_validator("resource_num_procs_per_worker")
+    @classmethod
+    def _procs(cls, v: str) -> str:
+        if v != "auto" and not (v.isdigit() and int(v) >= 1):
+            raise _bad("resource_num_procs_per_worker", v, "must be 'auto' (one per GPU) or an integer >= 1")
+        return v
+
+    @field_validator("envs")
+    @classmethod
+    def _envs(cls, v: str) -> str:
+        for key in parse_key_values(v, "envs"):
+            if not _ENV_NAME.match(key):
+                raise _bad("envs", v, f"{key!r} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
+        return v
+
+    @field_validator("metadata_labels")
+    @classmethod
+    def _labels(cls, v: str) -> str:
+        for key, value in parse_key_values(v, "metadata_labels").items():
+            if not check_label_key(key):
+                raise _bad("metadata_labels", v, f"{key!r} is not a Kubernetes label key ([prefix/]name, name <= 63 "
+                           "characters of alphanumerics, '-', '_', '.')")
+            if not _LABEL_VALUE.match(value):
+                raise _bad("metadata_labels", v, f"{value!r} (for {key!r}) is not a Kubernetes label value (<= 63 "
+                           "characters of alphanumerics, '-', '_', '.', starting and ending alphanumeric)")
+        return v
+
+    @field_validator("metadata_annotations")
+    @classmethod
+    def _annotations(cls, v: str) -> str:
+        for key in parse_key_values(v, "metadata_annotations"):
+            if not check_label_key(key):
+                raise _bad("metadata_annotations", v, f"{key!r} is not a Kubernetes annotation key")
+        return v
+
+    @field_validator("resume_from_checkpoint")
+    @classmethod
+    def _resume(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and v.strip() == "":
+            return None
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "LoRASpec":
+        if self.lora_load_in_4bit and self.lora_load_in_8bit:
+            raise ValueError("lora_load_in_4bit=True and lora_load_in_8bit=True together are not valid: choose one")
+        if not self.lora_load_in_4bit:
+            for name in EFFECTIVE_4BIT_DEFAULTS:
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}={getattr(self, name)!r} is only used with 4-bit loading; set "
+                                     f"lora_load_in_4bit=True or leave {name} unset")
+        if self.max_seq_len > self.max_tokens_per_gpu:
+            raise ValueError(f"max_seq_len={self.max_seq_len} is larger than max_tokens_per_gpu="
+                             f"{self.max_tokens_per_gpu}: one sequence must fit the per-GPU token cap; lower "
+                             "max_seq_len or raise max_tokens_per_gpu")
+        if self.save_merged and (self.lora_load_in_4bit or self.lora_load_in_8bit):
+            raise ValueError("save_merged=True with a quantised base model is not valid: merging into 4/8-bit "
+                             "weights loses the adapter's precision; train unquantised to export a merged model")
+        return self
+
+    # ---- constructors and conversions ---------------------------------------------------------------------------
+
+    @classmethod
+    def parse(cls, values: dict[str, Any]) -> "LoRASpec":
+        """Validate ``values``; on failure raise :class:`SpecError` with one readable message per bad parameter."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise SpecError([_describe(e) for e in exc.errors()]) from None
+
+    @classmethod
+    def from_json(cls, text: str) -> "LoRASpec":
+        return cls.parse(json.loads(text))
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    # Parsed views of the string-encoded seed parameters.
+    @property
+    def env_vars(self) -> dict[str, str]:
+        return parse_key_values(self.envs, "envs")
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return parse_key_values(self.metadata_labels, "metadata_labels")
+
+    @property
+    def annotations(self) -> dict[str, str]:
+        return parse_key_values(self.metadata_annotations, "metadata_annotations")
+
+    @property
+    def target_modules(self) -> list[str]:
+        return self.lora_target_modules.split(",") if self.lora_target_modules else []
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """One line per pydantic error that names the parameter, the value and what is accepted."""
+    loc = ".".join(str(p) for p in error.get("loc", ()))
+    msg = error.get("msg", "")
+    msg = msg.removeprefix("Value error, ")
+    if error.get("type") == "extra_forbidden":
+        close = difflib.get_close_matches(loc, LoRASpec.model_fields, n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else "see LoRASpec.model_fields for the accepted names"
+        return f"{loc}: unknown parameter; {hint}"
+    if loc and not msg.startswith(loc):
+        return f"{loc}={error.get('input')!r} is not valid: {msg}"
+    return msg
+
+
+def spec_fields() -> dict[str, Any]:
+    """name -> pydantic FieldInfo, in definition order (seed parameters first)."""
+    return dict(LoRASpec.model_fields)
+
+
+def seed_parameter_names() -> list[str]:
+    """The spec names of the seed component's training_* inputs, in the seed's order."""
+    return [n for n, f in LoRASpec.model_fields.items() if (f.json_schema_extra or {}).get("seed")]
