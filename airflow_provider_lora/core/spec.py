@@ -390,6 +390,10 @@ class LoRASpec(BaseModel):
             raise ValueError(f"max_seq_len={self.max_seq_len} is larger than max_tokens_per_gpu="
                              f"{self.max_tokens_per_gpu}: one sequence must fit the per-GPU token cap; lower "
                              "max_seq_len or raise max_tokens_per_gpu")
+        if self.effective_batch_size % self.world_size:
+            raise ValueError(f"effective_batch_size={self.effective_batch_size} is not divisible by the number of "
+                             f"training processes ({self.resource_num_workers} workers x {self.procs_per_worker} "
+                             "processes): choose a multiple of it so every optimizer step sees exactly that batch")
         if self.save_merged and (self.lora_load_in_4bit or self.lora_load_in_8bit):
             raise ValueError("save_merged=True with a quantised base model is not valid: merging into 4/8-bit "
                              "weights loses the adapter's precision; train unquantised to export a merged model")
@@ -411,6 +415,17 @@ class LoRASpec(BaseModel):
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
+
+    @property
+    def procs_per_worker(self) -> int:
+        """Training processes per worker: one per GPU for "auto" (one on a CPU-only worker)."""
+        if self.resource_num_procs_per_worker == "auto":
+            return max(1, self.resource_gpu_per_worker)
+        return int(self.resource_num_procs_per_worker)
+
+    @property
+    def world_size(self) -> int:
+        return self.resource_num_workers * self.procs_per_worker
 
     # Parsed views of the string-encoded seed parameters.
     @property
@@ -452,3 +467,32 @@ def spec_fields() -> dict[str, Any]:
 def seed_parameter_names() -> list[str]:
     """The spec names of the seed component's training_* inputs, in the seed's order."""
     return [n for n, f in LoRASpec.model_fields.items() if (f.json_schema_extra or {}).get("seed")]
+
+
+class BatchPlan(BaseModel):
+    """How the effective batch is split: micro_batch x grad_accum x world_size == effective_batch_size."""
+
+    micro_batch: int
+    grad_accum: int
+    world_size: int
+    effective_batch_size: int
+    max_tokens_per_micro_batch: int
+
+    def describe(self) -> str:
+        return (f"effective batch {self.effective_batch_size} = micro-batch {self.micro_batch} x gradient "
+                f"accumulation {self.grad_accum} x {self.world_size} process(es); at most "
+                f"{self.max_tokens_per_micro_batch} tokens per micro-batch")
+
+
+def plan_batches(spec: LoRASpec, world_size: int) -> BatchPlan:
+    """The largest micro-batch that divides the per-process batch and keeps micro_batch x max_seq_len within
+    max_tokens_per_gpu (every sequence is padded or packed to at most max_seq_len tokens)."""
+    if spec.effective_batch_size % world_size:
+        raise SpecError([f"effective_batch_size={spec.effective_batch_size} is not divisible by the world size "
+                         f"{world_size}: choose a multiple of {world_size}"])
+    per_process = spec.effective_batch_size // world_size
+    cap = max(1, spec.max_tokens_per_gpu // spec.max_seq_len)
+    micro = max(d for d in range(1, min(cap, per_process) + 1) if per_process % d == 0)
+    return BatchPlan(micro_batch=micro, grad_accum=per_process // micro, world_size=world_size,
+                     effective_batch_size=spec.effective_batch_size,
+                     max_tokens_per_micro_batch=micro * spec.max_seq_len)

@@ -1,0 +1,274 @@
+"""What a finished run hands back: its loss history, summary, artifact URIs and loss chart.
+
+``metrics.jsonl`` holds one JSON object per log event, as the trainer writes them:
+
+- training rows: ``{"step", "epoch", "loss", "grad_norm", "learning_rate", "tokens_per_second", "num_tokens",
+  "elapsed_seconds"}``
+- eval rows: ``{"step", "epoch", "eval_loss", "elapsed_seconds"}``
+
+matplotlib is imported only inside :func:`draw_loss_chart`, so the Airflow side can import this module for free.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from airflow_provider_lora.core import storage
+
+# Points drawn per series and rows in the HTML table: enough to see the curve, small enough that a 100k-step run
+# still gives a chart of a few hundred KB.
+MAX_PLOT_POINTS = 2000
+MAX_TABLE_ROWS = 1000
+EMA_WEIGHT = 0.9
+NO_STEPS = "no training steps logged"
+
+
+def read_metrics(text: str) -> list[dict]:
+    """Parse metrics.jsonl; blank lines are skipped, anything else that is not a JSON object is an error."""
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"metrics.jsonl line {number} is not valid JSON: {exc.msg}") from exc
+        if not isinstance(row, dict):
+            raise ValueError(f"metrics.jsonl line {number} is not a JSON object: {line.strip()[:80]!r}")
+        rows.append(row)
+    return rows
+
+
+def _is_eval(row: dict) -> bool:
+    return "eval_loss" in row
+
+
+def _evenly(indices: list[int], k: int) -> list[int]:
+    """``k`` evenly spaced items of ``indices``, first and last included when ``k >= 2``."""
+    n = len(indices)
+    if k >= n:
+        return indices
+    if k <= 0:
+        return []
+    if k == 1:
+        return [indices[-1]]
+    # Spacing is >= 1 because k < n, so rounding never picks the same index twice.
+    return [indices[round(i * (n - 1) / (k - 1))] for i in range(k)]
+
+
+def downsample(history: list[dict], max_points: int = 500) -> list[dict]:
+    """At most ``max_points`` rows, in their original order, for XCom and tables.
+
+    Keeps the first and last training rows; keeps every eval row if they fit beside those two, else spaces them
+    evenly; fills the rest of the budget with evenly spaced training rows.
+    """
+    if max_points < 2:
+        raise ValueError(f"max_points must be at least 2, got {max_points}")
+    if len(history) <= max_points:
+        return list(history)
+    evals = [i for i, row in enumerate(history) if _is_eval(row)]
+    trains = [i for i, row in enumerate(history) if not _is_eval(row)]
+    ends = min(len(trains), 2)  # the first and last training rows are always kept
+    eval_keep = _evenly(evals, max_points - ends)
+    train_keep = _evenly(trains, max_points - len(eval_keep))
+    return [history[i] for i in sorted(eval_keep + train_keep)]
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of the rows that have a finite ``key`` and a step."""
+    pairs = [(row["step"], row[key]) for row in history if _finite(row.get(key)) and _finite(row.get("step"))]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _ema(values: list[float], weight: float = EMA_WEIGHT) -> list[float]:
+    """Exponential moving average, debiased so the first points are not pulled towards zero (as TensorBoard does)."""
+    out, avg = [], 0.0
+    for t, value in enumerate(values, start=1):
+        avg = weight * avg + (1 - weight) * value
+        out.append(avg / (1 - weight**t))
+    return out
+
+
+def _epoch_marks(history: list[dict]) -> list[tuple[float, int]]:
+    """(step, epoch) where the logged epoch reaches a new integer, i.e. where an epoch ends."""
+    marks, previous = [], None
+    for row in sorted((r for r in history if _finite(r.get("epoch")) and _finite(r.get("step"))),
+                      key=lambda r: r["step"]):
+        current = math.floor(row["epoch"] + 1e-6)  # trainers log 0.9999999 for 1.0
+        if previous is not None and current > previous:
+            marks.append((row["step"], current))
+        previous = current
+    return marks
+
+
+def _thin(steps: list[float], values: list[float], limit: int = MAX_PLOT_POINTS) -> tuple[list[float], list[float]]:
+    keep = _evenly(list(range(len(steps))), limit)
+    return [steps[i] for i in keep], [values[i] for i in keep]
+
+
+def _figure(history: list[dict], title: str) -> Any:
+    # A bare Figure, not pyplot: no global backend switch and no state shared between threads.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    # parse_math=False: a '$' in a user's title must not be read as mathtext (which can fail to parse).
+    ax.set_title(title, parse_math=False)
+    steps, losses = _series(history, "loss")
+    eval_steps, eval_losses = _series(history, "eval_loss")
+    if not steps and not eval_steps:
+        ax.text(0.5, 0.5, NO_STEPS, ha="center", va="center", transform=ax.transAxes, fontsize=14, color="0.4")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return fig
+
+    if steps:
+        smooth = _ema(losses)
+        raw_x, raw_y = _thin(steps, losses)
+        ax.scatter(raw_x, raw_y, s=6, alpha=0.35, color="tab:blue", label="training loss")
+        ax.plot(*_thin(steps, smooth), color="tab:blue", linewidth=2, label=f"training loss (EMA {EMA_WEIGHT})")
+    if eval_steps:
+        ax.plot(*_thin(eval_steps, eval_losses), "o-", color="tab:orange", markersize=4, label="eval loss")
+    for step, epoch in _epoch_marks(history):
+        ax.axvline(step, color="0.6", linestyle=":", linewidth=1)
+        ax.annotate(f"epoch {epoch}", xy=(step, 1), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                    textcoords="offset points", fontsize=8, color="0.4")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(True, alpha=0.3)
+
+    handles, labels = ax.get_legend_handles_labels()
+    lr_steps, lrs = _series(history, "learning_rate")
+    if lr_steps:
+        ax_lr = ax.twinx()
+        (line,) = ax_lr.plot(*_thin(lr_steps, lrs), "--", color="tab:green", linewidth=1, label="learning rate")
+        ax_lr.set_ylabel("learning rate")
+        ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        handles, labels = handles + [line], labels + ["learning rate"]
+    ax.legend(handles, labels, loc="upper right", fontsize=8)
+    return fig
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return ""
+    return format(value, fmt) if _finite(value) else html.escape(str(value))
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }
+h1 { font-size: 1.3rem; }
+figure { margin: 0; max-width: 960px; }
+figure svg { width: 100%; height: auto; }
+table { border-collapse: collapse; font-size: 0.85rem; margin-top: 1rem; }
+th, td { border: 1px solid #ccc; padding: 0.2rem 0.6rem; text-align: right; }
+th { background: #f3f3f3; position: sticky; top: 0; }
+tr.eval td { background: #fff6ea; }
+.note { color: #666; font-size: 0.85rem; }
+"""
+
+
+def _html(history: list[dict], title: str, svg: str) -> str:
+    rows = downsample(history, MAX_TABLE_ROWS) if len(history) > MAX_TABLE_ROWS else history
+    note = (f'<p class="note">Showing {len(rows)} of {len(history)} logged rows, evenly spaced.</p>'
+            if len(rows) < len(history) else "")
+    body = "\n".join(
+        f'<tr class="{"eval" if _is_eval(r) else "train"}"><td>{_cell(r, "step", "d")}</td>'
+        f'<td>{_cell(r, "epoch", ".3f")}</td><td>{_cell(r, "loss", ".4f")}</td>'
+        f'<td>{_cell(r, "eval_loss", ".4f")}</td><td>{_cell(r, "learning_rate", ".3e")}</td></tr>'
+        for r in rows
+    ) or f'<tr><td colspan="5">{NO_STEPS}</td></tr>'
+    esc = html.escape(title)
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head><meta charset="utf-8"><title>{esc}</title><style>{_CSS}</style></head>
+<body>
+<h1>{esc}</h1>
+<figure>{svg}</figure>
+{note}<table>
+<thead><tr><th>step</th><th>epoch</th><th>loss</th><th>eval loss</th><th>learning rate</th></tr></thead>
+<tbody>
+{body}
+</tbody>
+</table>
+</body>
+</html>
+"""
+
+
+def draw_loss_chart(history: list[dict], *, title: str, png_path: str | os.PathLike,
+                    html_path: str | os.PathLike) -> None:
+    """Draw the loss chart as a PNG and as one self-contained HTML page (inline SVG and CSS, no external resource:
+    it must open air-gapped and inside Airflow's and KFP's sandboxed iframes)."""
+    import matplotlib
+
+    # Text as paths: the SVG needs no font; fixed hash salt and no date: the same history gives the same file.
+    with matplotlib.rc_context({"svg.fonttype": "path", "svg.hashsalt": "airflow-provider-lora"}):
+        fig = _figure(history, title)
+        Path(png_path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(png_path, format="png", dpi=110)
+        buffer = io.StringIO()
+        fig.savefig(buffer, format="svg", metadata={"Date": None})
+    svg = buffer.getvalue()
+    svg = svg[svg.index("<svg"):]  # drop the XML prolog and DOCTYPE, which are invalid inside HTML
+    Path(html_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(html_path).write_text(_html(history, title, svg), encoding="utf-8")
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf are not JSON (XCom and the KFP metadata reject them): they become None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+@dataclass
+class RunResult:
+    """A finished run: ``summary.json``, the metrics history and the URIs of everything published."""
+
+    summary: dict
+    history: list[dict] = field(default_factory=list)
+    artifacts: dict[str, str] = field(default_factory=dict)
+
+    def to_xcom(self, max_points: int = 500) -> dict:
+        """A JSON-serialisable dict with the history downsampled to ``max_points`` rows."""
+        return _json_safe({
+            "summary": self.summary,
+            "history": downsample(self.history, max_points),
+            "artifacts": dict(self.artifacts),
+        })
+
+
+def load_run_result(output_uri: str | os.PathLike, *, client: Any = None,
+                    endpoint_url: str | None = None) -> RunResult:
+    """Read a published run back; :class:`storage.IncompleteRunError` if it has no completion marker."""
+    marker = storage.read_marker(output_uri, client=client, endpoint_url=endpoint_url)
+    files = marker.get("files", {})
+
+    def read(name: str) -> str | None:
+        if name not in files:
+            return None
+        return storage.read_text(storage.join(output_uri, name), client=client, endpoint_url=endpoint_url)
+
+    summary_text, metrics_text = read(storage.SUMMARY_FILE), read(storage.METRICS_FILE)
+    return RunResult(
+        summary=json.loads(summary_text) if summary_text is not None else {},
+        history=read_metrics(metrics_text) if metrics_text is not None else [],
+        artifacts=storage.artifact_uris(output_uri, files),
+    )

@@ -1,0 +1,11 @@
+"""Shared fixtures. Each lives in tests/fixtures/<name>.py and is imported here so every test can use it."""
+
+import os
+
+# The hub is unreachable here and in CI: fail fast instead of retrying downloads.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests.fixtures.s3 import s3_bucket, s3_endpoint  # noqa: E402,F401
+from tests.fixtures.tiny_model import tiny_model_dir  # noqa: E402,F401

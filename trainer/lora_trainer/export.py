@@ -1,0 +1,112 @@
+"""Export: summary.json, the loss chart, the optional merged model, and publishing the run to output_uri.
+
+Called on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from airflow_provider_lora.core import results, storage
+from airflow_provider_lora.core.spec import LoRASpec, format_key_values
+
+VERSIONED_PACKAGES = ("torch", "transformers", "peft", "trl", "unsloth", "datasets", "bitsandbytes")
+
+
+def summarize(spec: LoRASpec, *, run_dir: Path, train_output: Any, history: list[dict[str, Any]],
+              data_stats: dict[str, Any], plan: Any, dtype: Any, targets: list[str], trainable: int, total: int,
+              packing: dict[str, Any], resumed_from: str | None, wall_seconds: float) -> dict[str, Any]:
+    import torch
+
+    losses = [r["loss"] for r in history if r.get("loss") is not None]
+    evals = [r["eval_loss"] for r in history if r.get("eval_loss") is not None]
+    metrics = train_output.metrics
+    runtime = metrics.get("train_runtime") or 0.0
+    tokens = next((r["num_tokens"] for r in reversed(history) if r.get("num_tokens") is not None), None)
+    if torch.cuda.is_available():
+        peak_memory = torch.cuda.max_memory_allocated()
+        memory_kind = "cuda_max_allocated"
+    else:
+        peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        memory_kind = "process_max_rss"
+    return {
+        "base_model": spec.base_model,
+        "dataset": spec.dataset,
+        "final_loss": losses[-1] if losses else None,
+        "min_loss": min(losses) if losses else None,
+        "first_loss": losses[0] if losses else None,
+        "final_eval_loss": evals[-1] if evals else None,
+        "min_eval_loss": min(evals) if evals else None,
+        "global_step": train_output.global_step,
+        "epochs": metrics.get("epoch"),
+        "tokens": tokens,
+        "train_runtime_seconds": runtime,
+        "tokens_per_second": round(tokens / runtime, 1) if tokens and runtime else None,
+        "samples_per_second": metrics.get("train_samples_per_second"),
+        "wall_seconds": round(wall_seconds, 1),
+        "peak_memory_bytes": peak_memory,
+        "peak_memory_kind": memory_kind,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "lora": {"r": spec.lora_r, "alpha": spec.lora_alpha, "dropout": spec.lora_dropout, "target_modules": targets,
+                 "rslora": spec.lora_use_rslora, "dora": spec.lora_use_dora},
+        "quantisation": _quantisation(spec),
+        "batch": plan.model_dump(),
+        "packing": packing,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "resumed_from": resumed_from,
+        "data": data_stats,
+        "versions": _versions(),
+        "spec": redacted_spec(spec),
+    }
+
+
+def redacted_spec(spec: LoRASpec) -> dict[str, Any]:
+    """The spec as recorded in artifacts: env values may be secrets, so only their names are kept."""
+    values = spec.model_dump()
+    values["envs"] = format_key_values({k: "<redacted>" for k in spec.env_vars})
+    return values
+
+
+def _quantisation(spec: LoRASpec) -> dict[str, Any] | None:
+    if spec.lora_load_in_4bit:
+        return {"bits": 4, "quant_type": spec.lora_bnb_4bit_quant_type,
+                "compute_dtype": spec.lora_bnb_4bit_compute_dtype,
+                "double_quant": spec.lora_bnb_4bit_use_double_quant}
+    if spec.lora_load_in_8bit:
+        return {"bits": 8}
+    return None
+
+
+def _versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def save_merged(model: Any, tokenizer: Any, path: Path) -> None:
+    """The base model with the adapter merged in, 16-bit, loadable without peft."""
+    model.save_pretrained_merged(str(path), tokenizer, save_method="merged_16bit")
+
+
+def finish(spec: LoRASpec, run_dir: Path, summary: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, str]:
+    """Write summary.json and the chart, then publish the run (the completion marker goes last)."""
+    quant = summary["quantisation"]
+    bits = f" · {quant['bits']}-bit" if quant else ""
+    title = f"{spec.base_model} · LoRA r={spec.lora_r} α={spec.lora_alpha}{bits} · {spec.dataset}"
+    results.draw_loss_chart(history, title=title, png_path=run_dir / "loss_chart.png",
+                            html_path=run_dir / "loss_chart.html")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    artifacts = storage.publish_run(run_dir, spec.output_uri, overwrite=spec.overwrite_output,
+                                    exclude=("checkpoints", "_data"))
+    return artifacts

@@ -1,0 +1,275 @@
+"""The training recipe, read top to bottom: check -> data -> model -> train -> export.
+
+Runs as one process or under torchrun (rank and world size come from the environment). Rank 0 alone writes
+shared files: metrics, the adapter, the summary, the chart and the published run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# unsloth patches transformers/trl/peft on import and must come first; without it trl's SFTTrainer crashes on CPU
+# when triton is installed (FACTS.md).
+import unsloth  # noqa: F401  isort: skip
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+
+from airflow_provider_lora.core import storage
+from airflow_provider_lora.core.spec import LoRASpec, plan_batches
+from lora_trainer import data as data_lib
+from lora_trainer import export
+from lora_trainer import model as model_lib
+
+RESULT_PREFIX = "LORA_RESULT "  # the last stdout line: the run's result as JSON, for launchers that read logs
+
+
+def log(message: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[lora-trainer] {message}", flush=True)
+
+
+def run(spec: LoRASpec, work_dir: str | Path | None = None) -> dict[str, Any]:
+    """Train ``spec`` and publish the run to ``spec.output_uri``. Returns the summary (rank 0)."""
+    from accelerate import PartialState
+
+    state = PartialState()  # joins the process group under torchrun; a no-op for one process
+    started = time.time()
+
+    # ---- 1. checks that need no model: fail before minutes of loading ---------------------------------------
+    if not spec.dataset:
+        raise data_lib.DataError("dataset is empty: give a local path, s3://bucket/key or a Hugging Face dataset id")
+    if not spec.output_uri:
+        raise ValueError("output_uri is empty: give a local/PVC directory or s3://bucket/prefix")
+    resuming = spec.resume_from_checkpoint is not None
+    if state.is_main_process:
+        storage.check_output_available(spec.output_uri, overwrite=spec.overwrite_output)
+    run_dir = _run_dir(spec, work_dir)
+    dtype = model_lib.pick_dtype(spec)
+    model_lib.check_hardware(spec, dtype)
+    plan = plan_batches(spec, state.num_processes)
+    on_gpu = torch.cuda.is_available()
+    # Packing keeps packed examples apart only with FlashAttention's varlen kernels; on CPU they would attend to
+    # each other (FACTS.md), so it is off there, said loudly and recorded in summary.json.
+    packing_used = bool(spec.lora_sample_packing and on_gpu)
+    packing_note = ("on" if packing_used else "off: packing needs FlashAttention on a GPU; on CPU packed examples "
+                    "would attend to each other" if spec.lora_sample_packing else "off (lora_sample_packing=False)")
+    log(f"device: {'cuda x ' + str(torch.cuda.device_count()) if on_gpu else 'cpu'}, dtype {str(dtype)[6:]}, "
+        f"{state.num_processes} process(es)")
+    log(plan.describe())
+    if spec.lora_sample_packing and not packing_used:
+        log(f"WARNING: sample packing requested but {packing_note}")
+
+    # ---- 2. model and data --------------------------------------------------------------------------------------
+    model, tokenizer = model_lib.load_model(spec, dtype)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    prepared = data_lib.prepare(spec, tokenizer, is_main_process=state.is_main_process,
+                                wait_for_main=state.wait_for_everyone, download_dir=run_dir / "_data", log=log)
+    log(f"data: {prepared.stats['rows']} rows ({prepared.stats['format']}), {prepared.stats['train_rows']} train / "
+        f"{prepared.stats['eval_rows']} eval, {prepared.stats['trainable_tokens']} of {prepared.stats['tokens']} "
+        "tokens trained")
+    model, targets = model_lib.add_lora(model, spec)
+    trainable, total = model_lib.count_parameters(model)
+    log(f"LoRA r={spec.lora_r} alpha={spec.lora_alpha} on {', '.join(targets)}: {trainable:,} trainable of "
+        f"{total:,} parameters")
+
+    # ---- 3. train --------------------------------------------------------------------------------------------
+    from trl import SFTConfig, SFTTrainer
+
+    checkpoint_dir = run_dir / "checkpoints"
+    config = SFTConfig(
+        output_dir=str(checkpoint_dir),
+        per_device_train_batch_size=plan.micro_batch,
+        per_device_eval_batch_size=plan.micro_batch,
+        gradient_accumulation_steps=plan.grad_accum,
+        num_train_epochs=spec.num_epochs,
+        max_steps=spec.max_steps or -1,
+        learning_rate=spec.learning_rate,
+        warmup_steps=spec.lr_warmup_steps,
+        lr_scheduler_type=spec.lr_scheduler,
+        # training_hub's recipe constants (the seed's backend), kept so results compare.
+        weight_decay=0.01,
+        max_grad_norm=0.3,
+        optim="adamw_torch",
+        seed=spec.seed,
+        data_seed=spec.seed,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=not on_gpu,
+        max_length=spec.max_seq_len,
+        packing=packing_used,
+        padding_free=packing_used,
+        use_liger_kernel=bool(spec.use_liger),
+        logging_steps=1,
+        logging_first_step=True,
+        eval_strategy="epoch" if prepared.eval is not None else "no",
+        save_strategy="epoch" if spec.checkpoint_at_epoch else "no",
+        save_only_model=False,
+        report_to="none",
+        disable_tqdm=True,
+        dataset_num_proc=None,
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False if state.num_processes > 1 else None,
+    )
+    metrics_path = run_dir / "metrics.jsonl"
+    callback = MetricsCallback(metrics_path, append=resuming)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=prepared.train, eval_dataset=prepared.eval,
+                         processing_class=tokenizer, callbacks=[callback])
+    trainer.remove_callback(PrinterCallback)  # our progress lines replace its raw dicts
+    resume_from = _resume_checkpoint(spec, checkpoint_dir)
+    output = trainer.train(resume_from_checkpoint=resume_from)
+
+    # ---- 4. export (rank 0) ------------------------------------------------------------------------------------
+    summary = None
+    if trainer.is_world_process_zero():
+        summary = export.summarize(
+            spec, run_dir=run_dir, train_output=output, history=callback.rows, data_stats=prepared.stats,
+            plan=plan, dtype=dtype, targets=targets, trainable=trainable, total=total,
+            packing={"requested": bool(spec.lora_sample_packing), "used": packing_used, "note": packing_note},
+            resumed_from=resume_from, wall_seconds=time.time() - started,
+        )
+    trainer.save_model(str(run_dir / "adapter"))  # collective under DDP; writes on rank 0 only
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(run_dir / "adapter"))
+        if spec.save_merged:
+            export.save_merged(model, tokenizer, run_dir / "merged")
+        summary["artifacts"] = export.finish(spec, run_dir, summary, callback.rows)
+        log(f"done: final loss {summary['final_loss']}, {summary['global_step']} steps in "
+            f"{summary['train_runtime_seconds']:.1f}s; artifacts at {spec.output_uri}")
+        print(RESULT_PREFIX + json.dumps({"summary": summary}), flush=True)
+        _write_termination_message(summary)
+    state.wait_for_everyone()
+    if state.num_processes > 1:
+        # Without this about one run in six crashes at exit under torchrun (FACTS.md).
+        torch.distributed.destroy_process_group()
+    return summary or {}
+
+
+def _run_dir(spec: LoRASpec, work_dir: str | Path | None) -> Path:
+    """Local output is written in place (a PVC keeps checkpoints for a retry); S3 output is staged locally."""
+    if not storage.is_s3(spec.output_uri):
+        path = Path(spec.output_uri)
+    elif work_dir is not None:
+        path = Path(work_dir)
+    else:
+        path = Path(os.environ.get("LORA_WORK_DIR") or tempfile.gettempdir()) / "lora-run"
+    path.mkdir(parents=True, exist_ok=True)
+    if not spec.resume_from_checkpoint and int(os.environ.get("RANK", "0")) == 0:
+        # A fresh run never mixes with files of an earlier one (the output check above already refused to replace
+        # a completed run unless asked to).
+        for stale in ("checkpoints", "adapter", "merged", "metrics.jsonl", "summary.json", storage.COMPLETE_MARKER):
+            target = path / stale
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+    return path
+
+
+def _resume_checkpoint(spec: LoRASpec, checkpoint_dir: Path) -> str | None:
+    if spec.resume_from_checkpoint is None:
+        return None
+    if spec.resume_from_checkpoint != "latest":
+        path = Path(spec.resume_from_checkpoint)
+        if not (path / "trainer_state.json").exists():
+            raise ValueError(f"resume_from_checkpoint={spec.resume_from_checkpoint!r} is not a checkpoint "
+                             "directory (no trainer_state.json); give one, or 'latest'")
+        log(f"resuming from {path}")
+        return str(path)
+    checkpoints = sorted(checkpoint_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    if not checkpoints:
+        log(f"resume_from_checkpoint='latest': no checkpoint in {checkpoint_dir} yet, starting at step 0")
+        return None
+    log(f"resuming from {checkpoints[-1]}")
+    return str(checkpoints[-1])
+
+
+def _write_termination_message(summary: dict[str, Any]) -> None:
+    """In a Kubernetes pod, a short result in the termination message lets the operator read it without
+    pods/exec or log RBAC (the message is capped at 4 KiB, so only headline figures go there)."""
+    path = Path(os.environ.get("LORA_TERMINATION_LOG", "/dev/termination-log"))
+    if not path.parent.exists() or not os.access(path.parent, os.W_OK):
+        return
+    keys = ("final_loss", "min_loss", "final_eval_loss", "global_step", "train_runtime_seconds",
+            "tokens_per_second")
+    short = {"summary": {k: summary.get(k) for k in keys}, "artifacts": summary.get("artifacts", {})}
+    try:
+        path.write_text(json.dumps(short)[:4000])
+    except OSError:
+        pass
+
+
+class MetricsCallback(TrainerCallback):
+    """Writes one metrics.jsonl line per logging step and a progress line a person can follow in pod logs."""
+
+    def __init__(self, path: Path, append: bool = False):
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+        if append and path.exists():
+            self.rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        self.started = time.time()
+        self.last_time = self.started
+        self.last_tokens: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = self.last_time = time.time()
+        # When resuming, rows logged after the checkpoint are logged again: drop the old ones so no step repeats.
+        kept = [r for r in self.rows if r["step"] <= state.global_step]
+        if state.is_world_process_zero and len(kept) != len(self.rows):
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.rows = kept
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        now = time.time()
+        elapsed = now - self.started
+        if "eval_loss" in logs:
+            row = {"step": state.global_step, "epoch": logs.get("epoch", state.epoch), "eval_loss": logs["eval_loss"],
+                   "elapsed_seconds": round(elapsed, 3)}
+            print(f"[lora-trainer] eval at step {state.global_step}: eval loss {logs['eval_loss']:.4f}", flush=True)
+        elif "loss" in logs:
+            tokens = logs.get("num_tokens")
+            rate = None
+            if tokens is not None and self.last_tokens is not None and now > self.last_time:
+                rate = (tokens - self.last_tokens) / (now - self.last_time)
+            self.last_tokens, self.last_time = tokens, now
+            row = {"step": state.global_step, "epoch": logs.get("epoch", state.epoch), "loss": logs["loss"],
+                   "grad_norm": logs.get("grad_norm"), "learning_rate": logs.get("learning_rate"),
+                   "tokens_per_second": None if rate is None else round(rate, 1), "num_tokens": tokens,
+                   "elapsed_seconds": round(elapsed, 3)}
+            done = state.global_step / max(1, state.max_steps)
+            eta = elapsed / done - elapsed if done else 0
+            print(f"[lora-trainer] step {state.global_step}/{state.max_steps} | epoch {row['epoch']:.2f} | "
+                  f"loss {row['loss']:.4f} | lr {row['learning_rate']:.2e} | "
+                  f"{'-' if rate is None else f'{rate:,.0f}'} tok/s | elapsed {_hms(elapsed)} | eta {_hms(eta)}",
+                  flush=True)
+        else:
+            return
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def main_entry(spec: LoRASpec, work_dir: str | None = None) -> int:
+    """Run and map known user errors to exit code 2 with a one-line reason (no traceback)."""
+    try:
+        run(spec, work_dir)
+    except (data_lib.DataError, model_lib.ModelError, storage.OutputExistsError) as exc:
+        print(f"[lora-trainer] error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
