@@ -7,5 +7,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# unsloth patches transformers, peft and trl when imported and must come before them (the trainer does the same).
+import unsloth  # noqa: E402,F401  isort: skip
+
 from tests.fixtures.s3 import s3_bucket, s3_endpoint  # noqa: E402,F401
 from tests.fixtures.tiny_model import tiny_model_dir  # noqa: E402,F401

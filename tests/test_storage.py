@@ -148,7 +148,7 @@ def test_publish_in_place_writes_only_the_marker(tmp_path):
 
 def test_publish_into_the_run_directory_itself_is_refused(tmp_path):
     run = make_run(tmp_path / "run")
-    with pytest.raises(ValueError, match="must not contain one another"):
+    with pytest.raises(ValueError, match="must not lie inside the run directory"):
         publish_run(run, run / "published")
     assert not (run / "published").exists()
 

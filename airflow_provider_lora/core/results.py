@@ -26,6 +26,7 @@ from airflow_provider_lora.core import storage
 # still gives a chart of a few hundred KB.
 MAX_PLOT_POINTS = 2000
 MAX_TABLE_ROWS = 1000
+MAX_EPOCH_LABELS = 8
 EMA_WEIGHT = 0.9
 NO_STEPS = "no training steps logged"
 
@@ -91,6 +92,11 @@ def _series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
+def _ema_weight(n: int) -> float:
+    """Smooth over about a tenth of the run (a fixed 0.9 lags far behind a 30-step run), at most EMA_WEIGHT."""
+    return round(min(EMA_WEIGHT, max(0.0, 1 - 10 / max(n, 1))), 2)
+
+
 def _ema(values: list[float], weight: float = EMA_WEIGHT) -> list[float]:
     """Exponential moving average, debiased so the first points are not pulled towards zero (as TensorBoard does)."""
     out, avg = [], 0.0
@@ -120,6 +126,7 @@ def _thin(steps: list[float], values: list[float], limit: int = MAX_PLOT_POINTS)
 def _figure(history: list[dict], title: str) -> Any:
     # A bare Figure, not pyplot: no global backend switch and no state shared between threads.
     from matplotlib.figure import Figure
+    from matplotlib.ticker import StrMethodFormatter
 
     fig = Figure(figsize=(9, 4.8), layout="constrained")
     ax = fig.add_subplot()
@@ -134,16 +141,19 @@ def _figure(history: list[dict], title: str) -> Any:
         return fig
 
     if steps:
-        smooth = _ema(losses)
-        raw_x, raw_y = _thin(steps, losses)
-        ax.scatter(raw_x, raw_y, s=6, alpha=0.35, color="tab:blue", label="training loss")
-        ax.plot(*_thin(steps, smooth), color="tab:blue", linewidth=2, label=f"training loss (EMA {EMA_WEIGHT})")
+        weight = _ema_weight(len(losses))
+        ax.scatter(*_thin(steps, losses), s=6, alpha=0.35, color="tab:blue", label="training loss")
+        ax.plot(*_thin(steps, _ema(losses, weight)), color="tab:blue", linewidth=2,
+                label=f"training loss (EMA {weight:g})")
     if eval_steps:
         ax.plot(*_thin(eval_steps, eval_losses), "o-", color="tab:orange", markersize=4, label="eval loss")
-    for step, epoch in _epoch_marks(history):
+    marks = _epoch_marks(history)
+    label_every = math.ceil(len(marks) / MAX_EPOCH_LABELS) if marks else 1  # labels must not overlap
+    for n, (step, epoch) in enumerate(marks):
         ax.axvline(step, color="0.6", linestyle=":", linewidth=1)
-        ax.annotate(f"epoch {epoch}", xy=(step, 1), xycoords=("data", "axes fraction"), xytext=(2, -10),
-                    textcoords="offset points", fontsize=8, color="0.4")
+        if (n + 1) % label_every == 0:
+            ax.annotate(f"epoch {epoch}", xy=(step, 1), xycoords=("data", "axes fraction"), xytext=(-2, -10),
+                        textcoords="offset points", fontsize=8, color="0.4", ha="right")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(True, alpha=0.3)
@@ -154,9 +164,11 @@ def _figure(history: list[dict], title: str) -> Any:
         ax_lr = ax.twinx()
         (line,) = ax_lr.plot(*_thin(lr_steps, lrs), "--", color="tab:green", linewidth=1, label="learning rate")
         ax_lr.set_ylabel("learning rate")
-        ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        # Full numbers on the ticks: matplotlib's "1e-4" offset text would sit on top of the title.
+        ax_lr.yaxis.set_major_formatter(StrMethodFormatter("{x:.2e}"))
         handles, labels = handles + [line], labels + ["learning rate"]
-    ax.legend(handles, labels, loc="upper right", fontsize=8)
+    # Below the axes, where it hides no curve and no epoch label.
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
     return fig
 
 

@@ -54,11 +54,12 @@ EFFECTIVE_4BIT_DEFAULTS: dict[str, Any] = {
     "lora_bnb_4bit_use_double_quant": True,
 }
 
-_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)$")
-_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?)$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)([numkMGTPE]|Ki|Mi|Gi|Ti|Pi|Ei|[eE][+-]?[0-9]+)?$")
+# Anchored with \Z, not $: "$" also matches before a trailing newline ("4\n" is no quantity).
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)\Z")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?)\Z")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+_QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)([numkMGTPE]|Ki|Mi|Gi|Ti|Pi|Ei|[eE][+-]?[0-9]+)?\Z")
 
 
 class SpecError(ValueError):
@@ -124,8 +125,8 @@ def format_key_values(pairs: dict[str, str]) -> str:
 
 def check_label_key(key: str) -> bool:
     """Kubernetes label/annotation key: optional DNS subdomain prefix + '/' + name of <= 63 characters."""
-    prefix, _, name = key.rpartition("/")
-    if prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
+    prefix, slash, name = key.rpartition("/")
+    if slash and (not prefix or len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
         return False
     return bool(_LABEL_NAME.match(name))
 
@@ -226,7 +227,10 @@ class LoRASpec(BaseModel):
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        if data.get("lora_load_in_4bit"):
+        flag = data.get("lora_load_in_4bit")
+        if isinstance(flag, str):  # as pydantic reads it: "false", "0", "no", "off" are False
+            flag = flag.strip().lower() in ("1", "true", "t", "yes", "y", "on")
+        if flag:
             for name, value in EFFECTIVE_4BIT_DEFAULTS.items():
                 if data.get(name) is None:
                     data[name] = value
@@ -331,14 +335,14 @@ class LoRASpec(BaseModel):
     @field_validator("resource_cpu_per_worker", "resource_memory_per_worker")
     @classmethod
     def _quantity(cls, v: str, info: Any) -> str:
-        if not check_quantity(v) or v.strip("0.") == "":
+        if not check_quantity(v) or float(_QUANTITY.match(v).group(1)) == 0:
             raise _bad(info.field_name, v, "must be a positive Kubernetes quantity such as '4', '500m', '32Gi'")
         return v
 
     @field_validator("resource_num_procs_per_worker")
     @classmethod
     def _procs(cls, v: str) -> str:
-        if v != "auto" and not (v.isdigit() and int(v) >= 1):
+        if v != "auto" and not (v.isascii() and v.isdigit() and int(v) >= 1):
             raise _bad("resource_num_procs_per_worker", v, "must be 'auto' (one per GPU) or an integer >= 1")
         return v
 
@@ -404,6 +408,9 @@ class LoRASpec(BaseModel):
     @classmethod
     def parse(cls, values: dict[str, Any]) -> "LoRASpec":
         """Validate ``values``; on failure raise :class:`SpecError` with one readable message per bad parameter."""
+        if not isinstance(values, dict):
+            raise SpecError([f"expected a mapping of parameter names to values, got {type(values).__name__} "
+                             f"{values!r:.80}"])
         try:
             return cls(**values)
         except ValidationError as exc:
@@ -453,7 +460,7 @@ def _describe(error: dict[str, Any]) -> str:
     if error.get("type") == "extra_forbidden":
         close = difflib.get_close_matches(loc, LoRASpec.model_fields, n=3)
         hint = f"did you mean {', '.join(close)}?" if close else "see LoRASpec.model_fields for the accepted names"
-        return f"{loc}: unknown parameter; {hint}"
+        return f"{loc}={error.get('input')!r}: unknown parameter; {hint}"
     if loc and not msg.startswith(loc):
         return f"{loc}={error.get('input')!r} is not valid: {msg}"
     return msg

@@ -338,9 +338,9 @@ def publish_run(
     if s3 is None:
         src_real, out_real = src.resolve(), Path(out).resolve()
         same_place = src_real == out_real
-        # Copying a directory into itself (or its parent into it) would publish a run inside a run.
-        if not same_place and (out_real.is_relative_to(src_real) or src_real.is_relative_to(out_real)):
-            raise ValueError(f"output {out} and run directory {src} must not contain one another")
+        # Copying a directory into itself would publish the run inside the run (and again on every retry).
+        if not same_place and out_real.is_relative_to(src_real):
+            raise ValueError(f"output {out} must not lie inside the run directory {src}")
 
     marker_uri = join(out, COMPLETE_MARKER)
     if is_complete(out, client=s3):

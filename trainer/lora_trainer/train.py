@@ -12,6 +12,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,18 @@ def log(message: str) -> None:
         print(f"[lora-trainer] {message}", flush=True)
 
 
-def run(spec: LoRASpec, work_dir: str | Path | None = None) -> dict[str, Any]:
-    """Train ``spec`` and publish the run to ``spec.output_uri``. Returns the summary (rank 0)."""
+@dataclass
+class Outcome:
+    """What a run leaves in memory: the summary (rank 0; empty elsewhere), and the trained model for callers that
+    keep using it in-process (tests, notebooks)."""
+
+    summary: dict[str, Any]
+    model: Any
+    tokenizer: Any
+
+
+def run(spec: LoRASpec, work_dir: str | Path | None = None) -> Outcome:
+    """Train ``spec`` and publish the run to ``spec.output_uri``."""
     from accelerate import PartialState
 
     state = PartialState()  # joins the process group under torchrun; a no-op for one process
@@ -151,7 +162,7 @@ def run(spec: LoRASpec, work_dir: str | Path | None = None) -> dict[str, Any]:
     if state.num_processes > 1:
         # Without this about one run in six crashes at exit under torchrun (FACTS.md).
         torch.distributed.destroy_process_group()
-    return summary or {}
+    return Outcome(summary or {}, model, tokenizer)
 
 
 def _run_dir(spec: LoRASpec, work_dir: str | Path | None) -> Path:

@@ -1,0 +1,249 @@
+"""The bundled trainer on a tiny model built offline: it learns, saves what it learned, and every seed parameter
+has its effect (or is rejected with a reason)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from airflow_provider_lora.core import storage
+from airflow_provider_lora.core.results import load_run_result
+from tests.trainer_helpers import arithmetic_rows, history, make_spec, train, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", arithmetic_rows())
+
+
+@pytest.fixture(scope="module")
+def base_run(tiny_model_dir, dataset, tmp_path_factory):
+    """Two epochs with an eval split and a checkpoint per epoch; the other tests read its outputs."""
+    output = tmp_path_factory.mktemp("base") / "run"
+    outcome = train(tiny_model_dir, dataset, output, num_epochs=2, eval_fraction=0.25, checkpoint_at_epoch=True)
+    return output, outcome
+
+
+def _logits(model, tokenizer, text="What is 3 plus 4?"):
+    batch = tokenizer(text, return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits.float()
+
+
+def _peft_model(base_dir, adapter_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, adapter_dir)
+
+
+# ---- it learns, and says so -------------------------------------------------------------------------------------
+
+def test_loss_falls_and_every_step_is_recorded(base_run):
+    output, outcome = base_run
+    rows = history(output)
+    train_rows = [r for r in rows if "loss" in r]
+    summary = outcome.summary
+    assert [r["step"] for r in train_rows] == list(range(1, summary["global_step"] + 1))
+    assert summary["final_loss"] < 0.8 * summary["first_loss"]
+    assert summary["min_loss"] <= summary["final_loss"]
+    assert all(r["learning_rate"] is not None and r["grad_norm"] is not None for r in train_rows)
+    assert train_rows[-1]["num_tokens"] > train_rows[0]["num_tokens"] > 0
+
+
+def test_eval_split_gives_eval_loss_each_epoch(base_run):
+    output, outcome = base_run
+    evals = [r for r in history(output) if "eval_loss" in r]
+    assert len(evals) == 2
+    assert outcome.summary["data"]["eval_rows"] == 12 and outcome.summary["data"]["train_rows"] == 36
+    assert outcome.summary["final_eval_loss"] == evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+
+
+def test_published_run_is_complete_and_readable(base_run):
+    output, outcome = base_run
+    result = load_run_result(str(output))
+    assert result.summary["global_step"] == outcome.summary["global_step"]
+    marker = json.loads((output / storage.COMPLETE_MARKER).read_text())
+    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json",
+                 "metrics.jsonl", "summary.json", "loss_chart.html", "loss_chart.png"):
+        assert marker["files"][name] == (output / name).stat().st_size
+    assert not any(name.startswith("checkpoints/") for name in marker["files"])
+    assert (output / "loss_chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_saved_adapter_reloads_with_plain_peft_and_gives_the_same_logits(base_run, tiny_model_dir):
+    output, outcome = base_run
+    reloaded = _peft_model(tiny_model_dir, output / "adapter")
+    torch.testing.assert_close(_logits(reloaded, outcome.tokenizer), _logits(outcome.model, outcome.tokenizer),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_num_epochs_and_checkpoint_at_epoch(base_run):
+    output, outcome = base_run
+    steps_per_epoch = math.ceil(36 / 8)
+    assert outcome.summary["global_step"] == 2 * steps_per_epoch
+    checkpoints = sorted((p.name for p in (output / "checkpoints").glob("checkpoint-*")), key=len)
+    assert checkpoints == [f"checkpoint-{steps_per_epoch}", f"checkpoint-{2 * steps_per_epoch}"]
+
+
+def test_packing_is_off_on_cpu_and_recorded(base_run):
+    packing = base_run[1].summary["packing"]
+    assert packing["requested"] is True and packing["used"] is False
+    assert "FlashAttention" in packing["note"]
+
+
+def test_refuses_to_overwrite_a_completed_run(base_run, tiny_model_dir, dataset):
+    output, _ = base_run
+    from lora_trainer.train import run
+
+    with pytest.raises(storage.OutputExistsError, match="overwrite_output"):
+        run(make_spec(tiny_model_dir, dataset, output))
+
+
+# ---- export -----------------------------------------------------------------------------------------------------
+
+def test_merged_model_matches_the_adapter(tiny_model_dir, dataset, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    output = tmp_path / "run"
+    outcome = train(tiny_model_dir, dataset, output, max_steps=3, save_merged=True)
+    merged = AutoModelForCausalLM.from_pretrained(output / "merged", dtype=torch.float32)
+    adapter = _peft_model(tiny_model_dir, output / "adapter")
+    merged_logits, adapter_logits = _logits(merged, outcome.tokenizer), _logits(adapter, outcome.tokenizer)
+    assert (merged_logits.argmax(-1) == adapter_logits.argmax(-1)).all()
+    # merged_16bit rounds the weights to 16 bits, so agreement is to 16-bit precision.
+    assert (merged_logits - adapter_logits).abs().max() < 0.05
+    assert "merged" in load_run_result(str(output)).artifacts
+
+
+# ---- LoRA parameters ----------------------------------------------------------------------------------------------
+
+def test_lora_shape_and_config_follow_the_spec(tiny_model_dir, dataset, tmp_path):
+    from safetensors.torch import load_file
+
+    output = tmp_path / "run"
+    train(tiny_model_dir, dataset, output, max_steps=1, lora_r=4, lora_alpha=8, lora_dropout=0.1,
+          lora_target_modules="q_proj,v_proj", lora_use_rslora=True)
+    config = json.loads((output / "adapter/adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"], config["use_rslora"]) == (4, 8, 0.1, True)
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    weights = load_file(output / "adapter/adapter_model.safetensors")
+    a_shapes = {k: v.shape for k, v in weights.items() if "lora_A" in k}
+    assert a_shapes and all(shape[0] == 4 for shape in a_shapes.values())
+    assert all(".q_proj." in k or ".v_proj." in k for k in weights)
+
+
+def test_dora_adds_magnitude_vectors(tiny_model_dir, dataset, tmp_path):
+    from safetensors.torch import load_file
+
+    output = tmp_path / "run"
+    train(tiny_model_dir, dataset, output, max_steps=1, lora_use_dora=True, lora_target_modules="q_proj")
+    assert json.loads((output / "adapter/adapter_config.json").read_text())["use_dora"] is True
+    assert any("lora_magnitude_vector" in k for k in load_file(output / "adapter/adapter_model.safetensors"))
+
+
+def test_unknown_target_module_is_rejected_with_the_available_ones(tiny_model_dir, dataset, tmp_path):
+    from lora_trainer.model import ModelError
+
+    with pytest.raises(ModelError, match=r"qkv_proj.*not found.*q_proj"):
+        train(tiny_model_dir, dataset, tmp_path / "run", max_steps=1, lora_target_modules="qkv_proj")
+
+
+# ---- quantisation ------------------------------------------------------------------------------------------------
+
+def test_4bit_honours_every_bnb_option(tiny_model_dir, dataset, tmp_path):
+    import bitsandbytes as bnb
+
+    outcome = train(tiny_model_dir, dataset, tmp_path / "run", max_steps=2, lora_load_in_4bit=True,
+                    lora_bnb_4bit_quant_type="fp4", lora_bnb_4bit_use_double_quant=False,
+                    lora_bnb_4bit_compute_dtype="float32")
+    layers = [m for m in outcome.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers
+    assert {m.weight.quant_type for m in layers} == {"fp4"}
+    assert {m.compute_dtype for m in layers} == {torch.float32}
+    assert not any(m.weight.quant_state.nested for m in layers)
+    assert outcome.summary["quantisation"] == {"bits": 4, "quant_type": "fp4", "compute_dtype": "float32",
+                                               "double_quant": False}
+
+
+def test_4bit_defaults_are_nf4_with_double_quant(tiny_model_dir, dataset, tmp_path):
+    import bitsandbytes as bnb
+
+    outcome = train(tiny_model_dir, dataset, tmp_path / "run", max_steps=1, lora_load_in_4bit=True)
+    layers = [m for m in outcome.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert {m.weight.quant_type for m in layers} == {"nf4"}
+    assert all(m.weight.quant_state.nested for m in layers)
+
+
+def test_8bit_loads_8bit_layers(tiny_model_dir, dataset, tmp_path):
+    import bitsandbytes as bnb
+
+    outcome = train(tiny_model_dir, dataset, tmp_path / "run", max_steps=2, lora_load_in_8bit=True)
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in outcome.model.modules())
+    assert outcome.summary["quantisation"] == {"bits": 8}
+    assert math.isfinite(outcome.summary["final_loss"])
+
+
+# ---- optimisation schedule ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheduler", ["linear", "cosine", "constant_with_warmup"])
+def test_learning_rate_warmup_and_scheduler_follow_transformers(tiny_model_dir, dataset, tmp_path, scheduler):
+    from transformers import get_scheduler
+
+    steps, warmup, lr = 6, 2, 1e-3
+    output = tmp_path / "run"
+    train(tiny_model_dir, dataset, output, max_steps=steps, lr_warmup_steps=warmup, learning_rate=lr,
+          lr_scheduler=scheduler)
+    logged = [r["learning_rate"] for r in history(output) if "loss" in r]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    reference = get_scheduler(scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+    expected = []
+    for _ in range(steps):  # the rate logged at step k is the one used for step k
+        expected.append(reference.get_last_lr()[0])
+        optimizer.step()
+        reference.step()
+    assert logged == pytest.approx(expected, rel=1e-6)
+    assert logged[0] == 0.0 and logged[warmup] == pytest.approx(lr)
+
+
+def test_same_seed_same_losses_other_seed_other_losses(tiny_model_dir, dataset, tmp_path):
+    def losses(seed, name):
+        train(tiny_model_dir, dataset, tmp_path / name, max_steps=3, seed=seed, lora_dropout=0.1)
+        return [r["loss"] for r in history(tmp_path / name) if "loss" in r]
+
+    first = losses(7, "a")
+    assert losses(7, "b") == first
+    assert losses(8, "c") != first
+
+
+def test_batch_plan_holds_effective_batch_within_the_token_cap(tiny_model_dir, dataset, tmp_path):
+    outcome = train(tiny_model_dir, dataset, tmp_path / "run", max_steps=1, effective_batch_size=12,
+                    max_seq_len=64, max_tokens_per_gpu=256)
+    batch = outcome.summary["batch"]
+    assert (batch["micro_batch"], batch["grad_accum"], batch["world_size"]) == (4, 3, 1)
+
+
+def test_resume_continues_the_step_count(tiny_model_dir, dataset, tmp_path):
+    output = tmp_path / "run"
+    first = train(tiny_model_dir, dataset, output, num_epochs=1, checkpoint_at_epoch=True)
+    steps = first.summary["global_step"]
+    second = train(tiny_model_dir, dataset, output, num_epochs=2, checkpoint_at_epoch=True,
+                   resume_from_checkpoint="latest", overwrite_output=True)
+    assert second.summary["resumed_from"].endswith(f"checkpoint-{steps}")
+    assert second.summary["global_step"] == 2 * steps
+    logged = [r["step"] for r in history(output) if "loss" in r]
+    assert logged == list(range(1, 2 * steps + 1))  # the first epoch's rows kept, none repeated
+
+
+def test_liger_on_cpu_is_rejected_before_loading(tiny_model_dir, dataset, tmp_path):
+    from lora_trainer.model import ModelError
+
+    with pytest.raises(ModelError, match="use_liger=True needs a CUDA GPU"):
+        train(tiny_model_dir, dataset, tmp_path / "run", max_steps=1, use_liger=True)
