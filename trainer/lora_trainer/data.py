@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from airflow_provider_lora.core import storage
@@ -59,14 +59,23 @@ def load_rows(uri: str, download_dir: Path | None = None) -> list[dict[str, Any]
     if storage.is_s3(uri):
         # Read through boto3 rather than datasets' s3 support: it honours AWS_ENDPOINT_URL and works with
         # HF_DATASETS_OFFLINE set (FACTS.md).
-        target = Path(download_dir or tempfile.mkdtemp(prefix="lora-data-")) / "dataset"
+        name = PurePosixPath(uri.rstrip("/")).name  # keeps the file's suffix, which names its type
+        target = Path(download_dir or tempfile.mkdtemp(prefix="lora-data-")) / name
         local = storage.download(uri, target)
         return load_rows(str(local))
     path = Path(uri.removeprefix("file://"))
     if path.exists():
         files = _data_files(path)
         builder = FILE_BUILDERS[files[0].suffix]
-        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+        options = {}
+        if builder == "csv":
+            # CSV cells are text: otherwise pandas turns "42" into an int and an empty cell into NaN.
+            import pandas as pd
+
+            columns = pd.read_csv(files[0], nrows=0).columns
+            options = {"features": datasets.Features({c: datasets.Value("string") for c in columns}),
+                       "keep_default_na": False}
+        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **options)
         return list(ds)
     if uri.startswith(("/", "./", "../", "file://")):
         raise DataError(f"dataset={uri!r}: no such file or directory")

@@ -6,6 +6,7 @@ shared files: metrics, the adapter, the summary, the chart and the published run
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -52,7 +53,8 @@ def run(spec: LoRASpec, work_dir: str | Path | None = None) -> Outcome:
     """Train ``spec`` and publish the run to ``spec.output_uri``."""
     from accelerate import PartialState
 
-    state = PartialState()  # joins the process group under torchrun; a no-op for one process
+    # Joins the process group under torchrun (gloo on CPU); a no-op for one process.
+    state = PartialState(cpu=not torch.cuda.is_available())
     started = time.time()
 
     # ---- 1. checks that need no model: fail before minutes of loading ---------------------------------------
@@ -172,7 +174,9 @@ def _run_dir(spec: LoRASpec, work_dir: str | Path | None) -> Path:
     elif work_dir is not None:
         path = Path(work_dir)
     else:
-        path = Path(os.environ.get("LORA_WORK_DIR") or tempfile.gettempdir()) / "lora-run"
+        # Named after the output so every rank of a torchrun job on this node stages in the same place.
+        digest = hashlib.sha256(spec.output_uri.encode()).hexdigest()[:16]
+        path = Path(os.environ.get("LORA_WORK_DIR") or tempfile.gettempdir()) / f"lora-run-{digest}"
     path.mkdir(parents=True, exist_ok=True)
     if not spec.resume_from_checkpoint and int(os.environ.get("RANK", "0")) == 0:
         # A fresh run never mixes with files of an earlier one (the output check above already refused to replace
