@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lora-train", description="Fine-tune a language model with LoRA (unsloth backend).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--spec", type=Path, help="JSON file with spec fields; flags override it")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--spec", type=Path, help="JSON file with spec fields; flags override it")
+    source.add_argument("--spec-json", help="the spec as a JSON string (how pods receive it); flags override it")
     parser.add_argument("--work-dir", help="local staging directory when output_uri is s3:// (default: a temp dir)")
     group = parser.add_argument_group("spec fields (see docs/parameters.md)")
     for name, field in LoRASpec.model_fields.items():
@@ -46,6 +48,11 @@ def spec_from_args(args: argparse.Namespace) -> LoRASpec:
             values = json.loads(args.spec.read_text())
         except (OSError, ValueError) as exc:
             raise SpecError([f"--spec {str(args.spec)!r}: cannot read a JSON object from it ({exc})"]) from None
+    elif args.spec_json is not None:
+        try:
+            values = json.loads(args.spec_json)
+        except ValueError as exc:
+            raise SpecError([f"--spec-json: not a JSON object ({exc})"]) from None
     for name in LoRASpec.model_fields:
         value = getattr(args, name)
         if value is not None:

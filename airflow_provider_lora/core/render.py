@@ -1,0 +1,236 @@
+"""Pure functions from a LoRASpec (plus where and as whom to run) to what is launched: the trainer's argv and a
+Pod manifest. No I/O, no clients: golden-tested.
+
+The Pod name is deterministic (deployment, dag, task, run, map index), so a retry finds the pod an earlier try made
+instead of starting a second training; the try that made it is a label.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from airflow_provider_lora.core.spec import LoRASpec
+
+TRAINER_CONTAINER = "trainer"
+LABEL_PREFIX = "lora.airflow-provider/"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "airflow-provider-lora"
+IDENTITY_KEYS = ("dag_id", "task_id", "run_id", "map_index", "try_number")
+SHM_VOLUME = "lora-dshm"
+# Where a pod's trainer stages an s3:// run (an emptyDir; local/PVC output is written in place).
+WORK_DIR = "/tmp/lora-work"
+
+_DNS_LABEL_CHARS = re.compile(r"[^a-z0-9-]+")
+_LABEL_VALUE_OK = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+class SecretRef(BaseModel):
+    """A key of a Kubernetes Secret, given to the container as an environment variable (never a literal)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str
+    key: str
+
+
+class TaskIdentity(BaseModel):
+    """Who launches the pod. ``deployment`` tells apart Airflow deployments that share a namespace."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    dag_id: str
+    task_id: str
+    run_id: str
+    map_index: int = -1
+    try_number: int = 1
+    deployment: str = "default"
+
+
+class PodOptions(BaseModel):
+    """Where and as whom the training pod runs. Every field is a Kubernetes concept, spelled as the
+    KubernetesPodOperator spells it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    namespace: str = "default"
+    image: str = "ghcr.io/airflow-provider-lora/trainer:0.1.0"
+    image_pull_policy: str | None = None
+    image_pull_secrets: tuple[str, ...] = ()
+    service_account_name: str | None = None
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: tuple[dict[str, Any], ...] = ()
+    affinity: dict[str, Any] | None = None
+    volumes: tuple[dict[str, Any], ...] = ()
+    volume_mounts: tuple[dict[str, Any], ...] = ()
+    secret_env: dict[str, SecretRef] = Field(default_factory=dict)  # ENV_NAME -> secret key, e.g. HF_TOKEN
+    pod_template: dict[str, Any] | None = None  # merged under our settings
+    shm_size: str | None = "16Gi"  # /dev/shm for dataloader workers and NCCL; None: no size limit
+    active_deadline_seconds: int | None = None
+
+    @field_validator("image_pull_policy")
+    @classmethod
+    def _policy(cls, v: str | None) -> str | None:
+        if v is not None and v not in ("Always", "IfNotPresent", "Never"):
+            raise ValueError(f"image_pull_policy={v!r} is not valid: accepted: Always, IfNotPresent, Never")
+        return v
+
+    @field_validator("secret_env")
+    @classmethod
+    def _secret_env(cls, v: dict[str, SecretRef]) -> dict[str, SecretRef]:
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"secret_env key {name!r} is not an environment variable name")
+        return v
+
+
+# ---- names and labels ---------------------------------------------------------------------------------------------
+
+def _digest(*parts: Any, length: int = 10) -> str:
+    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:length]
+
+
+def pod_name(identity: TaskIdentity) -> str:
+    """A DNS-1123 label (<= 63 chars), the same for every try of one task instance in one deployment."""
+    digest = _digest(identity.deployment, identity.dag_id, identity.task_id, identity.run_id, identity.map_index)
+    readable = _DNS_LABEL_CHARS.sub("-", f"{identity.dag_id}-{identity.task_id}".lower()).strip("-")
+    readable = readable[: 63 - len("lora--") - len(digest)].strip("-")
+    return f"lora-{readable}-{digest}" if readable else f"lora-{digest}"
+
+
+def safe_label_value(value: Any) -> str:
+    """``value`` as a valid label value: as is when valid, otherwise cleaned and suffixed with a hash of the
+    original (so distinct values stay distinct). The raw value also goes into an annotation."""
+    text = str(value)
+    if len(text) <= 63 and _LABEL_VALUE_OK.match(text):
+        return text
+    digest = _digest(text, length=8)
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", text)[: 63 - 1 - len(digest)]
+    cleaned = re.sub(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$", "", cleaned)
+    return f"{cleaned}-{digest}" if cleaned else digest
+
+
+def identity_labels(identity: TaskIdentity) -> dict[str, str]:
+    """Labels that find this task instance's pod (try_number excluded: a retry reattaches)."""
+    return {
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_PREFIX + "deployment": safe_label_value(identity.deployment),
+        LABEL_PREFIX + "dag_id": safe_label_value(identity.dag_id),
+        LABEL_PREFIX + "task_id": safe_label_value(identity.task_id),
+        LABEL_PREFIX + "run_id": safe_label_value(identity.run_id),
+        LABEL_PREFIX + "map_index": str(identity.map_index),
+    }
+
+
+def label_selector(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+# ---- the trainer's command ------------------------------------------------------------------------------------------
+
+def trainer_argv(spec: LoRASpec, nproc: int) -> list[str]:
+    """The container command as an argv list (no shell): torchrun when a worker runs several processes."""
+    launcher = ["torchrun", f"--nproc_per_node={nproc}"] if nproc > 1 else ["python"]
+    return launcher + ["-m", "lora_trainer", "--spec-json", spec.model_dump_json(), "--work-dir", WORK_DIR]
+
+
+# ---- the pod ---------------------------------------------------------------------------------------------------
+
+RESTRICTED_POD_SECURITY = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+RESTRICTED_CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def render_pod(spec: LoRASpec, options: PodOptions, identity: TaskIdentity) -> dict[str, Any]:
+    """The training Pod for one worker (resource_num_workers > 1 is the TrainJob launcher's job)."""
+    if spec.resource_num_workers != 1:
+        raise ValueError(f"resource_num_workers={spec.resource_num_workers}: a Pod is one worker; use "
+                         "launcher='trainjob' for several")
+    for key in spec.labels:
+        if key.startswith(LABEL_PREFIX) or key == LABEL_MANAGED_BY:
+            raise ValueError(f"metadata_labels key {key!r} is reserved for the operator's own labels")
+    resources = {"cpu": spec.resource_cpu_per_worker, "memory": spec.resource_memory_per_worker}
+    if spec.resource_gpu_per_worker:
+        resources["nvidia.com/gpu"] = str(spec.resource_gpu_per_worker)
+    env = [{"name": k, "value": v} for k, v in spec.env_vars.items()]
+    env += [{"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+            for name, ref in sorted(options.secret_env.items())]
+    clash = sorted(set(spec.env_vars) & set(options.secret_env))
+    if clash:
+        raise ValueError(f"envs sets {', '.join(clash)}, which also comes from a secret; set it in one place")
+    env.append({"name": "LORA_TERMINATION_LOG", "value": "/dev/termination-log"})
+
+    shm = {"medium": "Memory"} | ({"sizeLimit": options.shm_size} if options.shm_size else {})
+    container = {
+        "name": TRAINER_CONTAINER,
+        "image": options.image,
+        "command": trainer_argv(spec, spec.procs_per_worker),
+        "env": env,
+        "resources": {"requests": dict(resources), "limits": dict(resources)},
+        "volumeMounts": [{"name": SHM_VOLUME, "mountPath": "/dev/shm"},
+                         {"name": "lora-work", "mountPath": WORK_DIR}, *map(dict, options.volume_mounts)],
+        "securityContext": copy.deepcopy(RESTRICTED_CONTAINER_SECURITY),
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if options.image_pull_policy:
+        container["imagePullPolicy"] = options.image_pull_policy
+    labels = {**spec.labels, **identity_labels(identity),
+              LABEL_PREFIX + "try_number": str(identity.try_number)}
+    annotations = {**spec.annotations, **{LABEL_PREFIX + k: str(getattr(identity, k)) for k in IDENTITY_KEYS}}
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "securityContext": copy.deepcopy(RESTRICTED_POD_SECURITY),
+        "containers": [container],
+        "volumes": [{"name": SHM_VOLUME, "emptyDir": shm}, {"name": "lora-work", "emptyDir": {}},
+                    *map(dict, options.volumes)],
+    }
+    optional = {
+        "serviceAccountName": options.service_account_name,
+        "imagePullSecrets": [{"name": n} for n in options.image_pull_secrets] or None,
+        "nodeSelector": dict(options.node_selector) or None,
+        "tolerations": [dict(t) for t in options.tolerations] or None,
+        "affinity": options.affinity,
+        "activeDeadlineSeconds": options.active_deadline_seconds,
+    }
+    pod_spec.update({k: v for k, v in optional.items() if v is not None})
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": pod_name(identity), "namespace": options.namespace, "labels": labels,
+                     "annotations": annotations},
+        "spec": pod_spec,
+    }
+    if options.pod_template:
+        pod = merge_under(options.pod_template, pod)
+    return pod
+
+
+def merge_under(template: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``ours`` over ``template``: our values win; lists of named items (containers, volumes, env,
+    volumeMounts) merge by name; other lists are concatenated (template first)."""
+    merged = copy.deepcopy(template)
+    for key, value in ours.items():
+        base = merged.get(key)
+        if isinstance(base, dict) and isinstance(value, dict):
+            merged[key] = merge_under(base, value)
+        elif isinstance(base, list) and isinstance(value, list):
+            merged[key] = _merge_lists(base, value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _merge_lists(base: list[Any], ours: list[Any]) -> list[Any]:
+    if all(isinstance(x, dict) and "name" in x for x in base + ours):
+        by_name = {x["name"]: copy.deepcopy(x) for x in base}
+        for item in ours:
+            by_name[item["name"]] = merge_under(by_name.get(item["name"], {}), item)
+        return list(by_name.values())
+    return copy.deepcopy(base) + [x for x in copy.deepcopy(ours) if x not in base]
+
