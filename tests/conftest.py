@@ -7,8 +7,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# A throwaway Airflow home (SQLite) for dag.test(); set before anything imports airflow.
+import tempfile  # noqa: E402
+
+os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="lora-airflow-home-")
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+
 # unsloth patches transformers, peft and trl when imported and must come before them (the trainer does the same).
 import unsloth  # noqa: E402,F401  isort: skip
 
 from tests.fixtures.s3 import s3_bucket, s3_endpoint  # noqa: E402,F401
+from tests.fixtures.airflow import airflow_db  # noqa: E402,F401
 from tests.fixtures.tiny_model import tiny_model_dir  # noqa: E402,F401

@@ -53,6 +53,8 @@ def spec_from_args(args: argparse.Namespace) -> LoRASpec:
             values = json.loads(args.spec_json)
         except ValueError as exc:
             raise SpecError([f"--spec-json: not a JSON object ({exc})"]) from None
+    if not isinstance(values, dict):
+        raise SpecError([f"the spec must be a JSON object of field names to values, got {type(values).__name__}"])
     for name in LoRASpec.model_fields:
         value = getattr(args, name)
         if value is not None:

@@ -26,12 +26,13 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from airflow_provider_lora.core import storage
+from airflow_provider_lora.core.launchers.pod import RESULT_PREFIX
+from airflow_provider_lora.core.results import RunResult
 from airflow_provider_lora.core.spec import LoRASpec, plan_batches
 from lora_trainer import data as data_lib
 from lora_trainer import export
 from lora_trainer import model as model_lib
 
-RESULT_PREFIX = "LORA_RESULT "  # the last stdout line: the run's result as JSON, for launchers that read logs
 
 
 def log(message: str) -> None:
@@ -155,11 +156,13 @@ def run(spec: LoRASpec, work_dir: str | Path | None = None) -> Outcome:
         tokenizer.save_pretrained(str(run_dir / "adapter"))
         if spec.save_merged:
             export.save_merged(model, tokenizer, run_dir / "merged")
-        summary["artifacts"] = export.finish(spec, run_dir, summary, callback.rows)
+        artifacts = export.finish(spec, run_dir, summary, callback.rows)
         log(f"done: final loss {summary['final_loss']}, {summary['global_step']} steps in "
             f"{summary['train_runtime_seconds']:.1f}s; artifacts at {spec.output_uri}")
-        print(RESULT_PREFIX + json.dumps({"summary": summary}), flush=True)
-        _write_termination_message(summary)
+        result = RunResult(summary, callback.rows, artifacts)
+        # One line a launcher can find in the pod log without access to the output location.
+        print(RESULT_PREFIX + json.dumps(result.to_xcom()), flush=True)
+        _write_termination_message(result)
     state.wait_for_everyone()
     if state.num_processes > 1:
         # Without this about one run in six crashes at exit under torchrun (FACTS.md).
@@ -208,7 +211,7 @@ def _resume_checkpoint(spec: LoRASpec, checkpoint_dir: Path) -> str | None:
     return str(checkpoints[-1])
 
 
-def _write_termination_message(summary: dict[str, Any]) -> None:
+def _write_termination_message(result: RunResult) -> None:
     """In a Kubernetes pod, a short result in the termination message lets the operator read it without
     pods/exec or log RBAC (the message is capped at 4 KiB, so only headline figures go there)."""
     path = Path(os.environ.get("LORA_TERMINATION_LOG", "/dev/termination-log"))
@@ -216,7 +219,7 @@ def _write_termination_message(summary: dict[str, Any]) -> None:
         return
     keys = ("final_loss", "min_loss", "final_eval_loss", "global_step", "train_runtime_seconds",
             "tokens_per_second")
-    short = {"summary": {k: summary.get(k) for k in keys}, "artifacts": summary.get("artifacts", {})}
+    short = {"summary": {k: result.summary.get(k) for k in keys}, "artifacts": result.artifacts}
     try:
         path.write_text(json.dumps(short)[:4000])
     except OSError:

@@ -1,0 +1,161 @@
+"""Pod launcher: what a training pod's state means, and how its logs are followed without gaps or repeats.
+
+The functions here work on plain pod dicts (the API's JSON), which the sync operator path and the async trigger
+both read: parsing JSON into the kubernetes client's model objects costs more than the poll itself (FACTS.md).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from airflow_provider_lora.core.render import LABEL_PREFIX, TRAINER_CONTAINER
+
+RESULT_PREFIX = "LORA_RESULT "  # the trainer's last stdout line (see lora_trainer.train)
+LOG_CURSOR_ANNOTATION = LABEL_PREFIX + "log-cursor"
+# Waiting reasons that mean the pod will not start by itself.
+STUCK_WAITING_REASONS = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError",
+                         "CreateContainerError", "CrashLoopBackOff"}
+
+RUNNING, PENDING, SUCCEEDED, FAILED = "running", "pending", "succeeded", "failed"
+
+
+@dataclass
+class PodState:
+    """What a pod's status says, in the terms a task log needs."""
+
+    phase: str  # pending | running | succeeded | failed
+    reason: str = ""  # e.g. OOMKilled, Evicted, DeadlineExceeded, NodeLost, Unschedulable, ImagePullBackOff
+    message: str = ""
+    exit_code: int | None = None
+    termination_message: str = ""
+    stuck: bool = False  # pending for a reason that will not resolve by waiting
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase in (SUCCEEDED, FAILED)
+
+    def describe(self) -> str:
+        details = [f"exit code {self.exit_code}"] if self.exit_code is not None else []
+        details += [self.message] if self.message else []
+        return (self.reason or self.phase) + (f" ({', '.join(details)})" if details else "")
+
+
+def classify_pod(pod: dict[str, Any]) -> PodState:
+    """Read a pod dict's status into a PodState."""
+    status = pod.get("status") or {}
+    phase = (status.get("phase") or "Pending").lower()
+    container = next((c for c in status.get("containerStatuses") or [] if c.get("name") == TRAINER_CONTAINER),
+                     None) or next(iter(status.get("containerStatuses") or []), None)
+    state = (container or {}).get("state") or {}
+    terminated = state.get("terminated")
+    waiting = state.get("waiting")
+
+    if pod.get("metadata", {}).get("deletionTimestamp") and phase in ("pending", "running"):
+        return PodState(FAILED, "Deleted", "the pod was deleted while it ran")
+    if phase == "failed" or (terminated and terminated.get("exitCode", 0) != 0):
+        # The pod's own reason (Evicted, DeadlineExceeded) says more than the container's (Error, OOMKilled).
+        reason = status.get("reason") or (terminated or {}).get("reason") or "Error"
+        return PodState(FAILED, reason, status.get("message") or "", (terminated or {}).get("exitCode"),
+                        (terminated or {}).get("message") or "")
+    if phase == "succeeded":
+        return PodState(SUCCEEDED, "Completed", "", (terminated or {}).get("exitCode", 0),
+                        (terminated or {}).get("message") or "")
+    if phase == "running":
+        lost = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"
+                     and c.get("status") == "False" and c.get("reason") == "NodeLost"), None)
+        if lost:
+            return PodState(FAILED, "NodeLost", lost.get("message", "the node stopped reporting"))
+        return PodState(RUNNING)
+    if waiting and waiting.get("reason") in STUCK_WAITING_REASONS:
+        return PodState(PENDING, waiting["reason"], waiting.get("message", ""), stuck=True)
+    unscheduled = next((c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"
+                        and c.get("status") == "False"), None)
+    if unscheduled:
+        return PodState(PENDING, unscheduled.get("reason", "Unschedulable"), unscheduled.get("message", ""))
+    return PodState(PENDING, (waiting or {}).get("reason", ""), (waiting or {}).get("message", ""))
+
+
+# ---- logs ------------------------------------------------------------------------------------------------------
+
+@dataclass
+class LogCursor:
+    """Where log following stopped: the timestamp of the last line shown and how many lines carried exactly that
+    timestamp. ``sinceTime`` has whole-second precision, so lines of the cursor's second come again and are
+    skipped here; kept in a pod annotation, it survives a triggerer restart."""
+
+    timestamp: str = ""  # RFC3339Nano of the last line shown, "" before the first
+    seen_at_timestamp: int = 0
+
+    def since_time(self) -> str | None:
+        return self.timestamp[:19] + "Z" if self.timestamp else None
+
+    def encode(self) -> str:
+        return f"{self.timestamp} {self.seen_at_timestamp}" if self.timestamp else ""
+
+    @classmethod
+    def decode(cls, text: str | None) -> "LogCursor":
+        if not text or " " not in text:
+            return cls()
+        timestamp, count = text.rsplit(" ", 1)
+        return cls(timestamp, int(count)) if count.isdigit() else cls()
+
+    @classmethod
+    def of(cls, pod: dict[str, Any]) -> "LogCursor":
+        return cls.decode(((pod.get("metadata") or {}).get("annotations") or {}).get(LOG_CURSOR_ANNOTATION))
+
+
+@dataclass
+class NewLines:
+    lines: list[str] = field(default_factory=list)
+    cursor: LogCursor = field(default_factory=LogCursor)
+
+
+def new_log_lines(text: str, cursor: LogCursor) -> NewLines:
+    """Lines of a ``timestamps=true`` log response that come after ``cursor``, and the cursor after them."""
+    out = NewLines(cursor=LogCursor(cursor.timestamp, cursor.seen_at_timestamp))
+    key = _sort_key(cursor.timestamp) if cursor.timestamp else None
+    seen_same = 0
+    for raw in text.splitlines():
+        timestamp, _, line = raw.partition(" ")
+        if not timestamp:
+            continue
+        if key is not None:
+            this = _sort_key(timestamp)
+            if this < key:
+                continue
+            if this == key:
+                seen_same += 1
+                if seen_same <= cursor.seen_at_timestamp:
+                    continue
+        out.lines.append(line)
+        if timestamp == out.cursor.timestamp:
+            out.cursor.seen_at_timestamp += 1
+        else:
+            out.cursor = LogCursor(timestamp, 1)
+    return out
+
+
+def _sort_key(timestamp: str) -> tuple[str, str]:
+    """RFC3339Nano strings sort by (second, fraction) once the fraction is padded."""
+    seconds, _, rest = timestamp.partition(".")
+    fraction = rest.rstrip("Z") if rest else ""
+    return seconds.rstrip("Z"), fraction.ljust(9, "0")
+
+
+def find_result(log_text: str) -> dict[str, Any] | None:
+    """The trainer's result line (RunResult.to_xcom() JSON) in a log text, if present."""
+    for raw in reversed(log_text.splitlines()):
+        _, _, line = raw.partition(" ") if raw[:4].isdigit() else ("", "", raw)
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    return None
+
+
+def seconds_since(timestamp: str | None, now: datetime | None = None) -> float:
+    if not timestamp:
+        return 0.0
+    then = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    return ((now or datetime.now(timezone.utc)) - then).total_seconds()

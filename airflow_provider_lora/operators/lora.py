@@ -1,0 +1,344 @@
+"""LoRATrainingOperator: one LoRA fine-tune as an Airflow task.
+
+validate the spec -> render the pod -> create it, or reattach to the one this task instance already has ->
+push its identity to XCom -> defer to LoRATrainingTrigger (or wait in the worker) -> collect the result from the
+pod's log -> clean up. ``launcher="local"`` trains in a subprocess of the worker instead.
+
+The spec's fields are keyword arguments with the spec's names and defaults (see docs/parameters.md); no parameter
+is spelled out by hand here.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from airflow_provider_lora.compat import AirflowException, BaseOperator, Context, conf
+from airflow_provider_lora.core.launchers.pod import (
+    FAILED, PENDING, SUCCEEDED, LogCursor, classify_pod, find_result, new_log_lines, seconds_since,
+)
+from airflow_provider_lora.core.render import PodOptions, SecretRef, TaskIdentity, pod_name, render_pod
+from airflow_provider_lora.core.spec import LoRASpec, SpecError
+
+SPEC_FIELDS = tuple(LoRASpec.model_fields)
+LAUNCHERS = ("pod", "local", "trainjob")
+ON_FINISH_ACTIONS = ("delete_pod", "delete_succeeded_pod", "keep_pod")
+LAST_LOG_LINES = 30
+RESULT_LOG_TAIL = 20  # lines read back to find the trainer's result line
+XCOM_POD = "pod"
+
+
+def _secret_ref(value: Any, name: str) -> SecretRef:
+    """``"secret/key"``, ``{"name": ..., "key": ...}`` or a SecretRef."""
+    if isinstance(value, SecretRef):
+        return value
+    if isinstance(value, dict):
+        return SecretRef(**value)
+    if isinstance(value, str) and value.count("/") == 1 and all(value.split("/")):
+        secret, key = value.split("/")
+        return SecretRef(name=secret, key=key)
+    raise ValueError(f"{name}={value!r} is not valid: give 'secret-name/key' or {{'name': ..., 'key': ...}}")
+
+
+class LoRATrainingOperator(BaseOperator):
+    """Fine-tune ``base_model`` on ``dataset`` with LoRA and publish the adapter, metrics and loss chart to
+    ``output_uri``. Returns (XCom) ``{"summary", "history", "artifacts"}``.
+
+    Besides every LoRASpec field (docs/parameters.md):
+
+    :param launcher: ``pod`` (a Kubernetes pod running the training image), ``local`` (a subprocess of the
+        worker: laptops, CPU runs, tests) or ``trainjob`` (Kubeflow Trainer; not available yet).
+    :param kubernetes_conn_id: the cncf-kubernetes connection, as KubernetesPodOperator uses it.
+    :param config_file, cluster_context, in_cluster: override the connection, as in KubernetesHook.
+    :param namespace, image, image_pull_policy, image_pull_secrets, service_account_name, node_selector,
+        tolerations, affinity, volumes, volume_mounts: the pod's settings, spelled as in Kubernetes.
+    :param pod_template: a pod manifest (dict, or a YAML/JSON file path) that our settings are merged over.
+    :param hf_token_secret: ``"secret/key"`` holding a Hugging Face token, given to the pod as HF_TOKEN.
+    :param secret_env: more environment variables from secrets: ``{"AWS_SECRET_ACCESS_KEY": "s3-creds/secret"}``.
+    :param deployment: tells apart Airflow deployments sharing a namespace (default: ``[lora] deployment`` or
+        "default"); part of the pod's name and labels.
+    :param deferrable: free the worker slot while training (default: ``[operators] default_deferrable``).
+    :param poll_interval: seconds between pod status checks.
+    :param startup_timeout: seconds a pod may stay pending before the task fails with the pod's events.
+    :param on_finish_action: ``delete_pod``, ``delete_succeeded_pod`` (keep failed pods to inspect) or
+        ``keep_pod``.
+    """
+
+    template_fields: Sequence[str] = (*SPEC_FIELDS, "image", "namespace")
+    ui_color = "#e8f0fe"
+
+    def __init__(
+        self,
+        *,
+        launcher: str = "pod",
+        kubernetes_conn_id: str | None = "kubernetes_default",
+        config_file: str | None = None,
+        cluster_context: str | None = None,
+        in_cluster: bool | None = None,
+        namespace: str = "default",
+        image: str = PodOptions.model_fields["image"].default,
+        image_pull_policy: str | None = None,
+        image_pull_secrets: Sequence[str] = (),
+        service_account_name: str | None = None,
+        node_selector: dict[str, str] | None = None,
+        tolerations: Sequence[dict[str, Any]] = (),
+        affinity: dict[str, Any] | None = None,
+        volumes: Sequence[dict[str, Any]] = (),
+        volume_mounts: Sequence[dict[str, Any]] = (),
+        pod_template: dict[str, Any] | str | None = None,
+        hf_token_secret: str | dict[str, str] | None = None,
+        secret_env: dict[str, Any] | None = None,
+        deployment: str | None = None,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        poll_interval: float = 10.0,
+        startup_timeout: float = 600.0,
+        on_finish_action: str = "delete_succeeded_pod",
+        **kwargs: Any,
+    ) -> None:
+        spec_values = {name: kwargs.pop(name) for name in SPEC_FIELDS if name in kwargs}
+        super().__init__(**kwargs)
+        for name in SPEC_FIELDS:
+            setattr(self, name, spec_values.get(name, LoRASpec.model_fields[name].default))
+        if launcher not in LAUNCHERS:
+            raise ValueError(f"launcher={launcher!r} is not valid: accepted: {', '.join(LAUNCHERS)}")
+        if launcher == "trainjob":
+            raise ValueError("launcher='trainjob' (Kubeflow Trainer) is not available in this version; use 'pod'")
+        if on_finish_action not in ON_FINISH_ACTIONS:
+            raise ValueError(f"on_finish_action={on_finish_action!r} is not valid: accepted: "
+                             f"{', '.join(ON_FINISH_ACTIONS)}")
+        self.launcher = launcher
+        self.kubernetes_conn_id = kubernetes_conn_id
+        self.config_file = config_file
+        self.cluster_context = cluster_context
+        self.in_cluster = in_cluster
+        self.namespace = namespace
+        self.image = image
+        self.image_pull_policy = image_pull_policy
+        self.image_pull_secrets = tuple(image_pull_secrets)
+        self.service_account_name = service_account_name
+        self.node_selector = dict(node_selector or {})
+        self.tolerations = tuple(tolerations)
+        self.affinity = affinity
+        self.volumes = tuple(volumes)
+        self.volume_mounts = tuple(volume_mounts)
+        self.pod_template = pod_template
+        self.secret_env = {name: _secret_ref(v, f"secret_env[{name!r}]") for name, v in (secret_env or {}).items()}
+        if hf_token_secret is not None:
+            self.secret_env["HF_TOKEN"] = _secret_ref(hf_token_secret, "hf_token_secret")
+        self.deployment = deployment or conf.get("lora", "deployment", fallback="default")
+        self.deferrable = deferrable
+        self.poll_interval = poll_interval
+        self.startup_timeout = startup_timeout
+        self.on_finish_action = on_finish_action
+        self._pod: tuple[str, str] | None = None  # (name, namespace) once created or found
+        # Fail at DAG parse for values that are already final (templated ones are checked after rendering).
+        self._spec(final=False)
+
+    # ---- the spec ---------------------------------------------------------------------------------------------
+
+    def _spec(self, final: bool = True) -> LoRASpec:
+        values = {}
+        for name in SPEC_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, str) and "{{" in value and not final:
+                continue  # checked once rendered
+            if isinstance(value, str) and value == "None" and LoRASpec.model_fields[name].default is None:
+                value = None  # a Jinja-rendered None
+            values[name] = value
+        try:
+            return LoRASpec.parse(values)
+        except SpecError as exc:
+            raise ValueError(f"{self.task_id}: {exc}") from None
+
+    def _options(self) -> PodOptions:
+        template = self.pod_template
+        if isinstance(template, str):
+            import yaml
+
+            template = yaml.safe_load(Path(template).read_text())
+        return PodOptions(
+            namespace=self.namespace, image=self.image, image_pull_policy=self.image_pull_policy,
+            image_pull_secrets=self.image_pull_secrets, service_account_name=self.service_account_name,
+            node_selector=self.node_selector, tolerations=self.tolerations, affinity=self.affinity,
+            volumes=self.volumes, volume_mounts=self.volume_mounts, secret_env=self.secret_env,
+            pod_template=template,
+        )
+
+    @property
+    def _cluster(self):
+        from airflow_provider_lora.kube import ClusterRef
+
+        return ClusterRef(self.kubernetes_conn_id, self.config_file, self.cluster_context, self.in_cluster)
+
+    # ---- execution ----------------------------------------------------------------------------------------------
+
+    def execute(self, context: Context) -> Any:
+        spec = self._spec()
+        if self.launcher == "local":
+            return self._execute_local(spec)
+        return self._execute_pod(spec, context)
+
+    def _execute_local(self, spec: LoRASpec) -> dict[str, Any]:
+        from airflow_provider_lora.core.launchers.local import TrainingFailed, run_local
+
+        try:
+            result = run_local(spec, on_line=self.log.info)
+        except TrainingFailed as exc:
+            raise AirflowException(str(exc)) from None
+        return self._return_value(result.to_xcom())
+
+    def _execute_pod(self, spec: LoRASpec, context: Context) -> Any:
+        from airflow_provider_lora import kube
+
+        ti = context["ti"]
+        identity = TaskIdentity(dag_id=ti.dag_id, task_id=ti.task_id, run_id=ti.run_id,
+                                map_index=getattr(ti, "map_index", -1), try_number=ti.try_number,
+                                deployment=self.deployment)
+        manifest = render_pod(spec, self._options(), identity)
+        name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
+        api = kube.sync_core_api(self._cluster)
+        self._pod = (name, namespace)
+        self._create_or_reattach(api, manifest)
+        ti.xcom_push(key=XCOM_POD, value={"name": name, "namespace": namespace})
+        if self.deferrable:
+            from airflow_provider_lora.triggers.lora import LoRATrainingTrigger
+
+            self.defer(trigger=LoRATrainingTrigger(
+                pod_name=name, namespace=namespace, kubernetes_conn_id=self.kubernetes_conn_id,
+                config_file=self.config_file, cluster_context=self.cluster_context, in_cluster=self.in_cluster,
+                poll_interval=self.poll_interval, startup_timeout=self.startup_timeout,
+            ), method_name="execute_complete")
+        return self.execute_complete(context, self._wait_in_worker(api, name, namespace))
+
+    def _create_or_reattach(self, api: Any, manifest: dict[str, Any]) -> None:
+        """Create the pod, unless this task instance already has one: a running or succeeded pod (say, from a
+        try whose worker died) is reattached, never duplicated; a failed one is replaced."""
+        from airflow_provider_lora import kube
+
+        name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
+        existing = kube.read_pod(api, name, namespace)
+        if existing is not None:
+            state = classify_pod(existing)
+            made_by = existing["metadata"].get("labels", {}).get("lora.airflow-provider/try_number", "?")
+            if state.phase != FAILED:
+                self.log.info("reattaching to pod %s/%s (%s), created by try %s", namespace, name, state.phase,
+                              made_by)
+                return
+            self.log.info("pod %s/%s from try %s failed (%s): replacing it", namespace, name, made_by,
+                          state.describe())
+            kube.delete_pod(api, name, namespace)
+            self._wait_until_gone(api, name, namespace)
+        api.create_namespaced_pod(namespace, manifest)
+        self.log.info("created pod %s/%s", namespace, name)
+
+    def _wait_until_gone(self, api: Any, name: str, namespace: str, timeout: float = 120.0) -> None:
+        from airflow_provider_lora import kube
+
+        deadline = time.monotonic() + timeout
+        while kube.read_pod(api, name, namespace) is not None:
+            if time.monotonic() > deadline:
+                raise AirflowException(f"pod {namespace}/{name} was not deleted within {timeout:.0f}s")
+            time.sleep(1)
+
+    def _wait_in_worker(self, api: Any, name: str, namespace: str) -> dict[str, Any]:
+        """deferrable=False: the trigger's loop, in the worker (same events, same log following)."""
+        from airflow_provider_lora import kube
+
+        identity = {"pod_name": name, "namespace": namespace}
+        cursor = None
+        while True:
+            pod = kube.read_pod(api, name, namespace)
+            if pod is None:
+                return {**identity, "status": "failed", "reason": "Deleted", "description": "the pod is gone"}
+            cursor = cursor or LogCursor.of(pod)
+            state = classify_pod(pod)
+            if state.phase != PENDING:
+                new = new_log_lines(kube.read_log(api, name, namespace, cursor=cursor), cursor)
+                for line in new.lines:
+                    self.log.info("[%s] %s", name, line)
+                if new.lines:
+                    kube.save_cursor(api, name, namespace, new.cursor)
+                cursor = new.cursor
+            if state.terminal:
+                return {**identity, "status": "success" if state.phase == SUCCEEDED else "failed",
+                        "reason": state.reason, "description": state.describe(), "exit_code": state.exit_code}
+            waited = seconds_since(pod["metadata"].get("creationTimestamp"))
+            if state.phase == PENDING and waited > self.startup_timeout:
+                events = "; ".join(f"{e.get('reason')}: {e.get('message')}"
+                                   for e in kube.pod_events(api, name, namespace)) or "none"
+                return {**identity, "status": "stuck", "reason": state.reason or "Pending",
+                        "description": f"not running {waited:.0f}s after creation (startup_timeout="
+                                       f"{self.startup_timeout:.0f}s): {state.describe()}; events: {events}"}
+            time.sleep(self.poll_interval)
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
+        """Resume after the trigger (or the worker's wait): collect the result, clean up, or fail with the
+        reason and the last log lines."""
+        from airflow_provider_lora import kube
+
+        name, namespace = event["pod_name"], event["namespace"]
+        self._pod = (name, namespace)
+        api = kube.sync_core_api(self._cluster)
+        succeeded = event["status"] == "success"
+        try:
+            if succeeded:
+                log_tail = kube.read_log(api, name, namespace, tail_lines=RESULT_LOG_TAIL)
+                result = find_result(log_tail)
+                if result is None:
+                    raise AirflowException(f"pod {namespace}/{name} succeeded but its log holds no result line "
+                                           f"(LORA_RESULT); last lines:\n{log_tail}")
+                return self._return_value(result)
+            last = _safe_tail(api, name, namespace)
+            raise AirflowException(f"training pod {namespace}/{name} {event['status']}: {event['description']}\n"
+                                   f"last {LAST_LOG_LINES} log lines:\n{last}")
+        finally:
+            self._clean_up(api, name, namespace, succeeded)
+
+    def _return_value(self, result: dict[str, Any]) -> dict[str, Any]:
+        summary = result.get("summary", {})
+        self.log.info("training finished: final loss %s (min %s) after %s steps; artifacts: %s",
+                      summary.get("final_loss"), summary.get("min_loss"), summary.get("global_step"),
+                      json.dumps(result.get("artifacts", {})))
+        return result
+
+    def _clean_up(self, api: Any, name: str, namespace: str, succeeded: bool) -> None:
+        from airflow_provider_lora import kube
+
+        if self.on_finish_action == "delete_pod" or (self.on_finish_action == "delete_succeeded_pod" and succeeded):
+            kube.delete_pod(api, name, namespace)
+            self.log.info("deleted pod %s/%s (on_finish_action=%s)", namespace, name, self.on_finish_action)
+
+    def on_kill(self) -> None:
+        if self._pod is None:
+            return
+        from airflow_provider_lora import kube
+
+        name, namespace = self._pod
+        if kube.delete_pod(kube.sync_core_api(self._cluster), name, namespace):
+            self.log.info("deleted pod %s/%s (task killed)", namespace, name)
+
+
+def _safe_tail(api: Any, name: str, namespace: str) -> str:
+    from airflow_provider_lora import kube
+
+    try:
+        text = kube.read_log(api, name, namespace, tail_lines=LAST_LOG_LINES)
+    except Exception as exc:  # the log is a courtesy on a path that already fails
+        return f"(could not read the log: {exc})"
+    return "\n".join(line.partition(" ")[2] for line in text.splitlines())
+
+
+def _signature() -> inspect.Signature:
+    """The operator's signature with every spec field as a keyword argument, for help() and IDEs."""
+    own = inspect.signature(LoRATrainingOperator.__init__)
+    params = [p for p in own.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=field.default,
+                                 annotation=field.annotation) for name, field in LoRASpec.model_fields.items()]
+    params.append(inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD))
+    return own.replace(parameters=params)
+
+
+LoRATrainingOperator.__init__.__signature__ = _signature()  # type: ignore[attr-defined]
