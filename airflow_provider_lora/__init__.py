@@ -13,4 +13,10 @@ def get_provider_info() -> dict:
         "name": "LoRA fine-tuning",
         "description": "LoRA fine-tuning of language models: operator, deferrable trigger and bundled trainer.",
         "versions": [__version__],
+        "integrations": [{"integration-name": "LoRA fine-tuning", "tags": ["software"],
+                          "how-to-guide": ["/docs/parameters.md"]}],
+        "operators": [{"integration-name": "LoRA fine-tuning",
+                       "python-modules": ["airflow_provider_lora.operators.lora"]}],
+        "triggers": [{"integration-name": "LoRA fine-tuning",
+                      "python-modules": ["airflow_provider_lora.triggers.lora"]}],
     }

@@ -51,7 +51,7 @@ FIELDS = {
 
 
 def make_row(rng: random.Random) -> dict:
-    keys = rng.sample(sorted(FIELDS), rng.randint(2, 5))
+    keys = rng.sample(sorted(FIELDS), rng.randint(2, 4))
     if "name" not in keys and rng.random() < 0.7:  # most records are about someone, like real ones
         keys[rng.randrange(len(keys))] = "name"
     record = {key: FIELDS[key](rng) for key in keys}

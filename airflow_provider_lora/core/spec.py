@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # Section of each field, used to group the trigger form and the docs table.
 MODEL, DATA, LORA, QUANT, TRAINING, RESOURCES, KUBERNETES, OUTPUT = (
-    "model", "data", "LoRA", "quantisation", "training", "resources", "Kubernetes", "output",
+    "Model", "Data", "LoRA", "Quantisation", "Training", "Resources", "Kubernetes", "Output",
 )
 
 # transformers SchedulerType values that need no extra kwargs (a test checks they exist in transformers).

@@ -1,0 +1,65 @@
+"""The trigger form: one Airflow Param per LoRASpec field, derived from the spec (type, default, choices, bounds,
+description, section), and the templated operator kwargs that read them back.
+
+Use both in a DAG with ``render_template_as_native_obj=True`` so each value reaches the operator with its type:
+
+    with DAG(..., params=spec_params(base_model="..."), render_template_as_native_obj=True):
+        LoRATrainingOperator(task_id="train", **templated_spec_kwargs())
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow_provider_lora.core.spec import (
+    COMPUTE_DTYPES, LR_SCHEDULERS, QUANT_TYPES, LoRASpec,
+)
+
+# Closed choices the JSON schema of a plain str field does not carry.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "lr_scheduler": LR_SCHEDULERS,
+    "lora_bnb_4bit_quant_type": QUANT_TYPES,
+    "lora_bnb_4bit_compute_dtype": COMPUTE_DTYPES,
+    "fsdp_sharding_strategy": ("NO_SHARD",),  # the only value LoRASpec accepts (see its description)
+}
+MINIMUM = {"effective_batch_size": 1, "max_tokens_per_gpu": 1, "max_seq_len": 1, "lora_r": 1, "lora_alpha": 1,
+           "num_epochs": 1, "resource_num_workers": 1, "lr_warmup_steps": 0, "resource_gpu_per_worker": 0,
+           "seed": 0, "max_steps": 1}
+
+
+def param_schemas(**defaults: Any) -> dict[str, dict[str, Any]]:
+    """name -> JSON schema of the form field (what Param takes), with ``defaults`` replacing the spec's."""
+    properties = LoRASpec.model_json_schema()["properties"]
+    schemas = {}
+    for name, field in LoRASpec.model_fields.items():
+        prop = properties[name]
+        types = [p.get("type") for p in prop.get("anyOf", [prop])]
+        schema: dict[str, Any] = {
+            "type": types[0] if len(types) == 1 else types,
+            "default": defaults.get(name, field.default),
+            "title": name.replace("_", " "),
+            "description": field.description,
+            "section": (field.json_schema_extra or {})["section"],
+        }
+        enum = prop.get("enum") or CHOICES.get(name)
+        if enum:
+            schema["enum"] = [*enum, *([None] if "null" in types else [])]
+        if name in MINIMUM:
+            schema["minimum"] = MINIMUM[name]
+        schemas[name] = schema
+    unknown = set(defaults) - set(schemas)
+    if unknown:
+        raise ValueError(f"spec_params got unknown field(s): {', '.join(sorted(unknown))}")
+    return schemas
+
+
+def spec_params(**defaults: Any) -> dict[str, Any]:
+    """Airflow Params for every spec field (Airflow import kept inside: this module is cheap to import)."""
+    from airflow.sdk import Param
+
+    return {name: Param(**schema) for name, schema in param_schemas(**defaults).items()}
+
+
+def templated_spec_kwargs() -> dict[str, str]:
+    """``{field: "{{ params.field }}"}`` for every spec field."""
+    return {name: "{{ params.%s }}" % name for name in LoRASpec.model_fields}
