@@ -95,7 +95,8 @@ def main() -> None:
         args.model_dir, args.heldout, args.adapter, args.max_new_tokens, args.batch_size
     )
     for prompt, expected, got in results:
-        print(f"{'OK  ' if got == expected.strip() else 'MISS'} {prompt}\n     expected: {expected}\n     got:      {got!r}")
+        mark = "OK  " if got == expected.strip() else "MISS"
+        print(f"{mark} {prompt}\n     expected: {expected}\n     got:      {got!r}")
     print(f"exact match: {n_correct}/{n_total} ({time.monotonic() - t0:.1f} s)")
 
 

@@ -5,7 +5,7 @@
 
 Why this task: SmolLM2-135M-Instruct gets it almost right out of the box but never exactly (it pretty-prints, quotes
 numbers or adds an explanation), and a LoRA learns the exact format in about 30 steps on CPU, so "before" and "after"
-are visibly different by exact match. Keys (2-5 of 10, in random order), names and numbers vary; numbers must come
+are visibly different by exact match. Keys (2-4 of 10, in random order), names and numbers vary; numbers must come
 out unquoted, strings quoted, in the order given, on one line, and then the answer must stop.
 
 Deterministic (seeded): running it again rewrites identical files. Held-out prompts never occur in the train set.

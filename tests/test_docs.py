@@ -46,7 +46,7 @@ def _row(name: str) -> list[str]:
 
 
 def test_row_contents():
-    assert _row("learning_rate") == ["`learning_rate`", "`Optional[float]`", "`None`", "`0.0002`", "training",
+    assert _row("learning_rate") == ["`learning_rate`", "`Optional[float]`", "`None`", "`0.0002`", "Training",
                                      "`training_learning_rate`", "Learning rate (default: 2e-4)."]
     assert _row("resource_cpu_per_worker")[1:4] == ["`str`", '`"4"`', ""]
     assert _row("lora_bnb_4bit_quant_type")[3] == '`"nf4"` with `lora_load_in_4bit`'

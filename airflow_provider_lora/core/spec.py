@@ -144,7 +144,8 @@ class LoRASpec(BaseModel):
     """Every parameter of one LoRA fine-tune. Build it with :func:`LoRASpec.parse` (or the constructor) and it is
     valid, with every effective default filled in."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=False, frozen=True)
+    # Numbers given for string fields (resource_cpu_per_worker=4, a natively rendered template) become strings.
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
 
     # ---- the seed component's training_* inputs (names without the prefix, same defaults, same order) ----------
     base_model: str = _field("Qwen/Qwen2.5-1.5B-Instruct", "Base model (HuggingFace ID or local path).", MODEL,

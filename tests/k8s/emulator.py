@@ -47,15 +47,11 @@ import base64
 import bisect
 import datetime as dt
 import fnmatch
-import ipaddress
 import itertools
 import json
 import os
 import re
-import signal
 import socket
-import ssl
-import sys
 import threading
 import time
 import uuid
@@ -64,212 +60,14 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-NODE, HOST_IP = "emulator-node-1", "10.0.0.10"
-UNSCHEDULABLE = ("0/3 nodes are available: 3 Insufficient nvidia.com/gpu. preemption: 0/3 nodes are available: "
-                 "3 No preemption victims found for incoming pod.")
-EVICTED = "The node was low on resource: memory."
-KINDS = {"pods": "Pod", "secrets": "Secret", "configmaps": "ConfigMap", "events": "Event"}
-# Field selectors the real API server accepts per resource (others are a 400, as there).
-FIELDS = {
-    "pods": {"metadata.name", "metadata.namespace", "spec.nodeName", "spec.restartPolicy", "spec.schedulerName",
-             "spec.serviceAccountName", "status.phase", "status.podIP", "status.nominatedNodeName"},
-    "events": {"metadata.name", "metadata.namespace", "involvedObject.kind", "involvedObject.namespace",
-               "involvedObject.name", "involvedObject.uid", "involvedObject.apiVersion",
-               "involvedObject.resourceVersion", "involvedObject.fieldPath", "reason", "reportingComponent",
-               "source", "type"},
-    "secrets": {"metadata.name", "metadata.namespace", "type"},
-    "configmaps": {"metadata.name", "metadata.namespace"},
-}
-FAULTS = {"oom", "evict", "node_lost", "unschedulable", "image_pull_backoff", "api_error", "api_timeout",
-          "log_stream_drop"}
-RUNTIME_FAULTS = ("oom", "evict", "node_lost")
+from tests.k8s.kubelet import Kubelet, _PodRun
+from tests.k8s.util import (FAULTS, HOST_IP, KINDS, RUNTIME_FAULTS, ApiError, _age, _flag, _int, _json, _make_tls,
+                            _merge_patch, _nano, _now_s, field_selector, label_selector)
+
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 
 
-def _now_s() -> str:  # metav1.Time: whole seconds, UTC
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def _nano(ns: int) -> str:  # the kubelet's log timestamp: RFC3339Nano with a fixed 9 digits
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 10**9)) + f".{ns % 10**9:09d}Z"
-
-
-class ApiError(Exception):
-    """Answered as a Kubernetes `Status` object."""
-
-    REASONS = {400: "BadRequest", 401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed", 409: "AlreadyExists",
-               415: "UnsupportedMediaType", 422: "Invalid", 429: "TooManyRequests", 500: "InternalError",
-               503: "ServiceUnavailable"}
-
-    def __init__(self, code: int, message: str, reason: str | None = None, headers: dict | None = None, **details):
-        super().__init__(message)
-        self.code, self.message, self.headers, self.details = code, message, headers, details
-        self.reason = reason or self.REASONS.get(code, "InternalError")
-
-    def response(self) -> web.Response:
-        return _json({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                      "message": self.message, "reason": self.reason, "details": self.details, "code": self.code},
-                     self.code, self.headers)
-
-
-class _ConfigError(Exception):
-    """A container cannot be started yet (missing secret, ...): the kubelet retries."""
-
-    def __init__(self, message: str, waiting: str = "CreateContainerConfigError", event: str = "Failed",
-                 event_message: str | None = None):
-        super().__init__(message)
-        self.waiting, self.event, self.event_message = waiting, event, event_message or f"Error: {message}"
-
-
-def _json(obj: Any, code: int = 200, headers: dict | None = None) -> web.Response:
-    return web.Response(body=json.dumps(obj, separators=(",", ":")).encode(), status=code,
-                        content_type="application/json", headers=headers)
-
-
-def _flag(query, name: str) -> bool:  # the sync client sends True, kubernetes_asyncio sends true or True
-    return query.get(name, "").lower() in ("true", "1")
-
-
-def _int(query, name: str) -> int | None:
-    try:
-        return int(query[name]) if name in query else None
-    except ValueError:
-        raise ApiError(400, f"invalid {name}: {query[name]!r}") from None
-
-
-def label_selector(text: str) -> Callable[[dict], bool]:
-    """`a=b`, `a==b`, `a!=b`, `a in (x,y)`, `a notin (x)`, `a`, `!a`, comma-separated (commas inside () kept)."""
-    terms, depth, cur = [], 0, ""
-    for ch in text:
-        depth += (ch == "(") - (ch == ")")
-        if ch == "," and depth == 0:
-            terms.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    terms.append(cur)
-    reqs = []
-    for term in (t.strip() for t in terms if t.strip()):
-        if m := re.fullmatch(r"([\w./-]+)\s+(in|notin)\s+\(([^)]*)\)", term):
-            reqs.append((m[1], m[2], {v.strip() for v in m[3].split(",") if v.strip()}))
-        elif m := re.fullmatch(r"([\w./-]+)\s*(==|=|!=)\s*([\w.-]*)", term):
-            reqs.append((m[1], "!=" if m[2] == "!=" else "=", m[3]))
-        elif m := re.fullmatch(r"(!?)\s*([\w./-]+)", term):
-            reqs.append((m[2], "!exists" if m[1] else "exists", None))
-        else:
-            raise ApiError(400, f"unable to parse requirement: {term!r}")
-    tests = {"=": lambda l, k, v: l.get(k) == v, "!=": lambda l, k, v: l.get(k) != v,
-             "in": lambda l, k, v: l.get(k) in v, "notin": lambda l, k, v: l.get(k) not in v,
-             "exists": lambda l, k, v: k in l, "!exists": lambda l, k, v: k not in l}
-    return lambda obj: all(tests[op]((obj["metadata"].get("labels") or {}), k, v) for k, op, v in reqs)
-
-
-def _field(obj: dict, path: str) -> str:
-    if path == "source":
-        return (obj.get("source") or {}).get("component", "")
-    if m := re.fullmatch(r"metadata\.(labels|annotations)\['([^']*)'\]", path):
-        return (obj["metadata"].get(m[1]) or {}).get(m[2], "")
-    for part in path.split("."):
-        obj = obj.get(part) if isinstance(obj, dict) else None
-    return "" if obj is None else str(obj)
-
-
-def field_selector(resource: str, text: str) -> Callable[[dict], bool]:
-    reqs = []
-    for term in (t.strip() for t in text.split(",") if t.strip()):
-        m = re.fullmatch(r"([\w.]+)\s*(==|=|!=)\s*(.*)", term)
-        if not m:
-            raise ApiError(400, f"invalid selector: '{text}'; can't understand '{term}'")
-        if m[1] not in FIELDS.get(resource, set()):
-            raise ApiError(400, f'field label not supported: {m[1]}')
-        reqs.append((m[1], m[2] == "!=", m[3]))
-    return lambda obj: all((_field(obj, k) == v) != neg for k, neg, v in reqs)
-
-
-def _merge_patch(target: dict, patch: dict) -> dict:  # RFC 7386
-    for key, value in patch.items():
-        if value is None:
-            target.pop(key, None)
-        elif isinstance(value, dict) and isinstance(target.get(key), dict):
-            _merge_patch(target[key], value)
-        else:
-            target[key] = value
-    return target
-
-
-def _age(created: str) -> str:  # kubectl's short human duration
-    s = max(0, int(time.time() - dt.datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()))
-    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 10800 else f"{s // 3600}h" if s < 172800 else f"{s // 86400}d"
-
-
-def _make_tls(directory: Path) -> tuple[Path, ssl.SSLContext]:
-    """A CA and a server certificate for 127.0.0.1/localhost, made fresh for each cluster."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = dt.datetime.now(dt.timezone.utc)
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "k8s-emulator-ca")])
-
-    def cert(subject, pub, ca: bool, extra=()):
-        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name).public_key(pub)
-             .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(hours=1))
-             .not_valid_after(now + dt.timedelta(days=2))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-             .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
-             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-             .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=ca, crl_sign=ca, content_commitment=False,
-                                          key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                          encipher_only=False, decipher_only=False), critical=True))
-        for ext in extra:
-            b = b.add_extension(ext, critical=False)
-        return b.sign(ca_key, hashes.SHA256())
-
-    ca = cert(ca_name, ca_key.public_key(), True)
-    server = cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]), key.public_key(), False, [
-        x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-        x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])])
-    pem = serialization.Encoding.PEM
-    (directory / "ca.crt").write_bytes(ca.public_bytes(pem))
-    (directory / "server.crt").write_bytes(server.public_bytes(pem))
-    (directory / "server.key").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                             serialization.NoEncryption()))
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(directory / "server.crt", directory / "server.key")
-    return directory / "ca.crt", ctx
-
-
-class _Container:
-    def __init__(self, spec: dict):
-        self.spec, self.name = spec, spec["name"]
-        self.stamps: list[int] = []  # arrival time (ns) of each log line, sorted: bisect serves sinceTime
-        self.lines: list[bytes] = []
-        self.proc: asyncio.subprocess.Process | None = None
-        self.done, self.kill_reason, self.waiting, self.term_file = False, None, "ContainerCreating", None
-
-
-class _PodRun:
-    """The kubelet's side of one pod."""
-
-    def __init__(self, pod: dict, directory: Path):
-        self.pod, self.dir = pod, directory
-        self.containers = {c["name"]: _Container(c) for c in pod["spec"]["containers"]}
-        self.changed = asyncio.Event()  # replaced on every change; waiters hold the old one (see Cluster._touch)
-        self.frozen = self.removed = self.started = False
-        self.evicted: str | None = None
-
-    def kill(self, sig=signal.SIGKILL):
-        for c in self.containers.values():
-            if c.proc and c.proc.returncode is None:
-                try:  # the whole process group: a container dies with all its processes
-                    os.killpg(c.proc.pid, sig)
-                except ProcessLookupError:
-                    pass
-
-
-class Cluster:
+class Cluster(Kubelet):
     """One emulated cluster: API server + scheduler + kubelet of one node. Start on construction; `stop()` ends it."""
 
     def __init__(self, root: str | os.PathLike, *, schedule_delay: float = 0.1, base_env: dict | None = None,
@@ -284,7 +82,8 @@ class Cluster:
         self._runs: dict[tuple[str, str], _PodRun] = {}
         self._faults: list[dict] = []
         self._tasks: set[asyncio.Task] = set()
-        self._rv, self._rv_now, self._ips = itertools.count(1), 0, itertools.count(2)
+        self._pumps: set[asyncio.Task] = set()  # output readers: let them finish on stop
+        self._rv, self._rv_now, self._ips, self._event_ns = itertools.count(1), 0, itertools.count(2), 0
         self.ca_file, self._ssl = _make_tls(self.root)
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))
@@ -301,7 +100,7 @@ class Cluster:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="k8s-emulator", daemon=True)
         self._thread.start()
-        self._call_async(self._start())
+        self._call_async(self._serve())
 
     # ----- test helpers (any thread; the state itself is only touched on the emulator's loop) -----
 
@@ -381,7 +180,7 @@ class Cluster:
 
     # ----- server plumbing -----
 
-    async def _start(self):
+    async def _serve(self):
         app = web.Application(middlewares=[self._middleware], client_max_size=64 * 2**20)
         r = app.router
         for path, handler in [("/version", self._version), ("/api", self._api), ("/apis", self._apis),
@@ -394,14 +193,18 @@ class Cluster:
         r.add_route("*", "/api/v1/namespaces/{ns}/{res}/{name}", self._item)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
-        await web.SockSite(self._runner, self._sock, ssl_context=self._ssl, shutdown_timeout=1.0).start()
+        await web.SockSite(self._runner, self._sock, ssl_context=self._ssl).start()
 
     async def _shutdown(self):
         for run in self._runs.values():
             run.removed = True
             run.kill()
             self._touch(run)
-        await asyncio.wait(self._tasks, timeout=2) if self._tasks else None
+        for task in self._tasks - self._pumps:
+            task.cancel()
+        pending = {t for t in self._pumps if not t.done()}
+        if pending:
+            await asyncio.wait(pending, timeout=5)
         for task in list(self._tasks):
             task.cancel()
         await self._runner.cleanup()
@@ -410,6 +213,7 @@ class Cluster:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._pumps.discard)
         return task
 
     @web.middleware
@@ -432,7 +236,7 @@ class Cluster:
         except web.HTTPNotFound:
             return ApiError(404, "the server could not find the requested resource").response()
         except web.HTTPMethodNotAllowed:
-            return ApiError(405, f"the server does not allow this method on the requested resource").response()
+            return ApiError(405, "the server does not allow this method on the requested resource").response()
 
     def _take_fault(self, kinds, pod: str | None = None, request: web.Request | None = None) -> dict | None:
         """The first armed fault of these kinds that matches; it is used up after `times` matches."""
@@ -504,8 +308,9 @@ class Cluster:
         crud = ["create", "delete", "get", "list", "patch", "watch"]
         return _json({"kind": "APIResourceList", "groupVersion": "v1", "resources": [
             {**res("pods", "Pod", crud, ["po"]), "categories": ["all"]}, res("pods/log", "Pod", ["get"]),
-            res("events", "Event", crud, ["ev"]), res("secrets", "Secret", crud), res("configmaps", "ConfigMap",
-            crud, ["cm"]), res("namespaces", "Namespace", ["get", "list"], ["ns"], namespaced=False)]})
+            res("events", "Event", crud, ["ev"]), res("secrets", "Secret", crud),
+            res("configmaps", "ConfigMap", crud, ["cm"]),
+            res("namespaces", "Namespace", ["get", "list"], ["ns"], namespaced=False)]})
 
     def _namespace_obj(self, ns: str) -> dict:
         return {"kind": "Namespace", "apiVersion": "v1", "metadata": {"name": ns, "uid": str(uuid.uuid5(
@@ -611,11 +416,12 @@ class Cluster:
         for i, c in enumerate(spec["containers"]):
             for field in ("name", "image"):
                 if not c.get(field):
-                    raise ApiError(422, f'Pod "{name}" is invalid: spec.containers[{i}].{field}: Required value')
+                    raise ApiError(422, f'Pod "{name}" is invalid: spec.containers[{i}].{field}: Required value',
+                                   name=name, kind="pods")
             for j, m in enumerate(c.get("volumeMounts") or []):
                 if m.get("name") not in volumes:
                     raise ApiError(422, f'Pod "{name}" is invalid: spec.containers[{i}].volumeMounts[{j}].name: '
-                                        f'Not found: "{m.get("name")}"')
+                                        f'Not found: "{m.get("name")}"', name=name, kind="pods")
             c.setdefault("terminationMessagePath", "/dev/termination-log")
             c.setdefault("terminationMessagePolicy", "File")
             c.setdefault("imagePullPolicy", "Always" if ":" not in c["image"].rsplit("/", 1)[-1] or
@@ -642,7 +448,7 @@ class Cluster:
             del self._store[res][ns][name]
             return _json({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
                           "details": {"name": name, "kind": res, "uid": obj["metadata"]["uid"]}})
-        opts = (await self._body(request)) if request.can_read_body else {}
+        opts = ((await self._body(request)) if request.can_read_body else None) or {}
         grace = _int(request.query, "gracePeriodSeconds")
         grace = grace if grace is not None else opts.get("gracePeriodSeconds")
         grace = obj["spec"]["terminationGracePeriodSeconds"] if grace is None else grace
@@ -661,16 +467,6 @@ class Cluster:
         run.kill()
         return _json(obj)
 
-    async def _terminate(self, run: _PodRun, grace: float):
-        for c in run.containers.values():
-            if c.proc and not c.done:
-                self._event(run.pod, "Normal", "Killing", f"Stopping container {c.name}",
-                            field_path=f"spec.containers{{{c.name}}}")
-        run.kill(signal.SIGTERM)
-        if not await self._wait(run, lambda: all(c.done or not c.proc for c in run.containers.values()), grace):
-            run.kill()
-            await self._wait(run, lambda: all(c.done or not c.proc for c in run.containers.values()))
-        self._remove(run)
 
     def _remove(self, run: _PodRun):
         md = run.pod["metadata"]
@@ -684,8 +480,8 @@ class Cluster:
 
     async def _patch(self, request, res: str, ns: str, name: str):
         if request.content_type not in ("application/merge-patch+json", "application/strategic-merge-patch+json"):
-            raise ApiError(415, f"the body of the request was in an unknown format - accepted media types include: "
-                                f"application/merge-patch+json, application/strategic-merge-patch+json")
+            raise ApiError(415, "the body of the request was in an unknown format - accepted media types include: "
+                                "application/merge-patch+json, application/strategic-merge-patch+json")
         obj, patch = self._get(res, ns, name), await self._body(request)
         if res == "pods":  # enough for labels/annotations; a pod's spec is (nearly) immutable anyway
             if set(patch) - {"metadata", "kind", "apiVersion"}:
@@ -770,358 +566,23 @@ class Cluster:
         drop = self._take_fault(("log_stream_drop",), pod=name)
         resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
         await resp.prepare(request)
-        i, sent = start, 0
+        i, sent, cut = start, 0, False
         try:
             while True:
-                changed = run.changed
-                while i < len(c.lines):
+                changed = run.changed  # taken before reading: a line added meanwhile sets it
+                while i < len(c.lines) and not cut:
                     data = chunk(i)[: (limit - sent) if limit else None]
                     i += 1
                     await resp.write(data)
                     sent += len(data)
-                    if (limit and sent >= limit) or (drop and i - start >= drop.get("after_lines", 1)):
-                        if drop and drop.get("mode") == "reset":  # no final chunk: the client sees a broken stream
-                            request.transport.close()
-                            return resp
-                        break
-                else:
-                    if not (c.done or run.removed or run.frozen):
-                        await changed.wait()
-                        continue
-                break
+                    cut = bool(limit and sent >= limit) or bool(drop and i - start >= drop.get("after_lines", 1))
+                if cut or c.done or run.removed or run.frozen:
+                    break
+                await changed.wait()
+            if drop and cut and drop.get("mode") == "reset":  # no final chunk: the client sees a broken stream
+                request.transport.close()
+                return resp
             await resp.write_eof()
         except (ConnectionResetError, RuntimeError):  # the client went away
             pass
         return resp
-
-    # ----- the kubelet -----
-
-    def _touch(self, run: _PodRun):
-        """Wake everything waiting on this pod (log followers, faults, deletion)."""
-        run.changed.set()
-        run.changed = asyncio.Event()
-
-    async def _wait(self, run: _PodRun, test: Callable[[], bool], timeout: float | None = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not test():
-            changed = run.changed
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return False
-            try:
-                await asyncio.wait_for(changed.wait(), left)
-            except asyncio.TimeoutError:
-                return test()
-        return True
-
-    def _status(self, run: _PodRun, **changes):
-        if not run.removed:
-            run.pod["status"].update(changes)
-            self._bump(run.pod)
-            self._touch(run)
-
-    def _cond(self, run: _PodRun, ctype: str, status: str, reason: str | None = None, message: str | None = None):
-        conds = [c for c in run.pod["status"].get("conditions", []) if c["type"] != ctype]
-        conds.append({"type": ctype, "status": status, "lastProbeTime": None, "lastTransitionTime": _now_s(),
-                      **({"reason": reason} if reason else {}), **({"message": message} if message else {})})
-        self._status(run, conditions=conds)
-
-    def _cstatus(self, run: _PodRun, c: _Container, state: dict, ready=False, started=False):
-        statuses = {s["name"]: s for s in run.pod["status"].get("containerStatuses", [])}
-        statuses[c.name] = {"name": c.name, "image": c.spec["image"], "imageID": "", "ready": ready,
-                            "restartCount": 0, "started": started, "state": state, "lastState": {},
-                            **({"containerID": f"containerd://{uuid.uuid4().hex}"} if c.proc else {})}
-        self._status(run, containerStatuses=[statuses[n] for n in run.containers if n in statuses])
-
-    def _event(self, obj: dict, etype: str, reason: str, message: str, component: str = "kubelet",
-               field_path: str | None = None):
-        md, now = obj["metadata"], _now_s()
-        ev = {"kind": "Event", "apiVersion": "v1", "type": etype, "reason": reason, "message": message,
-              "metadata": {"name": f"{md['name']}.{uuid.uuid4().hex[:16]}", "namespace": md["namespace"],
-                           "uid": str(uuid.uuid4()), "creationTimestamp": now},
-              "involvedObject": {"kind": obj["kind"], "namespace": md["namespace"], "name": md["name"],
-                                 "uid": md["uid"], "apiVersion": "v1", **({"fieldPath": field_path} if field_path
-                                                                            else {})},
-              "source": {"component": component, **({"host": NODE} if component == "kubelet" else {})},
-              "firstTimestamp": now, "lastTimestamp": now, "count": 1, "eventTime": None,
-              "reportingComponent": component, "reportingInstance": NODE if component == "kubelet" else ""}
-        self._put("events", ev)
-
-    async def _run_pod(self, run: _PodRun):
-        pod, md = run.pod, run.pod["metadata"]
-        await asyncio.sleep(self.schedule_delay)
-        if run.removed:
-            return
-        if fault := self._take_fault(("unschedulable",), pod=md["name"]):
-            message = fault.get("message", UNSCHEDULABLE)
-            self._cond(run, "PodScheduled", "False", "Unschedulable", message)
-            self._event(pod, "Warning", "FailedScheduling", message, "default-scheduler")
-            return
-        pod["spec"]["nodeName"] = NODE
-        self._cond(run, "PodScheduled", "True")
-        self._event(pod, "Normal", "Scheduled", f"Successfully assigned {md['namespace']}/{md['name']} to {NODE}",
-                    "default-scheduler")
-        ip = f"10.244.{next(self._ips) // 250}.{next(self._ips) % 250 + 2}"
-        self._status(run, hostIP=HOST_IP, hostIPs=[{"ip": HOST_IP}], podIP=ip, podIPs=[{"ip": ip}],
-                     startTime=_now_s())
-        self._cond(run, "Initialized", "True")
-        for ctype in ("Ready", "ContainersReady"):
-            self._cond(run, ctype, "False", "ContainersNotReady", "containers with unready status: "
-                                                                  f"[{' '.join(run.containers)}]")
-        for c in run.containers.values():
-            self._cstatus(run, c, {"waiting": {"reason": "ContainerCreating"}})
-        if fault := self._take_fault(("image_pull_backoff",), pod=md["name"]):
-            return await self._image_pull_backoff(run, fault)
-        while True:  # the kubelet retries a container it cannot configure (missing secret, ...)
-            try:
-                prepared = [(c, *self._prepare(run, c)) for c in run.containers.values()]
-                break
-            except _ConfigError as e:
-                for c in run.containers.values():
-                    c.waiting = e.waiting
-                    self._cstatus(run, c, {"waiting": {"reason": e.waiting, "message": str(e)}})
-                self._event(pod, "Warning", e.event, e.event_message)
-                await asyncio.sleep(0.5)
-                if run.removed:
-                    return
-        for c, argv, env, cwd in prepared:
-            await self._start(run, c, argv, env, cwd)
-        run.started = True
-        if any(c.proc for c in run.containers.values()):
-            self._status(run, phase="Running")
-            if all(c.proc for c in run.containers.values()):
-                for ctype in ("Ready", "ContainersReady"):
-                    self._cond(run, ctype, "True")
-        while fault := self._take_fault(RUNTIME_FAULTS, pod=md["name"]):
-            self._spawn(self._runtime_fault(run, fault))
-        self._maybe_finish(run)
-
-    def _prepare(self, run: _PodRun, c: _Container) -> tuple[list[str], dict, str]:
-        """argv, environment and working directory of a container; raises _ConfigError like the kubelet."""
-        ns, spec = run.pod["metadata"]["namespace"], c.spec
-
-        def ref(resource: str, name: str, optional: bool) -> dict[str, str]:
-            obj = self._store[resource].get(ns, {}).get(name)
-            if obj is None:
-                if optional:
-                    return {}
-                raise _ConfigError(f'{KINDS[resource].lower()} "{name}" not found')
-            data = obj.get("data") or {}
-            return {k: base64.b64decode(v).decode(errors="replace") for k, v in data.items()} \
-                if resource == "secrets" else dict(data)
-
-        env: dict[str, str] = {}
-        for src in spec.get("envFrom") or []:
-            for key, resource in (("secretRef", "secrets"), ("configMapRef", "configmaps")):
-                if r := src.get(key):
-                    env.update({src.get("prefix", "") + k: v for k, v in
-                                ref(resource, r["name"], r.get("optional", False)).items()})
-        for e in spec.get("env") or []:
-            vf = e.get("valueFrom")
-            if not vf:
-                env[e["name"]] = self._expand(e.get("value", ""), env)
-            elif r := vf.get("secretKeyRef") or vf.get("configMapKeyRef"):
-                resource = "secrets" if "secretKeyRef" in vf else "configmaps"
-                data = ref(resource, r["name"], r.get("optional", False))
-                if r["key"] in data:
-                    env[e["name"]] = data[r["key"]]
-                elif not r.get("optional"):
-                    raise _ConfigError(f"couldn't find key {r['key']} in {KINDS[resource]} {ns}/{r['name']}")
-            elif r := vf.get("fieldRef"):
-                env[e["name"]] = _field(run.pod, r["fieldPath"])
-        mounts = self._mounts(run, c, ref)
-        c.term_file = run.dir / f"{c.name}.termination-log"
-        c.term_file.parent.mkdir(parents=True, exist_ok=True)
-        c.term_file.write_bytes(b"")
-        full = {**self.base_env, "HOSTNAME": run.pod["metadata"]["name"], "KUBERNETES_SERVICE_HOST": "127.0.0.1",
-                "KUBERNETES_SERVICE_PORT": str(self.port), **env, "EMULATOR_MOUNT_MAP": json.dumps(mounts),
-                "LORA_TERMINATION_LOG": str(c.term_file)}
-        argv = [self._expand(a, env) for a in (spec.get("command") or []) + (spec.get("args") or [])]
-        if argv and argv[0] in ("python", "python3"):
-            argv[0] = sys.executable
-        elif argv and "/" not in argv[0] and (Path(sys.executable).parent / argv[0]).exists():
-            argv[0] = str(Path(sys.executable).parent / argv[0])
-        workdir = spec.get("workingDir") or ""
-        for path in sorted(mounts, key=len, reverse=True):  # a working dir inside a mount uses its host dir
-            if workdir == path or workdir.startswith(path.rstrip("/") + "/"):
-                workdir = mounts[path] + workdir[len(path):]
-                break
-        if not workdir or not Path(workdir).is_dir():
-            workdir = str(run.dir / "rootfs" / workdir.lstrip("/"))
-        Path(workdir).mkdir(parents=True, exist_ok=True)
-        return argv, full, workdir
-
-    @staticmethod
-    def _expand(text: str, env: dict) -> str:  # Kubernetes' $(VAR) expansion; $$ escapes
-        return re.sub(r"\$\$|\$\(([A-Za-z_][\w.-]*)\)", lambda m: "$" if m[0] == "$$" else env.get(m[1], m[0]), text)
-
-    def _mounts(self, run: _PodRun, c: _Container, ref) -> dict[str, str]:
-        ns = run.pod["metadata"]["namespace"]
-        volumes = {v["name"]: v for v in run.pod["spec"].get("volumes") or []}
-        mounts = {}
-        for m in c.spec.get("volumeMounts") or []:
-            vol = volumes[m["name"]]
-            if claim := vol.get("persistentVolumeClaim"):
-                host = self.root / "pvc" / ns / claim["claimName"]
-            elif "hostPath" in vol:
-                host = Path(vol["hostPath"]["path"])
-            else:  # emptyDir, and any kind the emulator does not know
-                host = run.dir / "volumes" / m["name"]
-            for kind, resource, key in (("secret", "secrets", "secretName"), ("configMap", "configmaps", "name")):
-                if src := vol.get(kind):
-                    try:
-                        files = ref(resource, src[key], src.get("optional", False))
-                    except _ConfigError as e:
-                        raise _ConfigError(str(e), "ContainerCreating", "FailedMount",
-                                           f'MountVolume.SetUp failed for volume "{m["name"]}" : {e}') from None
-                    host.mkdir(parents=True, exist_ok=True)
-                    for fname, text in files.items():
-                        (host / fname).write_text(text)
-            host = host / m["subPath"] if m.get("subPath") else host
-            host.mkdir(parents=True, exist_ok=True)
-            mounts[m["mountPath"]] = str(host)
-            path = Path(m["mountPath"])
-            if path.is_absolute() and path.resolve() != host.resolve() and self.root in path.parents:
-                if path.is_symlink():  # make the mount path itself lead to the volume
-                    path.unlink()
-                if not path.exists():
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.symlink_to(host, target_is_directory=True)
-        return mounts
-
-    async def _start(self, run: _PodRun, c: _Container, argv: list[str], env: dict, cwd: str):
-        image, fp = c.spec["image"], f"spec.containers{{{c.name}}}"
-        self._event(run.pod, "Normal", "Pulled", f'Container image "{image}" already present on machine',
-                    field_path=fp)
-        self._event(run.pod, "Normal", "Created", f"Created container: {c.name}", field_path=fp)
-        try:
-            if not argv:
-                raise FileNotFoundError("no command specified (the emulator has no image entrypoint)")
-            c.proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, env=env, cwd=cwd, start_new_session=True, limit=2**20)
-        except OSError as e:
-            why = e.strerror or str(e)
-            message = (f"failed to create containerd task: failed to create shim task: OCI runtime create failed: "
-                       f'runc create failed: unable to start container process: exec: "{argv[0] if argv else ""}": '
-                       f"{why}: unknown")
-            self._event(run.pod, "Warning", "Failed", f"Error: {message}", field_path=fp)
-            c.done = True
-            self._cstatus(run, c, {"terminated": {"exitCode": 128, "reason": "StartError", "message": message,
-                                                  "startedAt": "1970-01-01T00:00:00Z", "finishedAt": _now_s()}})
-            return
-        started = _now_s()
-        self._event(run.pod, "Normal", "Started", f"Started container {c.name}", field_path=fp)
-        self._cstatus(run, c, {"running": {"startedAt": started}}, ready=True, started=True)
-        self._spawn(self._pump(run, c, started))
-
-    async def _pump(self, run: _PodRun, c: _Container, started: str):
-        """Collect the container's output as timestamped log lines; on exit, report its terminated state."""
-        async def read(stream):
-            while line := await stream.readline():
-                c.stamps.append(time.time_ns())
-                c.lines.append(line)
-                self._touch(run)
-
-        readers = asyncio.gather(read(c.proc.stdout), read(c.proc.stderr))
-        code = await c.proc.wait()
-        try:  # PID 1 is gone: the runtime tears down whatever else ran in the container
-            os.killpg(c.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        await readers
-        code = code if code >= 0 else 128 - code
-        message = c.term_file.read_bytes()[:4096].decode(errors="replace") if c.term_file.exists() else ""
-        if not message and code and c.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError":
-            message = b"".join(c.lines[-80:])[-2048:].decode(errors="replace")
-        c.done = True
-        if not run.frozen:
-            self._cstatus(run, c, {"terminated": {
-                "exitCode": code, "reason": c.kill_reason or ("Completed" if code == 0 else "Error"),
-                "startedAt": started, "finishedAt": _now_s(), **({"message": message} if message else {}),
-                "containerID": f"containerd://{uuid.uuid4().hex}"}})
-        self._maybe_finish(run)
-
-    def _maybe_finish(self, run: _PodRun):
-        if run.frozen or run.removed or not all(c.done for c in run.containers.values()):
-            return
-        codes = [((s.get("state") or {}).get("terminated") or {}).get("exitCode", 1)
-                 for s in run.pod["status"].get("containerStatuses", [])]
-        for ctype in ("Ready", "ContainersReady"):
-            self._cond(run, ctype, "False", "PodCompleted")
-        if run.evicted:
-            self._status(run, phase="Failed", reason="Evicted", message=run.evicted)
-        else:
-            self._status(run, phase="Succeeded" if not any(codes) else "Failed")
-
-    async def _image_pull_backoff(self, run: _PodRun, fault: dict):
-        for c in run.containers.values():
-            image = c.spec["image"]
-            error = fault.get("message") or (f'rpc error: code = NotFound desc = failed to pull and unpack image '
-                                             f'"{image}": failed to resolve reference "{image}": {image}: not found')
-            fp = f"spec.containers{{{c.name}}}"
-            self._event(run.pod, "Normal", "Pulling", f'Pulling image "{image}"', field_path=fp)
-            self._event(run.pod, "Warning", "Failed", f'Failed to pull image "{image}": {error}', field_path=fp)
-            self._event(run.pod, "Warning", "Failed", "Error: ErrImagePull", field_path=fp)
-            c.waiting = "ErrImagePull"
-            self._cstatus(run, c, {"waiting": {"reason": "ErrImagePull", "message": error}})
-            await asyncio.sleep(fault.get("backoff_after", 0.2))
-            self._event(run.pod, "Normal", "BackOff", f'Back-off pulling image "{image}"', field_path=fp)
-            self._event(run.pod, "Warning", "Failed", "Error: ImagePullBackOff", field_path=fp)
-            c.waiting = "ImagePullBackOff"
-            self._cstatus(run, c, {"waiting": {"reason": "ImagePullBackOff", "message":
-                                               f'Back-off pulling image "{image}": ErrImagePull: {error}'}})
-
-    async def _runtime_fault(self, run: _PodRun, fault: dict):
-        c = run.containers.get(fault.get("container")) or next(iter(run.containers.values()))
-        if "after_lines" in fault:
-            await self._wait(run, lambda: len(c.lines) >= fault["after_lines"] or c.done or run.removed)
-        else:
-            await asyncio.sleep(fault.get("after_seconds", 0.0))
-        if run.removed or run.frozen or all(x.done for x in run.containers.values()):
-            return
-        kind, pod = fault["kind"], run.pod
-        if kind == "oom":
-            c.kill_reason = "OOMKilled"
-            if c.proc and c.proc.returncode is None:
-                os.killpg(c.proc.pid, signal.SIGKILL)
-        elif kind == "evict":
-            run.evicted = fault.get("message", EVICTED)
-            self._event(pod, "Warning", "Evicted", run.evicted)
-            for x in run.containers.values():
-                if not x.done:
-                    self._event(pod, "Normal", "Killing", f"Stopping container {x.name}",
-                                field_path=f"spec.containers{{{x.name}}}")
-            self._cond(run, "DisruptionTarget", "True", "TerminationByKubelet", run.evicted)
-            run.kill()
-        else:
-            await self._node_lost(run, fault)
-
-    async def _node_lost(self, run: _PodRun, fault: dict):
-        run.frozen = True  # the node and its kubelet are gone: nobody reports this pod's containers any more
-        run.kill()
-        self._touch(run)
-        await asyncio.sleep(fault.get("not_ready_after", 0.0))  # node-monitor-grace-period
-        self._cond(run, "Ready", "False")
-        self._event(run.pod, "Warning", "NodeNotReady", "Node is not ready", "node-controller")
-        toleration = next((t.get("tolerationSeconds") for t in run.pod["spec"].get("tolerations") or []
-                           if t.get("key") == "node.kubernetes.io/unreachable"), 300)
-        await asyncio.sleep(fault.get("evict_after", toleration))
-        if run.removed:
-            return
-        md = run.pod["metadata"]
-        self._cond(run, "DisruptionTarget", "True", "DeletionByTaintManager",
-                   "Taint manager: deleting due to NoExecute taint")
-        self._event(run.pod, "Normal", "TaintManagerEviction", f"Marking for deletion Pod {md['namespace']}/"
-                    f"{md['name']}", "taint-eviction-controller")
-        md.setdefault("deletionTimestamp", _now_s())
-        md.setdefault("deletionGracePeriodSeconds", run.pod["spec"]["terminationGracePeriodSeconds"])
-        self._bump(run.pod)
-        if fault.get("gc_after") is None:
-            return  # stays Terminating while the node object exists, as in a real cluster
-        await asyncio.sleep(fault["gc_after"])
-        if run.removed:
-            return
-        self._cond(run, "DisruptionTarget", "True", "DeletionByPodGC", "PodGC: node no longer exists")
-        self._status(run, phase="Failed")
-        self._remove(run)

@@ -1,0 +1,1 @@
+"""An emulated Kubernetes API server and kubelet for tests (see emulator.py)."""
