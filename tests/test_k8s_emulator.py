@@ -221,6 +221,7 @@ def test_async_client(k8s_cluster):
             resp = await v1.read_namespaced_pod_log("async-pod", NS, follow=True, _preload_content=False)
             assert resp.headers["Content-Type"] == "text/plain"
             assert (await resp.read()).decode() == "line 0\nline 1\nline 2\n"
+            resp.release()
             text = await v1.read_namespaced_pod_log("async-pod", NS, timestamps=True, tail_lines=2)
             assert [STAMPED.match(line)[3] for line in text.splitlines()] == ["line 1", "line 2"]
             seen = [(e["type"], e["object"].metadata.name) async for e in awatch.Watch().stream(

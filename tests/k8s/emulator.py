@@ -208,6 +208,8 @@ class Cluster(Kubelet):
         for task in list(self._tasks):
             task.cancel()
         await self._runner.cleanup()
+        self._sock.close()
+        await asyncio.sleep(0.05)  # let the closed connections' callbacks run before the loop stops
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)

@@ -99,11 +99,18 @@ def save_merged(model: Any, tokenizer: Any, path: Path) -> None:
     model.save_pretrained_merged(str(path), tokenizer, save_method="merged_16bit")
 
 
+def _short(uri: str) -> str:
+    """A title-sized name: a Hugging Face id as is, the last part of a path or an s3:// key."""
+    if "://" not in uri and not uri.startswith(("/", ".")) and uri.count("/") <= 1:
+        return uri
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
 def finish(spec: LoRASpec, run_dir: Path, summary: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, str]:
     """Write summary.json and the chart, then publish the run (the completion marker goes last)."""
     quant = summary["quantisation"]
     bits = f" · {quant['bits']}-bit" if quant else ""
-    title = f"{spec.base_model} · LoRA r={spec.lora_r} α={spec.lora_alpha}{bits} · {spec.dataset}"
+    title = f"{_short(spec.base_model)} · LoRA r={spec.lora_r} α={spec.lora_alpha}{bits} · {_short(spec.dataset)}"
     results.draw_loss_chart(history, title=title, png_path=run_dir / "loss_chart.png",
                             html_path=run_dir / "loss_chart.html")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
