@@ -1,0 +1,40 @@
+"""The Airflow side stays light and discoverable: no ML library at import, the provider is found by Airflow,
+the trigger serializes to exactly its constructor's arguments."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from airflow_provider_lora.triggers.lora import LoRATrainingTrigger
+
+HEAVY = ("torch", "transformers", "datasets", "unsloth", "kfp", "matplotlib", "pandas", "peft", "trl")
+
+
+def test_importing_the_operator_and_trigger_imports_no_heavy_library():
+    code = ("import sys, json; import airflow_provider_lora.operators.lora, airflow_provider_lora.triggers.lora, "
+            "airflow_provider_lora.params; "
+            f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+def test_the_provider_is_discovered_by_airflow():
+    from airflow.providers_manager import ProvidersManager
+
+    providers = ProvidersManager().providers
+    assert "airflow-provider-lora" in providers
+    info = providers["airflow-provider-lora"].data
+    assert info["triggers"][0]["python-modules"] == ["airflow_provider_lora.triggers.lora"]
+
+
+def test_trigger_serialize_mirrors_init():
+    kwargs = dict(pod_name="lora-x-1", namespace="ml", kubernetes_conn_id="k8s", config_file="/k/config",
+                  cluster_context="ctx", in_cluster=False, poll_interval=2.5, startup_timeout=60.0,
+                  stream_logs=False)
+    classpath, serialized = LoRATrainingTrigger(**kwargs).serialize()
+    assert classpath == "airflow_provider_lora.triggers.lora.LoRATrainingTrigger"
+    assert serialized == kwargs
+    assert json.loads(json.dumps(serialized)) == serialized  # JSON-like values only
+    assert LoRATrainingTrigger(**serialized).serialize() == (classpath, serialized)
