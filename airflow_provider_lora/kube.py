@@ -14,7 +14,6 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from airflow_provider_lora.core.launchers.pod import LOG_CURSOR_ANNOTATION, LogCursor
 
 
 @dataclass(frozen=True)
@@ -52,18 +51,10 @@ def read_pod(api: Any, name: str, namespace: str) -> dict[str, Any] | None:
         raise
 
 
-def read_log(api: Any, name: str, namespace: str, *, cursor: LogCursor | None = None,
-             tail_lines: int | None = None) -> str:
-    kwargs: dict[str, Any] = {"timestamps": True, "_preload_content": False}
-    if cursor is not None and cursor.since_time():
-        kwargs["since_time"] = cursor.since_time()
-    if tail_lines is not None:
-        kwargs["tail_lines"] = tail_lines
-    return api.read_namespaced_pod_log(name, namespace, **kwargs).data.decode("utf-8", "replace")
-
-
-def save_cursor(api: Any, name: str, namespace: str, cursor: LogCursor) -> None:
-    api.patch_namespaced_pod(name, namespace, {"metadata": {"annotations": {LOG_CURSOR_ANNOTATION: cursor.encode()}}})
+def read_log_tail(api: Any, name: str, namespace: str, lines: int) -> str:
+    """The last ``lines`` lines of the pod's log, each prefixed with its timestamp."""
+    response = api.read_namespaced_pod_log(name, namespace, timestamps=True, tail_lines=lines, _preload_content=False)
+    return response.data.decode("utf-8", "replace")
 
 
 def delete_pod(api: Any, name: str, namespace: str) -> bool:
@@ -79,12 +70,6 @@ def delete_pod(api: Any, name: str, namespace: str) -> bool:
         raise
 
 
-def pod_events(api: Any, name: str, namespace: str) -> list[dict[str, Any]]:
-    response = api.list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}",
-                                         _preload_content=False)
-    return json.loads(response.data).get("items", [])
-
-
 # ---- async (trigger, triggerer) -----------------------------------------------------------------------------------
 
 _shared_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[ClusterRef, Any]]" = (
@@ -96,15 +81,28 @@ async def shared_async_client(cluster: ClusterRef) -> Any:
     loop = asyncio.get_running_loop()
     clients = _shared_clients.setdefault(loop, {})
     if cluster not in clients:
-        from airflow.providers.cncf.kubernetes.hooks.kubernetes import AsyncKubernetesHook
         from kubernetes_asyncio import client as async_client
 
-        hook = AsyncKubernetesHook(**cluster.hook_kwargs())
-        # The hook resolves the connection (in-cluster, kubeconfig path or inline kubeconfig) into a client
-        # configuration; its get_conn() would build a fresh client per call, which is what we avoid.
-        await hook._load_config()
-        clients[cluster] = async_client.ApiClient(configuration=hook.client_configuration)
+        clients[cluster] = async_client.ApiClient(configuration=await _async_configuration(cluster))
     return clients[cluster]
+
+
+async def _async_configuration(cluster: ClusterRef) -> Any:
+    from kubernetes_asyncio import client as async_client, config as async_config
+
+    if cluster.config_file:
+        # AsyncKubernetesHook reads only the connection's kubeconfig, not a config_file argument.
+        configuration = async_client.Configuration()
+        await async_config.load_kube_config(config_file=cluster.config_file, context=cluster.cluster_context,
+                                            client_configuration=configuration)
+        return configuration
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import AsyncKubernetesHook
+
+    hook = AsyncKubernetesHook(**cluster.hook_kwargs())
+    # The hook resolves the connection (in-cluster, kubeconfig path or inline kubeconfig) into a client
+    # configuration; its get_conn() would build a fresh client per call, which is what we avoid.
+    await hook._load_config()
+    return hook.client_configuration
 
 
 async def async_json(call: Any, *args: Any, **kwargs: Any) -> Any:
@@ -115,8 +113,15 @@ async def async_json(call: Any, *args: Any, **kwargs: Any) -> Any:
         response.release()
 
 
-async def async_text(call: Any, *args: Any, **kwargs: Any) -> str:
-    response = await call(*args, _preload_content=False, **kwargs)
+async def async_pod_log(api_client: Any, name: str, namespace: str, since_time: str | None = None) -> str:
+    """The pod's log with timestamps, from ``since_time`` (RFC3339) on. The generated clients have no sinceTime
+    parameter (only the relative sinceSeconds, which a clock skew would turn into gaps), so the call is spelled
+    out with the API's own query parameter."""
+    query = [("timestamps", "true")] + ([("sinceTime", since_time)] if since_time else [])
+    response = await api_client.call_api(
+        "/api/v1/namespaces/{namespace}/pods/{name}/log", "GET", path_params={"name": name, "namespace": namespace},
+        query_params=query, header_params={"Accept": "text/plain"}, auth_settings=["BearerToken"],
+        _preload_content=False, _return_http_data_only=True)
     try:
         return (await response.read()).decode("utf-8", "replace")
     finally:

@@ -170,6 +170,24 @@ def test_exit_code_and_log_line(k8s_cluster, core):
     assert [r for _, r, _ in events(core, "fails")] == ["Scheduled", "Pulled", "Created", "Started"]
 
 
+def test_python_m_lora_trainer_runs_with_the_venv_python(k8s_cluster, core):
+    m = manifest("trainer-help", "")
+    m["spec"]["containers"][0].update(command=["python", "-m", "lora_trainer"], args=["--help"])
+    core.create_namespaced_pod(NS, m)
+    assert k8s_cluster.wait_for_pod(NS, "trainer-help")["status"]["phase"] == "Succeeded"
+    assert sync_log(core, "trainer-help").startswith("usage: lora-train")
+
+
+def test_long_output_without_newlines(k8s_cluster, core):
+    code = "import sys\nsys.stdout.write('\\r' + 'x' * 40000)\nprint('\\ndone')"
+    core.create_namespaced_pod(NS, manifest("progress", code))
+    assert k8s_cluster.wait_for_pod(NS, "progress")["status"]["phase"] == "Succeeded"
+    text = sync_log(core, "progress")
+    assert text == "\r" + "x" * 40000 + "\ndone\n"  # stored as 16 KiB partial lines, served joined
+    stamped = sync_log(core, "progress", timestamps=True)
+    assert len(re.findall(r"\.\d{9}Z ", stamped)) == 4  # each partial line carries its own timestamp
+
+
 def test_termination_message(k8s_cluster, core):
     code = ("import json, os\nopen(os.environ['LORA_TERMINATION_LOG'], 'w').write(json.dumps({'step': 2}) + 'x' * 5000)")
     core.create_namespaced_pod(NS, manifest("msg", code))

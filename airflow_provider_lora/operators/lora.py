@@ -17,9 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from airflow_provider_lora.compat import AirflowException, BaseOperator, Context, conf
-from airflow_provider_lora.core.launchers.pod import (
-    FAILED, PENDING, SUCCEEDED, LogCursor, classify_pod, find_result, new_log_lines, seconds_since,
-)
+from airflow_provider_lora.core.launchers.pod import FAILED, classify_pod, find_result
 from airflow_provider_lora.core.render import PodOptions, SecretRef, TaskIdentity, pod_name, render_pod
 from airflow_provider_lora.core.spec import LoRASpec, SpecError
 
@@ -204,14 +202,17 @@ class LoRATrainingOperator(BaseOperator):
         self._create_or_reattach(api, manifest)
         ti.xcom_push(key=XCOM_POD, value={"name": name, "namespace": namespace})
         if self.deferrable:
-            from airflow_provider_lora.triggers.lora import LoRATrainingTrigger
+            self.defer(trigger=self._trigger(name, namespace), method_name="execute_complete")
+        return self.execute_complete(context, self._wait_in_worker(name, namespace))
 
-            self.defer(trigger=LoRATrainingTrigger(
-                pod_name=name, namespace=namespace, kubernetes_conn_id=self.kubernetes_conn_id,
-                config_file=self.config_file, cluster_context=self.cluster_context, in_cluster=self.in_cluster,
-                poll_interval=self.poll_interval, startup_timeout=self.startup_timeout,
-            ), method_name="execute_complete")
-        return self.execute_complete(context, self._wait_in_worker(api, name, namespace))
+    def _trigger(self, name: str, namespace: str) -> Any:
+        from airflow_provider_lora.triggers.lora import LoRATrainingTrigger
+
+        return LoRATrainingTrigger(
+            pod_name=name, namespace=namespace, kubernetes_conn_id=self.kubernetes_conn_id,
+            config_file=self.config_file, cluster_context=self.cluster_context, in_cluster=self.in_cluster,
+            poll_interval=self.poll_interval, startup_timeout=self.startup_timeout,
+        )
 
     def _create_or_reattach(self, api: Any, manifest: dict[str, Any]) -> None:
         """Create the pod, unless this task instance already has one: a running or succeeded pod (say, from a
@@ -243,36 +244,16 @@ class LoRATrainingOperator(BaseOperator):
                 raise AirflowException(f"pod {namespace}/{name} was not deleted within {timeout:.0f}s")
             time.sleep(1)
 
-    def _wait_in_worker(self, api: Any, name: str, namespace: str) -> dict[str, Any]:
-        """deferrable=False: the trigger's loop, in the worker (same events, same log following)."""
-        from airflow_provider_lora import kube
+    def _wait_in_worker(self, name: str, namespace: str) -> dict[str, Any]:
+        """deferrable=False: run the trigger's own loop here, in the worker (same events, same log following)."""
+        import asyncio
 
-        identity = {"pod_name": name, "namespace": namespace}
-        cursor = None
-        while True:
-            pod = kube.read_pod(api, name, namespace)
-            if pod is None:
-                return {**identity, "status": "failed", "reason": "Deleted", "description": "the pod is gone"}
-            cursor = cursor or LogCursor.of(pod)
-            state = classify_pod(pod)
-            if state.phase != PENDING:
-                new = new_log_lines(kube.read_log(api, name, namespace, cursor=cursor), cursor)
-                for line in new.lines:
-                    self.log.info("[%s] %s", name, line)
-                if new.lines:
-                    kube.save_cursor(api, name, namespace, new.cursor)
-                cursor = new.cursor
-            if state.terminal:
-                return {**identity, "status": "success" if state.phase == SUCCEEDED else "failed",
-                        "reason": state.reason, "description": state.describe(), "exit_code": state.exit_code}
-            waited = seconds_since(pod["metadata"].get("creationTimestamp"))
-            if state.phase == PENDING and waited > self.startup_timeout:
-                events = "; ".join(f"{e.get('reason')}: {e.get('message')}"
-                                   for e in kube.pod_events(api, name, namespace)) or "none"
-                return {**identity, "status": "stuck", "reason": state.reason or "Pending",
-                        "description": f"not running {waited:.0f}s after creation (startup_timeout="
-                                       f"{self.startup_timeout:.0f}s): {state.describe()}; events: {events}"}
-            time.sleep(self.poll_interval)
+        async def first_event() -> dict[str, Any]:
+            async for event in self._trigger(name, namespace).run():
+                return event.payload
+            raise AirflowException("the trigger ended without an event")
+
+        return asyncio.run(first_event())
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
         """Resume after the trigger (or the worker's wait): collect the result, clean up, or fail with the
@@ -285,7 +266,7 @@ class LoRATrainingOperator(BaseOperator):
         succeeded = event["status"] == "success"
         try:
             if succeeded:
-                log_tail = kube.read_log(api, name, namespace, tail_lines=RESULT_LOG_TAIL)
+                log_tail = kube.read_log_tail(api, name, namespace, RESULT_LOG_TAIL)
                 result = find_result(log_tail)
                 if result is None:
                     raise AirflowException(f"pod {namespace}/{name} succeeded but its log holds no result line "
@@ -325,7 +306,7 @@ def _safe_tail(api: Any, name: str, namespace: str) -> str:
     from airflow_provider_lora import kube
 
     try:
-        text = kube.read_log(api, name, namespace, tail_lines=LAST_LOG_LINES)
+        text = kube.read_log_tail(api, name, namespace, LAST_LOG_LINES)
     except Exception as exc:  # the log is a courtesy on a path that already fails
         return f"(could not read the log: {exc})"
     return "\n".join(line.partition(" ")[2] for line in text.splitlines())

@@ -14,7 +14,7 @@ from airflow_provider_lora.compat import BaseTrigger, TriggerEvent
 from airflow_provider_lora.core.launchers.pod import (
     LOG_CURSOR_ANNOTATION, PENDING, SUCCEEDED, LogCursor, classify_pod, new_log_lines, seconds_since,
 )
-from airflow_provider_lora.kube import ClusterRef, async_json, async_text, shared_async_client
+from airflow_provider_lora.kube import ClusterRef, async_json, async_pod_log, shared_async_client
 
 # Consecutive failed API calls tolerated (with backoff) before the trigger gives up with an error event.
 MAX_API_FAILURES = 5
@@ -68,8 +68,6 @@ class LoRATrainingTrigger(BaseTrigger):
                 if cursor is None:
                     cursor = LogCursor.of(pod)
                 state = classify_pod(pod)
-                if self.stream_logs and state.phase != PENDING:
-                    cursor = await self._copy_new_log_lines(api, cursor)
                 failures = 0
             except asyncio.CancelledError:
                 raise
@@ -85,9 +83,11 @@ class LoRATrainingTrigger(BaseTrigger):
                                                        f"last: {type(exc).__name__}: {exc}"})
                     return
                 self.log.warning("Kubernetes API call failed (%s/%s): %s", failures, MAX_API_FAILURES, exc)
-                await asyncio.sleep(min(self.poll_interval, 2 ** failures))
+                await asyncio.sleep(max(_retry_after(exc), min(self.poll_interval, 2 ** failures)))
                 continue
 
+            if self.stream_logs and state.phase != PENDING:
+                cursor = await self._copy_new_log_lines(api, cursor)
             if state.terminal:
                 status = "success" if state.phase == SUCCEEDED else "failed"
                 yield TriggerEvent({**identity, "status": status, "reason": state.reason,
@@ -106,16 +106,22 @@ class LoRATrainingTrigger(BaseTrigger):
             await asyncio.sleep(self.poll_interval)
 
     async def _copy_new_log_lines(self, api: Any, cursor: LogCursor) -> LogCursor:
-        kwargs = {"timestamps": True}
-        if cursor.since_time():
-            kwargs["since_time"] = cursor.since_time()
-        text = await async_text(api.read_namespaced_pod_log, self.pod_name, self.namespace, **kwargs)
+        """Copy the log lines after ``cursor`` into the task log and save the new cursor on the pod. Logs are a
+        courtesy: when they cannot be read (a lost node's kubelet, say) the pod's status still decides."""
+        try:
+            text = await async_pod_log(api.api_client, self.pod_name, self.namespace, cursor.since_time())
+        except Exception as exc:
+            self.log.warning("could not read the log of %s: %s", self.pod_name, exc)
+            return cursor
         new = new_log_lines(text, cursor)
         for line in new.lines:
             self.log.info("[%s] %s", self.pod_name, line)
         if new.lines:
-            await api.patch_namespaced_pod(self.pod_name, self.namespace, {
-                "metadata": {"annotations": {LOG_CURSOR_ANNOTATION: new.cursor.encode()}}})
+            try:
+                await api.patch_namespaced_pod(self.pod_name, self.namespace, {
+                    "metadata": {"annotations": {LOG_CURSOR_ANNOTATION: new.cursor.encode()}}})
+            except Exception as exc:  # the lines are shown; a restart might show them again
+                self.log.warning("could not save the log cursor on %s: %s", self.pod_name, exc)
         return new.cursor
 
     async def _event_messages(self, api: Any) -> str:
@@ -141,4 +147,10 @@ class LoRATrainingTrigger(BaseTrigger):
 
 def _status(exc: Exception) -> int | None:
     return getattr(exc, "status", None)
+
+
+def _retry_after(exc: Exception) -> float:
+    """Seconds a 429/503 answer asks us to wait (Retry-After), else 0."""
+    value = (getattr(exc, "headers", None) or {}).get("Retry-After", "0")
+    return float(value) if str(value).replace(".", "", 1).isdigit() else 0.0
 

@@ -114,7 +114,8 @@ class Cluster(Kubelet):
 
     def pods(self, namespace: str | None = None) -> list[dict]:
         return self._call(lambda: json.loads(json.dumps(
-            [p for ns, pods in sorted(self._store["pods"].items()) if namespace in (None, ns) for p in pods.values()])))
+            [p for ns, pods in sorted(self._store["pods"].items()) if namespace in (None, ns)
+             for _, p in sorted(pods.items())])))
 
     def get_pod(self, namespace: str, name: str) -> dict | None:
         return self._call(lambda: json.loads(json.dumps(self._store["pods"].get(namespace, {}).get(name))))
@@ -127,13 +128,14 @@ class Cluster(Kubelet):
 
     def wait_for_pod(self, namespace: str, name: str, until: Callable[[dict], bool] | str | tuple = ("Succeeded",
                      "Failed"), timeout: float = 30.0) -> dict:
-        """Poll until `until(pod)` (or the phase is one of `until`); return the pod."""
-        test = until if callable(until) else lambda p: p["status"].get("phase") in ((until,) if isinstance(until, str)
-                                                                                    else until)
+        """Poll until `until(pod)` holds, or until the phase is `until` (a phase or a tuple of them); return the pod."""
+        if not callable(until):
+            phases = (until,) if isinstance(until, str) else tuple(until)
+            until = lambda p: p["status"].get("phase") in phases  # noqa: E731
         deadline = time.monotonic() + timeout
         while True:
             pod = self.get_pod(namespace, name)
-            if pod is not None and test(pod):
+            if pod is not None and until(pod):
                 return pod
             if time.monotonic() > deadline:
                 raise TimeoutError(f"pod {namespace}/{name}: {pod and pod.get('status')}")
@@ -155,8 +157,8 @@ class Cluster(Kubelet):
         self._call(add)
 
     def set_fault(self, kind: str, *, pod: str = "*", times: int | None = 1, **params) -> None:
-        if kind not in FAULTS:
-            raise ValueError(f"unknown fault {kind!r}; one of {sorted(FAULTS)}")
+        if kind not in FAULTS or set(params) - FAULTS[kind]:
+            raise ValueError(f"unknown fault {kind!r} or parameter in {sorted(params)}; see FAULTS")
         fault = {"kind": kind, "pod": pod, "times": times, **params}
         if kind.startswith("api_"):
             fault["path"] = re.compile(params.get("path", ".*"))
@@ -207,9 +209,12 @@ class Cluster(Kubelet):
             await asyncio.wait(pending, timeout=5)
         for task in list(self._tasks):
             task.cancel()
+        for handler in self._runner.server.connections if self._runner.server else []:
+            if handler.transport:  # no TLS goodbye with clients that may be gone: drop the connection
+                handler.transport.abort()
         await self._runner.cleanup()
         self._sock.close()
-        await asyncio.sleep(0.05)  # let the closed connections' callbacks run before the loop stops
+        await asyncio.sleep(0.05)  # let the aborted connections' callbacks run before the loop stops
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -227,11 +232,11 @@ class Cluster(Kubelet):
             fault = self._take_fault(("api_error", "api_timeout"), request=request)
             if fault and fault["kind"] == "api_timeout":
                 await asyncio.sleep(fault.get("seconds", 5.0))
+            elif fault and fault.get("status") == 429:  # what API priority and fairness answers
+                raise ApiError(429, "Too many requests, please try again later.", headers={"Retry-After": "1"},
+                               retryAfterSeconds=1)
             elif fault:
-                code = fault.get("status", 500)
-                raise ApiError(code, "Too many requests, please try again later." if code == 429 else
-                               "Internal error occurred: injected fault", headers={"Retry-After": "1"}
-                               if code == 429 else None, **({"retryAfterSeconds": 1} if code == 429 else {}))
+                raise ApiError(fault.get("status", 500), "Internal error occurred: injected fault")
             return await handler(request)
         except ApiError as e:
             return e.response()
@@ -468,7 +473,6 @@ class Cluster(Kubelet):
         self._remove(run)
         run.kill()
         return _json(obj)
-
 
     def _remove(self, run: _PodRun):
         md = run.pod["metadata"]

@@ -44,7 +44,7 @@ class _PodRun:
     def __init__(self, pod: dict, directory: Path):
         self.pod, self.dir = pod, directory
         self.containers = {c["name"]: _Container(c) for c in pod["spec"]["containers"]}
-        self.changed = asyncio.Event()  # replaced on every change; waiters hold the old one (see Cluster._touch)
+        self.changed = asyncio.Event()  # replaced on every change; waiters hold the old one (see Kubelet._touch)
         self.frozen = self.removed = self.started = False
         self.evicted: str | None = None
 
@@ -278,7 +278,7 @@ class Kubelet:
                 raise FileNotFoundError("no command specified (the emulator has no image entrypoint)")
             c.proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, env=env, cwd=cwd, start_new_session=True, limit=2**20)
+                stderr=asyncio.subprocess.PIPE, env=env, cwd=cwd, start_new_session=True)
         except OSError as e:
             why = e.strerror or str(e)
             message = (f"failed to create containerd task: failed to create shim task: OCI runtime create failed: "
@@ -298,11 +298,22 @@ class Kubelet:
 
     async def _pump(self, run: _PodRun, c: _Container, started: str):
         """Collect the container's output as timestamped log lines; on exit, report its terminated state."""
+        def add(line: bytes):
+            c.stamps.append(time.time_ns())
+            c.lines.append(line)
+
         async def read(stream):
-            while line := await stream.readline():
-                c.stamps.append(time.time_ns())
-                c.lines.append(line)
+            buf = b""
+            while chunk := await stream.read(65536):
+                *lines, buf = (buf + chunk).split(b"\n")
+                for line in lines:
+                    add(line + b"\n")
+                while len(buf) >= 16384:  # the runtime cuts long lines (progress bars with \r) into 16 KiB parts
+                    add(buf[:16384])
+                    buf = buf[16384:]
                 self._touch(run)
+            if buf:
+                add(buf)
 
         readers = asyncio.gather(read(c.proc.stdout), read(c.proc.stderr))
         code = await c.proc.wait()
@@ -389,8 +400,11 @@ class Kubelet:
         self._cond(run, "Ready", "False")
         self._event(run.pod, "Warning", "NodeNotReady", "Node is not ready", "node-controller")
         toleration = next((t.get("tolerationSeconds") for t in run.pod["spec"].get("tolerations") or []
-                           if t.get("key") == "node.kubernetes.io/unreachable"), 300)
-        await asyncio.sleep(fault.get("evict_after", toleration))
+                           if t.get("key") == "node.kubernetes.io/unreachable"), 0)
+        delay = fault.get("evict_after", toleration)
+        if delay is None:  # a toleration without tolerationSeconds: the pod stays bound to the lost node
+            return
+        await asyncio.sleep(delay)
         if run.removed:
             return
         md = run.pod["metadata"]

@@ -30,8 +30,16 @@ FIELDS = {
     "secrets": {"metadata.name", "metadata.namespace", "type"},
     "configmaps": {"metadata.name", "metadata.namespace"},
 }
-FAULTS = {"oom", "evict", "node_lost", "unschedulable", "image_pull_backoff", "api_error", "api_timeout",
-          "log_stream_drop"}
+FAULTS = {  # kind -> the parameters it takes (besides pod and times); see emulator.py
+    "oom": {"after_seconds", "after_lines", "container"},
+    "evict": {"after_seconds", "after_lines", "container", "message"},
+    "node_lost": {"after_seconds", "after_lines", "container", "not_ready_after", "evict_after", "gc_after"},
+    "unschedulable": {"message"},
+    "image_pull_backoff": {"message", "backoff_after"},
+    "api_error": {"path", "method", "status"},
+    "api_timeout": {"path", "method", "seconds"},
+    "log_stream_drop": {"after_lines", "mode"},
+}
 RUNTIME_FAULTS = ("oom", "evict", "node_lost")
 
 

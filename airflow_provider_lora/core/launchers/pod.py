@@ -19,6 +19,9 @@ LOG_CURSOR_ANNOTATION = LABEL_PREFIX + "log-cursor"
 STUCK_WAITING_REASONS = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError",
                          "CreateContainerError", "CrashLoopBackOff"}
 
+# DisruptionTarget reasons that mean the pod's node is gone (Kubernetes 1.27+; older ones set reason NodeLost).
+NODE_LOST_REASONS = {"DeletionByTaintManager", "DeletionByPodGC", "NodeLost"}
+
 RUNNING, PENDING, SUCCEEDED, FAILED = "running", "pending", "succeeded", "failed"
 
 
@@ -53,6 +56,11 @@ def classify_pod(pod: dict[str, Any]) -> PodState:
     terminated = state.get("terminated")
     waiting = state.get("waiting")
 
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    disruption = conditions.get("DisruptionTarget", {})
+    if disruption.get("status") == "True" and disruption.get("reason") in NODE_LOST_REASONS:
+        # The node stopped reporting; Kubernetes evicts its pods (taint manager) and later garbage-collects them.
+        return PodState(FAILED, "NodeLost", disruption.get("message") or "the node running the pod was lost")
     if pod.get("metadata", {}).get("deletionTimestamp") and phase in ("pending", "running"):
         return PodState(FAILED, "Deleted", "the pod was deleted while it ran")
     if phase == "failed" or (terminated and terminated.get("exitCode", 0) != 0):
@@ -64,16 +72,11 @@ def classify_pod(pod: dict[str, Any]) -> PodState:
         return PodState(SUCCEEDED, "Completed", "", (terminated or {}).get("exitCode", 0),
                         (terminated or {}).get("message") or "")
     if phase == "running":
-        lost = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"
-                     and c.get("status") == "False" and c.get("reason") == "NodeLost"), None)
-        if lost:
-            return PodState(FAILED, "NodeLost", lost.get("message", "the node stopped reporting"))
         return PodState(RUNNING)
     if waiting and waiting.get("reason") in STUCK_WAITING_REASONS:
         return PodState(PENDING, waiting["reason"], waiting.get("message", ""), stuck=True)
-    unscheduled = next((c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"
-                        and c.get("status") == "False"), None)
-    if unscheduled:
+    unscheduled = conditions.get("PodScheduled")
+    if unscheduled and unscheduled.get("status") == "False":
         return PodState(PENDING, unscheduled.get("reason", "Unschedulable"), unscheduled.get("message", ""))
     return PodState(PENDING, (waiting or {}).get("reason", ""), (waiting or {}).get("message", ""))
 

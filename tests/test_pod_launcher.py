@@ -1,0 +1,147 @@
+"""The pod launcher against the emulated Kubernetes API (real kubernetes / kubernetes_asyncio clients over HTTPS):
+the trigger's events for each way a pod ends, log following across a triggerer restart, and the operator's
+create-or-reattach."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+
+import pytest
+
+from airflow_provider_lora.core.launchers.pod import LOG_CURSOR_ANNOTATION, LogCursor
+from airflow_provider_lora.triggers.lora import LoRATrainingTrigger
+from tests.k8s.fixtures import k8s_cluster  # noqa: F401
+
+
+def cheap_pod(name: str, script: str) -> dict:
+    """A stand-in training pod: a short Python program instead of the trainer."""
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default"},
+            "spec": {"restartPolicy": "Never",
+                     "containers": [{"name": "trainer", "image": "trainer", "command": ["python", "-c", script]}]}}
+
+
+def create(cluster, pod: dict) -> None:
+    from kubernetes import client, config
+
+    api = client.CoreV1Api(config.new_client_from_config(config_file=str(cluster.kubeconfig)))
+    api.create_namespaced_pod("default", pod)
+
+
+def first_event(trigger: LoRATrainingTrigger, timeout: float = 60) -> dict:
+    async def run():
+        async for event in trigger.run():
+            return event.payload
+    return asyncio.run(asyncio.wait_for(run(), timeout))
+
+
+def trigger(cluster, name: str, **kwargs) -> LoRATrainingTrigger:
+    return quiet(LoRATrainingTrigger(pod_name=name, namespace="default", kubernetes_conn_id=None,
+                                     config_file=str(cluster.kubeconfig), poll_interval=0.2, **kwargs))
+
+
+def quiet(t: LoRATrainingTrigger) -> LoRATrainingTrigger:
+    """Send the trigger's log to a plain stdlib logger that pytest's caplog sees (Airflow's goes to structlog)."""
+    t._log = logging.getLogger("tests.trigger")
+    return t
+
+
+def shown_lines(caplog, name: str) -> list[str]:
+    prefix = f"[{name}] "
+    return [r.getMessage()[len(prefix):] for r in caplog.records if r.getMessage().startswith(prefix)]
+
+
+def test_success_and_every_log_line_once(k8s_cluster, caplog):
+    caplog.set_level(logging.INFO)
+    create(k8s_cluster, cheap_pod("ok", "import time\nfor i in range(30):\n    print('line', i, flush=True)\n"
+                                        "    time.sleep(0.01)"))
+    event = first_event(trigger(k8s_cluster, "ok"))
+    assert event["status"] == "success" and event["exit_code"] == 0
+    assert shown_lines(caplog, "ok") == [f"line {i}" for i in range(30)]
+
+
+def test_failure_carries_the_exit_code(k8s_cluster):
+    create(k8s_cluster, cheap_pod("bad", "import sys; print('boom'); sys.exit(3)"))
+    event = first_event(trigger(k8s_cluster, "bad"))
+    assert event["status"] == "failed" and event["exit_code"] == 3 and "exit code 3" in event["description"]
+
+
+@pytest.mark.parametrize("fault, params, reason", [
+    ("oom", {"after_lines": 3}, "OOMKilled"),
+    ("evict", {"after_lines": 3}, "Evicted"),
+    ("node_lost", {"after_lines": 3, "not_ready_after": 0.1, "evict_after": 0.3}, "NodeLost"),
+])
+def test_each_way_a_running_pod_dies_has_its_reason(k8s_cluster, fault, params, reason):
+    k8s_cluster.set_fault(fault, pod="dies", **params)
+    create(k8s_cluster, cheap_pod("dies", "import time\nwhile True:\n    print('working', flush=True)\n"
+                                          "    time.sleep(0.05)"))
+    event = first_event(trigger(k8s_cluster, "dies"))
+    assert event["status"] == "failed" and event["reason"] == reason, event
+
+
+@pytest.mark.parametrize("fault, reason, event_text", [
+    ("unschedulable", "Unschedulable", "Insufficient nvidia.com/gpu"),
+    ("image_pull_backoff", "ImagePullBackOff", "Back-off pulling image"),
+])
+def test_a_pod_stuck_pending_past_startup_timeout_names_the_reason_and_events(k8s_cluster, fault, reason,
+                                                                               event_text):
+    k8s_cluster.set_fault(fault, pod="stuck", times=None)
+    create(k8s_cluster, cheap_pod("stuck", "print('never')"))
+    event = first_event(trigger(k8s_cluster, "stuck", startup_timeout=1.5))
+    assert event["status"] == "stuck" and reason in event["reason"] + event["description"], event
+    assert event_text in event["description"]
+
+
+def test_api_errors_are_retried_then_reported(k8s_cluster):
+    create(k8s_cluster, cheap_pod("flaky", "print('done')"))
+    k8s_cluster.set_fault("api_error", path=r"/pods/flaky$", status=500, times=2)
+    assert first_event(trigger(k8s_cluster, "flaky"))["status"] == "success"
+    k8s_cluster.set_fault("api_error", path=r"/pods/flaky$", status=500, times=None)
+    event = first_event(trigger(k8s_cluster, "flaky"))
+    assert event["status"] == "error" and "5 Kubernetes API calls in a row failed" in event["description"]
+
+
+def test_too_many_requests_honours_retry_after(k8s_cluster):
+    create(k8s_cluster, cheap_pod("busy", "print('done')"))
+    k8s_cluster.set_fault("api_error", path=r"/pods/busy$", status=429, times=1)
+    assert first_event(trigger(k8s_cluster, "busy"))["status"] == "success"
+
+
+def test_a_restarted_trigger_continues_the_log_without_repeats_or_gaps(k8s_cluster, caplog):
+    caplog.set_level(logging.INFO)
+    script = ("import time\nfor i in range(40):\n    print('line', i, flush=True)\n    time.sleep(0.05)")
+    create(k8s_cluster, cheap_pod("long", script))
+    first = trigger(k8s_cluster, "long")
+
+    async def run_for_a_while():
+        async def consume():
+            async for _ in first.run():
+                pass
+        try:
+            await asyncio.wait_for(consume(), 0.8)  # the triggerer dies mid-run
+        except asyncio.TimeoutError:
+            pass
+    asyncio.run(run_for_a_while())
+    before = shown_lines(caplog, "long")
+    assert 0 < len(before) < 40
+    cursor = LogCursor.decode(k8s_cluster.get_pod("default", "long")["metadata"]["annotations"][LOG_CURSOR_ANNOTATION])
+    assert cursor.timestamp
+    classpath, kwargs = first.serialize()
+    event = first_event(quiet(LoRATrainingTrigger(**kwargs)))  # a new triggerer, from serialize()
+    assert event["status"] == "success"
+    assert shown_lines(caplog, "long") == [f"line {i}" for i in range(40)]
+
+
+def test_the_sync_client_and_kubectl_see_the_same_pod(k8s_cluster):
+    import shutil
+    import subprocess
+
+    create(k8s_cluster, cheap_pod("seen", "print('hello from the pod')"))
+    k8s_cluster.wait_for_pod("default", "seen")
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed")
+    out = subprocess.run(["kubectl", "--kubeconfig", str(k8s_cluster.kubeconfig), "logs", "seen"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "hello from the pod" in out
