@@ -18,7 +18,6 @@ import pytest
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from tests.k8s.fixtures import k8s_cluster  # noqa: F401  (until conftest imports it)
 
 NS = "default"
 TICK = "import time\nwhile True:\n    print('tick', flush=True)\n    time.sleep(0.05)"
@@ -189,7 +188,7 @@ def test_long_output_without_newlines(k8s_cluster, core):
 
 
 def test_termination_message(k8s_cluster, core):
-    code = ("import json, os\nopen(os.environ['LORA_TERMINATION_LOG'], 'w').write(json.dumps({'step': 2}) + 'x' * 5000)")
+    code = "import json, os\nopen(os.environ['LORA_TERMINATION_LOG'], 'w').write(json.dumps({'step': 2}) + 'x' * 5000)"
     core.create_namespaced_pod(NS, manifest("msg", code))
     term = cstate(k8s_cluster.wait_for_pod(NS, "msg"))["terminated"]
     assert term["message"].startswith('{"step": 2}') and len(term["message"]) == 4096

@@ -13,7 +13,6 @@ import pytest
 
 from airflow_provider_lora.core.launchers.pod import LOG_CURSOR_ANNOTATION, LogCursor
 from airflow_provider_lora.triggers.lora import LoRATrainingTrigger
-from tests.k8s.fixtures import k8s_cluster  # noqa: F401
 
 
 def cheap_pod(name: str, script: str) -> dict:

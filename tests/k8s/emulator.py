@@ -511,13 +511,14 @@ class Cluster(Kubelet):
                 if (state.get("waiting") or {}).get("reason") or (state.get("terminated") or {}).get("reason"):
                     text = (state.get("waiting") or state.get("terminated"))["reason"]
             return "Terminating" if pod["metadata"].get("deletionTimestamp") else text
+
+        def ready(pod):
+            return sum(cs.get("ready", False) for cs in pod["status"].get("containerStatuses") or [])
         cols = [("Name", 0), ("Ready", 0), ("Status", 0), ("Restarts", 0), ("Age", 0), ("IP", 1), ("Node", 1)]
         return {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {"resourceVersion": str(self._rv_now)},
                 "columnDefinitions": [{"name": n, "type": "string", "format": "name" if n == "Name" else "",
                                        "description": n, "priority": p} for n, p in cols],
-                "rows": [{"cells": [p["metadata"]["name"],
-                                    f"{sum(cs.get('ready', False) for cs in p['status'].get('containerStatuses') or [])}"
-                                    f"/{len(p['spec']['containers'])}", status(p), 0,
+                "rows": [{"cells": [p["metadata"]["name"], f"{ready(p)}/{len(p['spec']['containers'])}", status(p), 0,
                                     _age(p["metadata"]["creationTimestamp"]), p["status"].get("podIP", "<none>"),
                                     p["spec"].get("nodeName", "<none>")], "object": p} for p in pods]}
 

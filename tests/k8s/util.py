@@ -168,9 +168,10 @@ def _make_tls(directory: Path) -> tuple[Path, ssl.SSLContext]:
              .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
              .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
              .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-             .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=ca, crl_sign=ca, content_commitment=False,
-                                          key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                          encipher_only=False, decipher_only=False), critical=True))
+             .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=ca, crl_sign=ca,
+                                          content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                          key_agreement=False, encipher_only=False, decipher_only=False),
+                            critical=True))
         for ext in extra:
             b = b.add_extension(ext, critical=False)
         return b.sign(ca_key, hashes.SHA256())
