@@ -87,6 +87,12 @@ async def shared_async_client(cluster: ClusterRef) -> Any:
     return clients[cluster]
 
 
+async def close_shared_clients() -> None:
+    """Close the clients of the running loop; for callers whose loop ends (a worker's asyncio.run, tests)."""
+    for client in _shared_clients.pop(asyncio.get_running_loop(), {}).values():
+        await client.close()
+
+
 async def _async_configuration(cluster: ClusterRef) -> Any:
     from kubernetes_asyncio import client as async_client, config as async_config
 

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from airflow_provider_lora.core.launchers.pod import LOG_CURSOR_ANNOTATION, LogCursor
+from airflow_provider_lora.kube import close_shared_clients
 from airflow_provider_lora.triggers.lora import LoRATrainingTrigger
 
 
@@ -31,8 +32,11 @@ def create(cluster, pod: dict) -> None:
 
 def first_event(trigger: LoRATrainingTrigger, timeout: float = 60) -> dict:
     async def run():
-        async for event in trigger.run():
-            return event.payload
+        try:
+            async for event in trigger.run():
+                return event.payload
+        finally:
+            await close_shared_clients()
     return asyncio.run(asyncio.wait_for(run(), timeout))
 
 
@@ -122,6 +126,7 @@ def test_a_restarted_trigger_continues_the_log_without_repeats_or_gaps(k8s_clust
             await asyncio.wait_for(consume(), 0.8)  # the triggerer dies mid-run
         except asyncio.TimeoutError:
             pass
+        await close_shared_clients()
     asyncio.run(run_for_a_while())
     before = shown_lines(caplog, "long")
     assert 0 < len(before) < 40

@@ -248,10 +248,15 @@ class LoRATrainingOperator(BaseOperator):
         """deferrable=False: run the trigger's own loop here, in the worker (same events, same log following)."""
         import asyncio
 
+        from airflow_provider_lora.kube import close_shared_clients
+
         async def first_event() -> dict[str, Any]:
-            async for event in self._trigger(name, namespace).run():
-                return event.payload
-            raise AirflowException("the trigger ended without an event")
+            try:
+                async for event in self._trigger(name, namespace).run():
+                    return event.payload
+                raise AirflowException("the trigger ended without an event")
+            finally:
+                await close_shared_clients()
 
         return asyncio.run(first_event())
 

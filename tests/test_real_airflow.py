@@ -1,0 +1,163 @@
+"""Through a real Airflow (tests/fixtures/airflow_services.py: api-server, scheduler with LocalExecutor, dag-processor,
+triggerer, each its own process, every port on 127.0.0.1): a deferrable LoRATrainingOperator task trains the tiny
+model in an emulated pod (tests/k8s/emulator.py), the real triggerer imports LoRATrainingTrigger from the installed
+package and follows the pod, and the task resumes in another worker process.
+
+dag.test() cannot show this: it runs the trigger inline in the test process (FACTS.md, "Airflow")."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import psutil
+import pytest
+
+from tests.trainer_helpers import FAST, arithmetic_rows, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+TRIGGER_CLASSPATH = "airflow_provider_lora.triggers.lora.LoRATrainingTrigger"
+SAFE_ENV = ("PATH", "HOME", "LANG", "TMPDIR")  # what the emulated pod inherits from the host
+DAG_ID = "lora_real_airflow"
+TASK_ID = "train"
+MAX_STEPS = 2
+
+DAG_FILE = '''\
+"""Written by tests/test_real_airflow.py."""
+import datetime
+
+from airflow.sdk import DAG
+
+from airflow_provider_lora.operators.lora import LoRATrainingOperator
+
+with DAG({dag_id!r}, schedule=None, start_date=datetime.datetime(2026, 1, 1), catchup=False):
+    LoRATrainingOperator(
+        task_id={task_id!r}, launcher="pod", deferrable=True, kubernetes_conn_id="k8s_emu",
+        poll_interval=0.5, startup_timeout=60, on_finish_action="keep_pod",
+        base_model={base_model!r}, dataset={dataset!r}, output_uri={output_uri!r},
+        envs="HF_HUB_OFFLINE=1,HF_DATASETS_OFFLINE=1,TOKENIZERS_PARALLELISM=false",
+        resource_gpu_per_worker=0, resource_cpu_per_worker="2", resource_memory_per_worker="4Gi",
+        **{spec!r},
+    )
+'''
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _connected_to(processes: list[psutil.Process], port: int) -> set[int]:
+    """The pids among ``processes`` with an open TCP connection to 127.0.0.1:``port``."""
+    pids = set()
+    for proc in processes:
+        try:
+            if any(c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+                   for c in proc.net_connections(kind="tcp")):
+                pids.add(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return pids
+
+
+def _json_lines(text: str) -> list[dict]:
+    out = []
+    for raw in text.splitlines():
+        try:
+            out.append(json.loads(raw))
+        except ValueError:
+            pass
+    return out
+
+
+def test_deferred_task_resumes_in_another_process(airflow_services, k8s_cluster, tiny_model_dir, tmp_path):
+    af, cluster = airflow_services, k8s_cluster
+    cluster.base_env = {k: v for k, v in os.environ.items() if k in SAFE_ENV}
+    af.api("POST", "/connections", {
+        "connection_id": "k8s_emu", "conn_type": "kubernetes",
+        "extra": json.dumps({"kube_config_path": str(cluster.kubeconfig)})})
+    dataset = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(32))
+    output = tmp_path / "runs" / "{{ run_id }}"
+    (af.dags_folder / f"{DAG_ID}.py").write_text(DAG_FILE.format(
+        dag_id=DAG_ID, task_id=TASK_ID, base_model=str(tiny_model_dir), dataset=str(dataset),
+        output_uri=str(output), spec={**FAST, "max_steps": MAX_STEPS}))
+    af.wait_for_dag(DAG_ID)
+
+    run_id = af.trigger_run(DAG_ID)
+    seen: list[dict] = []  # each change of the task instance's (state, pid, trigger, triggerer job)
+    # While the trigger runs: which processes talk to the Kubernetes API (the trigger keeps its connection open).
+    k8s_clients = {"triggerer": set(), "scheduler": set()}
+
+    def ti_state() -> dict:
+        ti = af.task_instance(DAG_ID, run_id, TASK_ID)
+        return {"state": ti["state"], "pid": ti.get("pid"), "trigger": (ti.get("trigger") or {}).get("classpath"),
+                "triggerer_job": (ti.get("triggerer_job") or {}).get("id")}
+
+    def watch() -> None:
+        now = ti_state()
+        if not seen or seen[-1] != now:
+            seen.append(now)
+        if now["state"] == "deferred" and now["triggerer_job"] is not None:
+            sample = {name: _connected_to(_tree(af.procs[name].pid), cluster.port) for name in k8s_clients}
+            if ti_state()["state"] == "deferred":  # still deferred after sampling: no resumed worker in the sample
+                for name, pids in sample.items():
+                    k8s_clients[name] |= pids
+
+    state = af.wait_for_run(DAG_ID, run_id, timeout=150, on_poll=watch, interval=0.3)
+    watch()
+    log_files = {p.name: p.read_text(errors="replace") for p in af.task_log_files(DAG_ID, run_id, TASK_ID)}
+    context = f"states seen: {seen}\nlogs: {sorted(log_files)}\n{af.task_log(DAG_ID, run_id, TASK_ID)[-6000:]}"
+    assert state == "success", context
+
+    # The result came back through the resumed task's XCom.
+    result = af.xcom(DAG_ID, run_id, TASK_ID)
+    assert result["summary"]["global_step"] == MAX_STEPS, result
+    assert [r["step"] for r in result["history"]] == list(range(1, MAX_STEPS + 1))
+
+    # The task ran, deferred to OUR trigger, which a triggerer job picked up, then ran again and succeeded.
+    states = [s["state"] for s in seen]
+    assert "deferred" in states, context
+    first_deferred = states.index("deferred")
+    assert "running" in states[:first_deferred] and "running" in states[first_deferred:], context
+    assert states[-1] == "success", context
+    deferred = [s for s in seen if s["state"] == "deferred"]
+    assert {s["trigger"] for s in deferred} == {TRIGGER_CLASSPATH}, context
+    jobs = {s["triggerer_job"] for s in deferred} - {None}
+    assert len(jobs) == 1, context
+    job = jobs.pop()
+
+    # Defer and resume ran in two different worker processes (the pid the task reports when it starts running).
+    pids = [s["pid"] for s in seen if s["state"] == "running"]
+    before, after = pids[0], pids[-1]
+    assert before and after and before != after, context
+    # While deferred, the Kubernetes API was followed from the triggerer's processes and from no worker.
+    triggerer_tree = {p.pid for p in _tree(af.procs["triggerer"].pid)}
+    assert k8s_clients["triggerer"], f"no triggerer process was connected to the Kubernetes API\n{context}"
+    assert k8s_clients["triggerer"] <= triggerer_tree
+    assert not k8s_clients["scheduler"], f"a worker talked to Kubernetes while the task was deferred\n{context}"
+    assert before not in triggerer_tree and after not in triggerer_tree
+
+    # The worker's log: defer, then the resumed try's result. The triggerer's log of this task: our trigger's
+    # lines, copied from the pod.
+    worker_log = log_files.get("attempt=1.log", "")
+    assert "Pausing task as DEFERRED" in worker_log, context
+    assert f"after {MAX_STEPS} steps" in worker_log.split("Pausing task as DEFERRED", 1)[1], context
+    trigger_log = log_files.get(f"attempt=1.log.trigger.{job}.log")
+    assert trigger_log is not None, context
+    events = _json_lines(trigger_log)
+    pod = f"lora-{DAG_ID.replace('_', '-')}-{TASK_ID}-"
+    copied = [e["event"] for e in events if e.get("logger") == TRIGGER_CLASSPATH and e["event"].startswith(f"[{pod}")]
+    assert copied, context
+    pod_name = copied[0][1:].split("]", 1)[0]
+    assert any("[lora-trainer] step" in line for line in copied), "\n".join(copied[-40:])
+    # Every line of the pod's log, once, in order: nothing lost, nothing repeated.
+    pod_lines = cluster.logs("default", pod_name).split("\n")
+    assert pod_lines[-1] == ""
+    assert copied == [f"[{pod_name}] {line}" for line in pod_lines[:-1]]
+    assert any(e["event"] == "Trigger fired event" for e in events)
+    # The triggerer process itself names the trigger it ran.
+    assert f"(ID " in trigger_log and "starting" in trigger_log
