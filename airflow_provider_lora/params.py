@@ -11,17 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from airflow_provider_lora.core.spec import (
-    COMPUTE_DTYPES, LR_SCHEDULERS, QUANT_TYPES, LoRASpec,
-)
+from airflow_provider_lora.core.spec import CHOICES, LoRASpec
 
-# Closed choices the JSON schema of a plain str field does not carry.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "lr_scheduler": LR_SCHEDULERS,
-    "lora_bnb_4bit_quant_type": QUANT_TYPES,
-    "lora_bnb_4bit_compute_dtype": COMPUTE_DTYPES,
-    "fsdp_sharding_strategy": ("NO_SHARD",),  # the only value LoRASpec accepts (see its description)
-}
+# The form offers only what validation accepts: of the FSDP strategies, NO_SHARD (see its description).
+FORM_CHOICES = {**CHOICES, "fsdp_sharding_strategy": ("NO_SHARD",)}
 MINIMUM = {"effective_batch_size": 1, "max_tokens_per_gpu": 1, "max_seq_len": 1, "lora_r": 1, "lora_alpha": 1,
            "num_epochs": 1, "resource_num_workers": 1, "lr_warmup_steps": 0, "resource_gpu_per_worker": 0,
            "seed": 0, "max_steps": 1}
@@ -41,7 +34,7 @@ def param_schemas(**defaults: Any) -> dict[str, dict[str, Any]]:
             "description": field.description,
             "section": (field.json_schema_extra or {})["section"],
         }
-        enum = prop.get("enum") or CHOICES.get(name)
+        enum = prop.get("enum") or FORM_CHOICES.get(name)
         if enum:
             schema["enum"] = [*enum, *([None] if "null" in types else [])]
         if name in MINIMUM:

@@ -38,3 +38,22 @@ def test_trigger_serialize_mirrors_init():
     assert serialized == kwargs
     assert json.loads(json.dumps(serialized)) == serialized  # JSON-like values only
     assert LoRATrainingTrigger(**serialized).serialize() == (classpath, serialized)
+
+
+def test_the_example_dag_has_a_form_field_for_every_spec_parameter():
+    from pathlib import Path
+
+    from airflow.dag_processing.dagbag import DagBag
+
+    from airflow_provider_lora.core.spec import LoRASpec
+
+    bag = DagBag(dag_folder=str(Path(__file__).resolve().parents[1] / "dags"))
+    assert bag.import_errors == {}
+    dag = bag.dags["lora_finetune"]
+    assert set(dag.params) == set(LoRASpec.model_fields)
+    for name, param in dag.params.items():
+        param.resolve()  # every default passes its own schema
+        assert param.schema.get("section") and param.description, name
+    assert dag.params.get_param("lr_scheduler").schema["enum"][-1] is None  # nullable choices stay optional
+    task = dag.task_dict["train"]
+    assert task.lora_r == "{{ params.lora_r }}" and dag.render_template_as_native_obj is True

@@ -30,6 +30,13 @@ QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 FSDP_STRATEGIES = ("FULL_SHARD", "HYBRID_SHARD", "NO_SHARD")
 DATASET_FORMATS = ("auto", "messages", "conversations", "alpaca", "prompt_completion", "text")
+# Closed choices of the plain-string seed parameters (the seed types them as str).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "lora_bnb_4bit_quant_type": QUANT_TYPES,
+    "lora_bnb_4bit_compute_dtype": COMPUTE_DTYPES,
+    "lr_scheduler": LR_SCHEDULERS,
+    "fsdp_sharding_strategy": FSDP_STRATEGIES,
+}
 
 # Effective defaults of the seed's Optional parameters ("default: 2e-4" in its table, training_hub's defaults
 # elsewhere). Filled in by validation; the seed's signature keeps None.
@@ -300,35 +307,18 @@ class LoRASpec(BaseModel):
                            "'q_proj,v_proj' (letters, digits, '_' and '.'), or empty for every linear projection")
         return ",".join(names)
 
-    @field_validator("lora_bnb_4bit_quant_type")
+    @field_validator(*CHOICES)
     @classmethod
-    def _quant_type(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and v not in QUANT_TYPES:
-            raise _bad("lora_bnb_4bit_quant_type", v, f"accepted: {', '.join(QUANT_TYPES)}")
-        return v
-
-    @field_validator("lora_bnb_4bit_compute_dtype")
-    @classmethod
-    def _compute_dtype(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and v not in COMPUTE_DTYPES:
-            raise _bad("lora_bnb_4bit_compute_dtype", v, f"accepted: {', '.join(COMPUTE_DTYPES)}")
-        return v
-
-    @field_validator("lr_scheduler")
-    @classmethod
-    def _scheduler(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and v not in LR_SCHEDULERS:
-            raise _bad("lr_scheduler", v, f"accepted: {', '.join(LR_SCHEDULERS)}")
+    def _one_of(cls, v: Optional[str], info: Any) -> Optional[str]:
+        accepted = CHOICES[info.field_name]
+        if v is not None and v not in accepted:
+            raise _bad(info.field_name, v, f"accepted: {', '.join(accepted)}")
         return v
 
     @field_validator("fsdp_sharding_strategy")
     @classmethod
     def _fsdp(cls, v: Optional[str]) -> Optional[str]:
-        if v is None:
-            return v
-        if v not in FSDP_STRATEGIES:
-            raise _bad("fsdp_sharding_strategy", v, f"accepted: {', '.join(FSDP_STRATEGIES)}")
-        if v != "NO_SHARD":
+        if v not in (None, "NO_SHARD"):
             raise _bad("fsdp_sharding_strategy", v, "unsloth's LoRA path trains with plain data parallelism (DDP), "
                        "not FSDP; use NO_SHARD or leave it unset")
         return v
