@@ -111,3 +111,38 @@ def test_a_failed_pod_fails_the_task_with_the_reason_and_last_lines(cluster, air
     # delete_succeeded_pod (the default) keeps a failed pod to inspect; its log names the cause.
     assert len(pods) == 1 and pods[0]["status"]["phase"] == "Failed"
     assert "no such file or directory" in cluster.logs("default", pods[0]["metadata"]["name"])
+
+
+def test_kubectl_reads_a_training_pod_while_it_runs(cluster, tiny_model_dir, tmp_path, s3_endpoint, s3_bucket):
+    """Fidelity: the real kubectl sees our rendered pod running the real trainer, as it would on a cluster."""
+    import shutil
+    import subprocess
+
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed")
+    from kubernetes import client, config
+
+    from airflow_provider_lora.core.render import render_pod
+
+    dataset = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(32))
+    task = operator(tiny_model_dir, dataset, f"s3://{s3_bucket}/runs/kubectl", s3_endpoint, max_steps=40)
+    identity = TaskIdentity(dag_id="kubectl_check", task_id="train", run_id="r1")
+    pod = render_pod(task._spec(), task._options(), identity)
+    name = pod["metadata"]["name"]
+    client.CoreV1Api(config.new_client_from_config(config_file=str(cluster.kubeconfig))).create_namespaced_pod(
+        "default", pod)
+    cluster.wait_for_pod("default", name, until=lambda p: "[lora-trainer] step" in cluster.logs("default", name),
+                         timeout=120)
+
+    def kubectl(*args: str) -> str:
+        return subprocess.run(["kubectl", "--kubeconfig", str(cluster.kubeconfig), "--cache-dir",
+                               str(tmp_path / "kubectl-cache"), *args], capture_output=True, text=True,
+                              check=True).stdout
+
+    wide = kubectl("get", "pods", "-o", "wide")
+    assert name in wide and "Running" in wide
+    assert "[lora-trainer] step" in kubectl("logs", name)
+    described = kubectl("describe", "pod", name)
+    assert "lora.airflow-provider/dag_id=kubectl_check" in described and "nvidia.com/gpu" not in described
+    assert "s3-creds" in described and "testing-secret" not in described  # a reference, never the value
+    cluster.wait_for_pod("default", name, timeout=120)

@@ -7,6 +7,7 @@ both read: parsing JSON into the kubernetes client's model objects costs more th
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -121,10 +122,11 @@ def new_log_lines(text: str, cursor: LogCursor) -> NewLines:
     out = NewLines(cursor=LogCursor(cursor.timestamp, cursor.seen_at_timestamp))
     key = _sort_key(cursor.timestamp) if cursor.timestamp else None
     seen_same = 0
-    for raw in text.splitlines():
+    # Split on newlines only: progress bars write carriage returns inside one log line.
+    for raw in text.split("\n"):
         timestamp, _, line = raw.partition(" ")
-        if not timestamp:
-            continue
+        if not _TIMESTAMP.match(timestamp):
+            continue  # the empty tail after the last newline
         if key is not None:
             this = _sort_key(timestamp)
             if this < key:
@@ -141,6 +143,9 @@ def new_log_lines(text: str, cursor: LogCursor) -> NewLines:
     return out
 
 
+_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+
+
 def _sort_key(timestamp: str) -> tuple[str, str]:
     """RFC3339Nano strings sort by (second, fraction) once the fraction is padded."""
     seconds, _, rest = timestamp.partition(".")
@@ -150,7 +155,7 @@ def _sort_key(timestamp: str) -> tuple[str, str]:
 
 def find_result(log_text: str) -> dict[str, Any] | None:
     """The trainer's result line (RunResult.to_xcom() JSON) in a log text, if present."""
-    for raw in reversed(log_text.splitlines()):
+    for raw in reversed(log_text.split("\n")):
         _, _, line = raw.partition(" ") if raw[:4].isdigit() else ("", "", raw)
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX):])
