@@ -111,12 +111,24 @@ async def _async_configuration(cluster: ClusterRef) -> Any:
     return hook.client_configuration
 
 
-async def async_json(call: Any, *args: Any, **kwargs: Any) -> Any:
-    response = await call(*args, _preload_content=False, **kwargs)
+async def _read_checked(response: Any) -> bytes:
+    """The body of a raw (``_preload_content=False``) response; an ApiException for a 4xx/5xx answer, as the
+    client raises only when it parses responses itself."""
     try:
-        return json.loads(await response.read())
+        body = await response.read()
     finally:
         response.release()
+    if response.status >= 400:
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        error = ApiException(status=response.status, reason=response.reason)
+        error.body, error.headers = body.decode("utf-8", "replace"), dict(response.headers)
+        raise error
+    return body
+
+
+async def async_json(call: Any, *args: Any, **kwargs: Any) -> Any:
+    return json.loads(await _read_checked(await call(*args, _preload_content=False, **kwargs)))
 
 
 async def async_pod_log(api_client: Any, name: str, namespace: str, since_time: str | None = None) -> str:
@@ -128,7 +140,4 @@ async def async_pod_log(api_client: Any, name: str, namespace: str, since_time: 
         "/api/v1/namespaces/{namespace}/pods/{name}/log", "GET", path_params={"name": name, "namespace": namespace},
         query_params=query, header_params={"Accept": "text/plain"}, auth_settings=["BearerToken"],
         _preload_content=False, _return_http_data_only=True)
-    try:
-        return (await response.read()).decode("utf-8", "replace")
-    finally:
-        response.release()
+    return (await _read_checked(response)).decode("utf-8", "replace")

@@ -149,3 +149,16 @@ def test_the_sync_client_and_kubectl_see_the_same_pod(k8s_cluster):
     out = subprocess.run(["kubectl", "--kubeconfig", str(k8s_cluster.kubeconfig), "logs", "seen"],
                          capture_output=True, text=True, check=True).stdout
     assert "hello from the pod" in out
+
+
+def test_a_pod_deleted_by_someone_else_fails_with_reason_deleted(k8s_cluster):
+    import threading
+
+    from kubernetes import client, config
+
+    create(k8s_cluster, cheap_pod("gone", "import time\nwhile True:\n    print('x', flush=True)\n    time.sleep(0.05)"))
+    k8s_cluster.wait_for_pod("default", "gone", until="Running")
+    api = client.CoreV1Api(config.new_client_from_config(config_file=str(k8s_cluster.kubeconfig)))
+    threading.Timer(0.5, lambda: api.delete_namespaced_pod("gone", "default", grace_period_seconds=0)).start()
+    event = first_event(trigger(k8s_cluster, "gone"))
+    assert event["status"] == "failed" and event["reason"] == "Deleted", event

@@ -140,13 +140,16 @@ def _figure(history: list[dict], title: str) -> Any:
         ax.set_yticks([])
         return fig
 
+    # Each series gets an SVG id (gid), so the HTML page and its tests can find its points.
     if steps:
         weight = _ema_weight(len(losses))
-        ax.scatter(*_thin(steps, losses), s=6, alpha=0.35, color="tab:blue", label="training loss")
+        ax.scatter(*_thin(steps, losses), s=6, alpha=0.35, color="tab:blue", label="training loss",
+                   gid="train-points")
         ax.plot(*_thin(steps, _ema(losses, weight)), color="tab:blue", linewidth=2,
-                label=f"training loss (EMA {weight:g})")
+                label=f"training loss (EMA {weight:g})", gid="train-smooth")
     if eval_steps:
-        ax.plot(*_thin(eval_steps, eval_losses), "o-", color="tab:orange", markersize=4, label="eval loss")
+        ax.plot(*_thin(eval_steps, eval_losses), "o-", color="tab:orange", markersize=4, label="eval loss",
+                gid="eval-loss")
     marks = _epoch_marks(history)
     label_every = math.ceil(len(marks) / MAX_EPOCH_LABELS) if marks else 1  # labels must not overlap
     for n, (step, epoch) in enumerate(marks):
@@ -162,14 +165,53 @@ def _figure(history: list[dict], title: str) -> Any:
     lr_steps, lrs = _series(history, "learning_rate")
     if lr_steps:
         ax_lr = ax.twinx()
-        (line,) = ax_lr.plot(*_thin(lr_steps, lrs), "--", color="tab:green", linewidth=1, label="learning rate")
+        (line,) = ax_lr.plot(*_thin(lr_steps, lrs), "--", color="tab:green", linewidth=1, label="learning rate",
+                             gid="learning-rate")
         ax_lr.set_ylabel("learning rate")
         # Full numbers on the ticks: matplotlib's "1e-4" offset text would sit on top of the title.
         ax_lr.yaxis.set_major_formatter(StrMethodFormatter("{x:.2e}"))
         handles, labels = handles + [line], labels + ["learning rate"]
     # Below the axes, where it hides no curve and no epoch label.
     fig.legend(handles, labels, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
+    fig.legends[0].set_gid("legend")
     return fig
+
+
+def _hover_data(fig: Any, history: list[dict]) -> dict | None:
+    """What the page's hover script needs: the plot area in SVG units, the axis limits, and one row per plotted
+    step ``[step, epoch, loss, smoothed loss, learning rate, eval loss]`` (None where a row has no such value).
+
+    Read after the SVG is drawn: constrained layout places the axes during that draw. The axes are linear.
+    """
+    if len(fig.axes) == 0 or not fig.axes[0].has_data():
+        return None
+    ax = fig.axes[0]
+    width, height = (float(v) * 72 for v in fig.get_size_inches())  # SVG user units are points
+    x0, y0, w, h = ax.get_position().bounds  # figure fractions, measured from the bottom left
+    points: dict[float, list] = {}
+
+    def point(row: dict) -> list:
+        step = row["step"]
+        epoch = row["epoch"] if _finite(row.get("epoch")) else None
+        return points.setdefault(step, [step, epoch, None, None, None, None])
+
+    train = [r for r in history if _finite(r.get("loss")) and _finite(r.get("step"))]
+    smooth = _ema([r["loss"] for r in train], _ema_weight(len(train)))
+    for i in _evenly(list(range(len(train))), MAX_PLOT_POINTS):  # the rows _figure scatters, no others
+        row = point(train[i])
+        row[2], row[3] = train[i]["loss"], smooth[i]
+        if _finite(train[i].get("learning_rate")):
+            row[4] = train[i]["learning_rate"]
+    evals = [r for r in history if _finite(r.get("eval_loss")) and _finite(r.get("step"))]
+    for i in _evenly(list(range(len(evals))), MAX_PLOT_POINTS):
+        point(evals[i])[5] = evals[i]["eval_loss"]
+    return {
+        "box": [round(x0 * width, 3), round((1 - y0 - h) * height, 3), round(w * width, 3), round(h * height, 3)],
+        "x": [float(v) for v in ax.get_xlim()],
+        "y": [float(v) for v in ax.get_ylim()],
+        "lr": [float(v) for v in fig.axes[1].get_ylim()] if len(fig.axes) > 1 else None,
+        "points": [points[step] for step in sorted(points)],
+    }
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
@@ -182,8 +224,11 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }
 h1 { font-size: 1.3rem; }
-figure { margin: 0; max-width: 960px; }
+figure { margin: 0; max-width: 960px; position: relative; }
 figure svg { width: 100%; height: auto; }
+#tip { position: absolute; pointer-events: none; background: #fffffff2; border: 1px solid #bbb; border-radius: 4px;
+       padding: 0.3rem 0.5rem; font-size: 0.8rem; line-height: 1.4; white-space: nowrap; }
+#tip span { display: inline-block; width: 0.7em; height: 0.7em; margin-right: 0.4em; }
 table { border-collapse: collapse; font-size: 0.85rem; margin-top: 1rem; }
 th, td { border: 1px solid #ccc; padding: 0.2rem 0.6rem; text-align: right; }
 th { background: #f3f3f3; position: sticky; top: 0; }
@@ -192,7 +237,85 @@ tr.eval td { background: #fff6ea; }
 """
 
 
-def _html(history: list[dict], title: str, svg: str) -> str:
+# Hovering the plot shows the nearest plotted step's values in #tip and rings its points. Plain DOM, no library;
+# the values come from the JSON above it and are written with textContent, so nothing in them is parsed as HTML.
+_HOVER_JS = r"""
+(() => {
+  const data = JSON.parse(document.getElementById("chart-data").textContent);
+  const figure = document.querySelector("figure"), svg = figure.querySelector("svg");
+  const tip = document.getElementById("tip"), points = data.points;
+  const [left, top, width, height] = data.box;
+  const sx = (step) => left + (step - data.x[0]) / (data.x[1] - data.x[0]) * width;
+  const sy = (v, [lo, hi]) => top + (hi - v) / (hi - lo) * height;
+  const layer = svg.appendChild(document.createElementNS("http://www.w3.org/2000/svg", "g"));
+  layer.id = "hover";
+  layer.style.display = "none";
+  const shape = (tag, attrs) => {
+    const el = layer.appendChild(document.createElementNS("http://www.w3.org/2000/svg", tag));
+    for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, v);
+    return el;
+  };
+  const guide = shape("line", {y1: top, y2: top + height, stroke: "#666", "stroke-width": 0.8});
+  const loss = (v) => v.toFixed(4);
+  const rate = (v) => v.toExponential(3).replace(/e([+-])(\d)$/, (_, sign, d) => `e${sign}0${d}`);
+  // [column in a point, label, colour, format, y limits]
+  const series = [
+    [2, "training loss", "#1f77b4", loss, data.y],
+    [3, "smoothed", "#1f77b4", loss, data.y],
+    [5, "eval loss", "#ff7f0e", loss, data.y],
+    [4, "learning rate", "#2ca02c", rate, data.lr],
+  ].map(([col, label, colour, format, limits]) => ({col, label, colour, format, limits,
+    ring: limits && shape("circle", {r: 4.5, fill: "none", stroke: colour, "stroke-width": 1.5})}));
+
+  function nearest(step) {  // points are sorted by step
+    let lo = 0, hi = points.length - 1;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (points[mid][0] < step) lo = mid + 1; else hi = mid;
+    }
+    return lo > 0 && step - points[lo - 1][0] < points[lo][0] - step ? points[lo - 1] : points[lo];
+  }
+
+  function hide() { layer.style.display = "none"; tip.hidden = true; }
+
+  svg.addEventListener("pointermove", (event) => {
+    const at = new DOMPoint(event.clientX, event.clientY).matrixTransform(svg.getScreenCTM().inverse());
+    if (at.x < left || at.x > left + width || at.y < top || at.y > top + height) return hide();
+    const p = nearest(data.x[0] + (at.x - left) / width * (data.x[1] - data.x[0]));
+    guide.setAttribute("x1", sx(p[0]));
+    guide.setAttribute("x2", sx(p[0]));
+    const head = document.createElement("b");
+    head.textContent = `step ${p[0]}` + (p[1] === null ? "" : ` \u00b7 epoch ${p[1].toFixed(2)}`);
+    const lines = [head];
+    for (const s of series) {
+      const v = p[s.col];
+      if (s.ring) s.ring.style.display = v === null ? "none" : "";
+      if (v === null) continue;
+      if (s.ring) { s.ring.setAttribute("cx", sx(p[0])); s.ring.setAttribute("cy", sy(v, s.limits)); }
+      const line = document.createElement("div"), swatch = document.createElement("span");
+      swatch.style.background = s.colour;
+      line.append(swatch, `${s.label} ${s.format(v)}`);
+      lines.push(line);
+    }
+    tip.replaceChildren(...lines);
+    layer.style.display = "";
+    tip.hidden = false;
+    const box = figure.getBoundingClientRect(), x = event.clientX - box.left, y = event.clientY - box.top;
+    tip.style.left = `${x > box.width * 0.6 ? x - tip.offsetWidth - 14 : x + 14}px`;
+    tip.style.top = `${Math.min(y + 14, box.height - tip.offsetHeight)}px`;
+  });
+  svg.addEventListener("pointerleave", hide);
+})();
+"""
+
+
+def _script_json(value: Any) -> str:
+    """JSON that is safe inside <script>: no '<', '>' or '&', so no '</script>' or '<!--' can end it early."""
+    text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _html(history: list[dict], title: str, svg: str, hover: dict | None = None) -> str:
     rows = downsample(history, MAX_TABLE_ROWS) if len(history) > MAX_TABLE_ROWS else history
     note = (f'<p class="note">Showing {len(rows)} of {len(history)} logged rows, evenly spaced.</p>'
             if len(rows) < len(history) else "")
@@ -203,27 +326,33 @@ def _html(history: list[dict], title: str, svg: str) -> str:
         for r in rows
     ) or f'<tr><td colspan="5">{NO_STEPS}</td></tr>'
     esc = html.escape(title)
+    tip, script = "", ""
+    if hover is not None:
+        tip = '<div id="tip" role="status" hidden></div>'
+        script = (f'<script type="application/json" id="chart-data">{_script_json(hover)}</script>\n'
+                  f"<script>{_HOVER_JS}</script>\n")
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head><meta charset="utf-8"><title>{esc}</title><style>{_CSS}</style></head>
 <body>
 <h1>{esc}</h1>
-<figure>{svg}</figure>
+<figure>{svg}{tip}</figure>
 {note}<table>
 <thead><tr><th>step</th><th>epoch</th><th>loss</th><th>eval loss</th><th>learning rate</th></tr></thead>
 <tbody>
 {body}
 </tbody>
 </table>
-</body>
+{script}</body>
 </html>
 """
 
 
 def draw_loss_chart(history: list[dict], *, title: str, png_path: str | os.PathLike,
                     html_path: str | os.PathLike) -> None:
-    """Draw the loss chart as a PNG and as one self-contained HTML page (inline SVG and CSS, no external resource:
-    it must open air-gapped and inside Airflow's and KFP's sandboxed iframes)."""
+    """Draw the loss chart as a PNG and as one self-contained HTML page (inline SVG, CSS and script, no external
+    resource: it must open air-gapped and inside Airflow's and KFP's sandboxed iframes). Hovering the HTML chart
+    shows the nearest step's values; without scripts the page is still the chart plus the table of values."""
     import matplotlib
 
     # Text as paths: the SVG needs no font; fixed hash salt and no date: the same history gives the same file.
@@ -233,10 +362,11 @@ def draw_loss_chart(history: list[dict], *, title: str, png_path: str | os.PathL
         fig.savefig(png_path, format="png", dpi=110)
         buffer = io.StringIO()
         fig.savefig(buffer, format="svg", metadata={"Date": None})
+        hover = _hover_data(fig, history)  # after the SVG draw, which placed the axes
     svg = buffer.getvalue()
     svg = svg[svg.index("<svg"):]  # drop the XML prolog and DOCTYPE, which are invalid inside HTML
     Path(html_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(html_path).write_text(_html(history, title, svg), encoding="utf-8")
+    Path(html_path).write_text(_html(history, title, svg, hover), encoding="utf-8")
 
 
 def _json_safe(value: Any) -> Any:

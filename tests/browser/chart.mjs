@@ -1,0 +1,68 @@
+// Opens a loss-chart HTML file in Debian's headless chromium and prints what it finds as one JSON object.
+// Used by tests/test_chart_browser.py:  node chart.mjs PAGE.html SHOT.png HOVERS_JSON
+//   HOVERS_JSON: [{"selector": "#train-points use", "index": 40}, ...]; each element is hovered at its centre, in
+//   order, and the tooltip's text read; the screenshot is taken while the last one is hovered.
+import { chromium } from "playwright-core";
+import { pathToFileURL } from "node:url";
+
+const [page_path, shot_path, hovers_json] = process.argv.slice(2);
+const url = pathToFileURL(page_path).href;
+const result = { console_errors: [], requests: [], blocked: [], failed: [] };
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"],
+});
+try {
+  const context = await browser.newContext({ viewport: { width: 1000, height: 720 }, deviceScaleFactor: 1 });
+  // Anything but the page itself is recorded and refused: the chart must work air-gapped.
+  await context.route("**/*", (route) => {
+    const wanted = route.request().url();
+    if (wanted === url) return route.continue();
+    result.blocked.push(wanted);
+    return route.abort();
+  });
+  const page = await context.newPage();
+  page.on("console", (msg) => { if (msg.type() === "error") result.console_errors.push(msg.text()); });
+  page.on("pageerror", (err) => result.console_errors.push(String(err)));
+  page.on("request", (req) => result.requests.push(req.url()));
+  page.on("requestfailed", (req) => result.failed.push(`${req.url()} ${req.failure()?.errorText}`));
+
+  await page.goto(url, { waitUntil: "load" });
+  Object.assign(result, await page.evaluate(() => {
+    const comments = (root) => {  // matplotlib writes each text as glyph paths after a comment holding the text
+      const walker = document.createTreeWalker(root, NodeFilter.SHOW_COMMENT), out = [];
+      while (walker.nextNode()) out.push(walker.currentNode.data.trim());
+      return out;
+    };
+    const legend = document.querySelector("svg #legend");
+    return {
+      title: document.title,
+      heading: document.querySelector("h1")?.textContent,
+      svg: document.querySelectorAll("figure > svg").length,
+      legend: legend ? comments(legend) : [],
+      train_points: document.querySelectorAll("#train-points use").length,
+      eval_points: document.querySelectorAll("#eval-loss use").length,
+      smooth_line: document.querySelectorAll("#train-smooth path").length,
+      lr_line: document.querySelectorAll("#learning-rate path").length,
+      table_rows: document.querySelectorAll("tbody tr").length,
+      tip_hidden_before: document.getElementById("tip")?.hidden ?? null,
+    };
+  }));
+
+  result.tooltips = [];
+  for (const { selector, index } of JSON.parse(hovers_json || "[]")) {
+    const box = await page.locator(selector).nth(index).boundingBox();
+    await page.mouse.move(box.x + box.width / 2, box.y + box.height / 2);
+    result.tooltips.push(await page.evaluate(() => {
+      const tip = document.getElementById("tip");
+      return tip && !tip.hidden ? [...tip.children].map((line) => line.textContent) : null;
+    }));
+  }
+  const figure = await page.locator("figure").boundingBox();
+  await page.screenshot({ path: shot_path, clip: { x: 0, y: 0, width: 1000, height: figure.y + figure.height + 8 } });
+} finally {
+  await browser.close();
+}
+console.log(JSON.stringify(result));
