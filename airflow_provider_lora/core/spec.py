@@ -65,6 +65,8 @@ EFFECTIVE_4BIT_DEFAULTS: dict[str, Any] = {
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)\Z")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?)\Z")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
+# Words in an environment variable name that mark a secret (TOKENIZERS_PARALLELISM is fine: whole words only).
+SECRET_NAME_PARTS = {"TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS", "KEY", "APIKEY"}
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 _QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)([numkMGTPE]|Ki|Mi|Gi|Ti|Pi|Ei|[eE][+-]?[0-9]+)?\Z")
 
@@ -340,9 +342,18 @@ class LoRASpec(BaseModel):
     @field_validator("envs")
     @classmethod
     def _envs(cls, v: str) -> str:
-        for key in parse_key_values(v, "envs"):
+        # Messages name the variable, never echo the value: envs may hold something private.
+        try:
+            names = parse_key_values(v, "envs")
+        except ValueError as exc:
+            raise ValueError(str(exc).replace(repr(v), "(value not shown)")) from None
+        for key in names:
             if not _ENV_NAME.match(key):
-                raise _bad("envs", v, f"{key!r} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
+                raise ValueError(f"envs: {key!r} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
+            if SECRET_NAME_PARTS & set(key.upper().split("_")):
+                raise ValueError(f"envs: {key!r} looks like a secret; envs values are written into the pod "
+                                 "manifest in clear text. Give it from a Kubernetes Secret instead (operator: "
+                                 "hf_token_secret= or secret_env={...: 'secret-name/key'})")
         return v
 
     @field_validator("metadata_labels")
