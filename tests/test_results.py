@@ -121,10 +121,17 @@ def draw(tmp_path, history, title=TITLE):
     return png.read_bytes(), page.read_text(encoding="utf-8")
 
 
+HOVER_SCRIPTS = ['<script type="application/json" id="chart-data">', "<script>"]
+
+
 def assert_self_contained(page: str) -> None:
     lowered = page.lower()
-    assert "src=" not in lowered and "<link" not in lowered and "<script" not in lowered
+    assert "src=" not in lowered and "<link" not in lowered
     assert "@import" not in lowered and "url(http" not in lowered
+    # The only scripts are the page's own inline ones, the chart's data and its hover handler, and they load nothing.
+    assert re.findall(r"<script[^>]*>", lowered) in ([], HOVER_SCRIPTS)
+    for loader in ("fetch(", "xmlhttprequest", "import(", "websocket", "eventsource", "sendbeacon", ".src"):
+        assert loader not in lowered
     # Any http(s) URL left may only be an XML namespace / RDF identifier inside the SVG, never a fetched resource.
     for match in re.finditer(r'(\S+)="https?://', page):
         assert match.group(1) in ("xmlns", "xmlns:xlink", "xmlns:dc", "xmlns:cc", "xmlns:rdf", "rdf:resource")
@@ -148,6 +155,58 @@ def test_chart_is_a_png_and_one_self_contained_html_page(tmp_path):
     assert (f'<tr class="train"><td>1</td><td>0.100</td><td>{first["loss"]:.4f}</td><td></td>'
             f'<td>{first["learning_rate"]:.3e}</td></tr>') in page
     assert f'<tr class="eval"><td>10</td><td>1.000</td><td></td><td>{eval_row(10)["eval_loss"]:.4f}</td>' in page
+
+
+def chart_data(page: str) -> dict:
+    found = re.search(r'<script type="application/json" id="chart-data">(.*?)</script>', page, re.S)
+    return json.loads(found.group(1))
+
+
+def test_html_chart_carries_the_plotted_values_for_its_hover_readout(tmp_path):
+    history = history_of(25)
+    _, page = draw(tmp_path, history)
+    assert '<div id="tip" role="status" hidden></div></figure>' in page
+    assert re.findall(r"<script[^>]*>", page) == HOVER_SCRIPTS and page.endswith("</script>\n</body>\n</html>\n")
+    for gid in ("train-points", "train-smooth", "eval-loss", "learning-rate", "legend"):
+        assert page.count(f'<g id="{gid}">') == 1
+
+    data = chart_data(page)
+    points = {p[0]: p for p in data["points"]}
+    assert sorted(points) == list(range(1, 26)) and [p[0] for p in data["points"]] == sorted(points)
+    step_10, step_11 = points[10], points[11]
+    assert step_10[:3] == [10, 1.0, train_row(10)["loss"]] and step_10[4] == train_row(10)["learning_rate"]
+    assert step_10[5] == eval_row(10)["eval_loss"] and step_11[5] is None  # eval loss only where it was logged
+    smooth = results._ema([train_row(s)["loss"] for s in range(1, 26)], results._ema_weight(25))
+    assert [p[3] for p in data["points"]] == smooth
+
+    # The plot area, in SVG units, is where the scatter put the points: the first and last at the x limits' ends.
+    left, top, width, height = data["box"]
+    scatter = re.search(r'<g id="train-points">.*?</g>\n   </g>', page, re.S).group(0)  # up to the group's end
+    xs = [float(x) for x in re.findall(r'<use xlink:href="#\w+" x="([\d.]+)"', scatter)]
+    assert len(xs) == 25
+    (x0, x1), scale = data["x"], width / (data["x"][1] - data["x"][0])
+    assert xs[0] == pytest.approx(left + (1 - x0) * scale, abs=0.01)
+    assert xs[-1] == pytest.approx(left + (25 - x0) * scale, abs=0.01)
+    assert data["y"][0] < min(p[2] for p in data["points"]) and data["lr"][0] < data["lr"][1]
+    assert 0 < left and 0 < top and left + width < 648 and top + height < 345.6  # inside the 9 x 4.8 inch figure
+
+
+def test_hover_json_cannot_end_its_script_early():
+    text = results._script_json({"title": "</script><script>alert(1)</script> & <!--"})
+    assert "<" not in text and ">" not in text and "&" not in text
+    assert json.loads(text) == {"title": "</script><script>alert(1)</script> & <!--"}
+    with pytest.raises(ValueError):
+        results._script_json([float("nan")])  # NaN is not JSON; JSON.parse would throw
+
+
+def test_long_runs_hover_over_the_plotted_points_only(tmp_path):
+    history = history_of(5000, eval_every=1000)
+    _, page = draw(tmp_path, history, title="long")
+    data = chart_data(page)
+    assert len([p for p in data["points"] if p[2] is not None]) == results.MAX_PLOT_POINTS
+    assert len(data["points"]) <= results.MAX_PLOT_POINTS + 5  # eval steps that no plotted training step shares
+    assert data["points"][0][0] == 1 and data["points"][-1][0] == 5000
+    assert [p[0] for p in data["points"] if p[5] is not None] == [1000, 2000, 3000, 4000, 5000]
 
 
 def test_chart_draws_raw_and_smoothed_loss_eval_loss_lr_axis_and_epoch_marks():
@@ -185,6 +244,7 @@ def test_chart_without_training_steps_says_so(tmp_path, history):
     assert_self_contained(page)
     if not history:
         assert '<td colspan="5">no training steps logged</td>' in page
+    assert "<script" not in page and 'id="tip"' not in page  # nothing to hover
     fig = results._figure(history, "empty run")
     assert [t.get_text() for t in fig.axes[0].texts] == ["no training steps logged"]
 

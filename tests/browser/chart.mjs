@@ -54,11 +54,19 @@ try {
   result.tooltips = [];
   for (const { selector, index } of JSON.parse(hovers_json || "[]")) {
     const box = await page.locator(selector).nth(index).boundingBox();
-    await page.mouse.move(box.x + box.width / 2, box.y + box.height / 2);
-    result.tooltips.push(await page.evaluate(() => {
+    const at = [box.x + box.width / 2, box.y + box.height / 2];
+    await page.mouse.move(...at);
+    result.tooltips.push(await page.evaluate((at) => {
       const tip = document.getElementById("tip");
-      return tip && !tip.hidden ? [...tip.children].map((line) => line.textContent) : null;
-    }));
+      // How far (CSS px) the nearest ring the page drew is from the point hovered: the page's own data-to-SVG
+      // mapping has to agree with where matplotlib put the point.
+      const off = [...document.querySelectorAll("#hover circle")]
+        .filter((ring) => ring.style.display !== "none")
+        .map((ring) => ring.getBoundingClientRect())
+        .map((r) => Math.hypot(r.x + r.width / 2 - at[0], r.y + r.height / 2 - at[1]));
+      return { text: tip && !tip.hidden ? [...tip.children].map((line) => line.textContent) : null,
+               ring_offset: off.length ? Math.min(...off) : null };
+    }, at));
   }
   const figure = await page.locator("figure").boundingBox();
   await page.screenshot({ path: shot_path, clip: { x: 0, y: 0, width: 1000, height: figure.y + figure.height + 8 } });
