@@ -19,4 +19,5 @@ def get_provider_info() -> dict:
                        "python-modules": ["airflow_provider_lora.operators.lora"]}],
         "triggers": [{"integration-name": "LoRA fine-tuning",
                       "python-modules": ["airflow_provider_lora.triggers.lora"]}],
+        "extra-links": ["airflow_provider_lora.links.LoRAArtifactsLink", "airflow_provider_lora.links.LossChartLink"],
     }

@@ -20,6 +20,7 @@ from airflow_provider_lora.compat import AirflowException, BaseOperator, Context
 from airflow_provider_lora.core.launchers.pod import FAILED, classify_pod, find_result
 from airflow_provider_lora.core.render import PodOptions, SecretRef, TaskIdentity, pod_name, render_pod
 from airflow_provider_lora.core.spec import LoRASpec, SpecError
+from airflow_provider_lora.links import LoRAArtifactsLink, LossChartLink, push_loss_chart
 
 SPEC_FIELDS = tuple(LoRASpec.model_fields)
 LAUNCHERS = ("pod", "local", "trainjob")
@@ -67,6 +68,7 @@ class LoRATrainingOperator(BaseOperator):
 
     template_fields: Sequence[str] = (*SPEC_FIELDS, "image", "namespace")
     ui_color = "#e8f0fe"
+    operator_extra_links = (LoRAArtifactsLink(), LossChartLink())
 
     def __init__(
         self,
@@ -288,6 +290,7 @@ class LoRATrainingOperator(BaseOperator):
         self.log.info("training finished: final loss %s (min %s) after %s steps; artifacts: %s",
                       summary.get("final_loss"), summary.get("min_loss"), summary.get("global_step"),
                       json.dumps(result.get("artifacts", {})))
+        push_loss_chart(result, self.log)  # XCom loss_chart_html, for the Loss chart tab
         return result
 
     def _clean_up(self, api: Any, name: str, namespace: str, succeeded: bool) -> None:
