@@ -146,3 +146,20 @@ def test_kubectl_reads_a_training_pod_while_it_runs(cluster, tiny_model_dir, tmp
     assert "lora.airflow-provider/dag_id=kubectl_check" in described and "nvidia.com/gpu" not in described
     assert "s3-creds" in described and "testing-secret" not in described  # a reference, never the value
     cluster.wait_for_pod("default", name, timeout=120)
+
+
+def test_dataset_and_output_on_a_workspace_pvc(cluster, airflow_db, tiny_model_dir, tmp_path, s3_endpoint):
+    """The PVC outlives the pod: the dataset placed on it is read, and the run published on it is complete."""
+    from airflow.sdk import DAG
+
+    mount = str(cluster.root / "mnt" / "lora")  # under the cluster root, so the emulated pod sees this path
+    claim_dir = cluster.root / "pvc" / "default" / "workspace"
+    write_jsonl(claim_dir / "data" / "train.jsonl", arithmetic_rows(32))
+    with DAG("lora_pod_pvc", schedule=None, start_date=datetime.datetime(2026, 1, 1)) as dag:
+        operator(tiny_model_dir, f"{mount}/data/train.jsonl", f"{mount}/runs/{{{{ run_id }}}}", s3_endpoint,
+                 pvc_claim_name="workspace", pvc_mount_path=mount, on_finish_action="delete_pod")
+    run = run_dag_test(dag)
+    assert run.state == "success"
+    published = claim_dir / "runs" / run.run_id
+    assert (published / "_COMPLETE").exists() and (published / "adapter" / "adapter_model.safetensors").exists()
+    assert cluster.pods() == []

@@ -115,3 +115,12 @@ def test_reserved_labels_and_env_clashes_are_rejected():
                    PodOptions(secret_env={"HF_HOME": SecretRef(name="s", key="k")}), IDENTITY)
     with pytest.raises(ValueError, match="TrainJob|trainjob"):
         render_pod(LoRASpec.parse(dict(BASE, resource_num_workers=2)), PodOptions(), IDENTITY)
+
+
+def test_a_workspace_pvc_is_mounted_and_path_outputs_must_live_on_a_volume():
+    spec = LoRASpec.parse(dict(BASE, dataset="/mnt/lora/data.jsonl", output_uri="/mnt/lora/runs/1"))
+    pod = render_pod(spec, PodOptions(pvc_claim_name="workspace"), IDENTITY)
+    assert {"name": "lora-workspace", "persistentVolumeClaim": {"claimName": "workspace"}} in pod["spec"]["volumes"]
+    assert {"name": "lora-workspace", "mountPath": "/mnt/lora"} in pod["spec"]["containers"][0]["volumeMounts"]
+    with pytest.raises(ValueError, match=r"output_uri='/mnt/lora/runs/1' is not on a mounted volume.*pvc_claim_name"):
+        render_pod(spec, PodOptions(), IDENTITY)

@@ -65,6 +65,8 @@ class PodOptions(BaseModel):
     volumes: tuple[dict[str, Any], ...] = ()
     volume_mounts: tuple[dict[str, Any], ...] = ()
     secret_env: dict[str, SecretRef] = Field(default_factory=dict)  # ENV_NAME -> secret key, e.g. HF_TOKEN
+    pvc_claim_name: str | None = None  # a workspace PVC for data and output, mounted at pvc_mount_path
+    pvc_mount_path: str = "/mnt/lora"
     pod_template: dict[str, Any] | None = None  # merged under our settings
     shm_size: str | None = "16Gi"  # /dev/shm for dataloader workers and NCCL; None: no size limit
     active_deadline_seconds: int | None = None
@@ -154,6 +156,11 @@ def render_pod(spec: LoRASpec, options: PodOptions, identity: TaskIdentity) -> d
     for key in spec.labels:
         if key.startswith(LABEL_PREFIX) or key == LABEL_MANAGED_BY:
             raise ValueError(f"metadata_labels key {key!r} is reserved for the operator's own labels")
+    volumes, mounts = [dict(v) for v in options.volumes], [dict(m) for m in options.volume_mounts]
+    if options.pvc_claim_name:
+        volumes.append({"name": "lora-workspace", "persistentVolumeClaim": {"claimName": options.pvc_claim_name}})
+        mounts.append({"name": "lora-workspace", "mountPath": options.pvc_mount_path})
+    _check_output_persists(spec.output_uri, [m["mountPath"] for m in mounts])
     resources = {"cpu": spec.resource_cpu_per_worker, "memory": spec.resource_memory_per_worker}
     if spec.resource_gpu_per_worker:
         resources["nvidia.com/gpu"] = str(spec.resource_gpu_per_worker)
@@ -173,7 +180,7 @@ def render_pod(spec: LoRASpec, options: PodOptions, identity: TaskIdentity) -> d
         "env": env,
         "resources": {"requests": dict(resources), "limits": dict(resources)},
         "volumeMounts": [{"name": SHM_VOLUME, "mountPath": "/dev/shm"},
-                         {"name": "lora-work", "mountPath": WORK_DIR}, *map(dict, options.volume_mounts)],
+                         {"name": "lora-work", "mountPath": WORK_DIR}, *mounts],
         "securityContext": copy.deepcopy(RESTRICTED_CONTAINER_SECURITY),
         "terminationMessagePath": "/dev/termination-log",
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -187,8 +194,7 @@ def render_pod(spec: LoRASpec, options: PodOptions, identity: TaskIdentity) -> d
         "restartPolicy": "Never",
         "securityContext": copy.deepcopy(RESTRICTED_POD_SECURITY),
         "containers": [container],
-        "volumes": [{"name": SHM_VOLUME, "emptyDir": shm}, {"name": "lora-work", "emptyDir": {}},
-                    *map(dict, options.volumes)],
+        "volumes": [{"name": SHM_VOLUME, "emptyDir": shm}, {"name": "lora-work", "emptyDir": {}}, *volumes],
     }
     optional = {
         "serviceAccountName": options.service_account_name,
@@ -209,6 +215,16 @@ def render_pod(spec: LoRASpec, options: PodOptions, identity: TaskIdentity) -> d
     if options.pod_template:
         pod = merge_under(options.pod_template, pod)
     return pod
+
+
+def _check_output_persists(output_uri: str, mount_paths: list[str]) -> None:
+    """A path output must lie on a mounted volume: the container's own filesystem goes away with the pod."""
+    if output_uri.startswith("s3://") or not output_uri:
+        return
+    if not any(output_uri == m or output_uri.startswith(m.rstrip("/") + "/") for m in mount_paths):
+        raise ValueError(f"output_uri={output_uri!r} is not on a mounted volume, so the run would be lost when the "
+                         "pod ends; set pvc_claim_name (and put output_uri under pvc_mount_path), mount a volume "
+                         "that holds it, or use s3://")
 
 
 def merge_under(template: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:

@@ -54,6 +54,9 @@ class LoRATrainingOperator(BaseOperator):
     :param config_file, cluster_context, in_cluster: override the connection, as in KubernetesHook.
     :param namespace, image, image_pull_policy, image_pull_secrets, service_account_name, node_selector,
         tolerations, affinity, volumes, volume_mounts: the pod's settings, spelled as in Kubernetes.
+    :param pvc_claim_name, pvc_mount_path: a PVC mounted as the workspace (default path /mnt/lora); put
+        ``dataset``, ``output_uri`` and ``data_output_dir`` under the mount path. A path ``output_uri`` must be on
+        a mounted volume (this PVC or one in ``volumes``), or the task fails before launching.
     :param pod_template: a pod manifest (dict, or a YAML/JSON file path) that our settings are merged over.
     :param hf_token_secret: ``"secret/key"`` holding a Hugging Face token, given to the pod as HF_TOKEN.
     :param secret_env: more environment variables from secrets: ``{"AWS_SECRET_ACCESS_KEY": "s3-creds/secret"}``.
@@ -88,6 +91,8 @@ class LoRATrainingOperator(BaseOperator):
         affinity: dict[str, Any] | None = None,
         volumes: Sequence[dict[str, Any]] = (),
         volume_mounts: Sequence[dict[str, Any]] = (),
+        pvc_claim_name: str | None = None,
+        pvc_mount_path: str = PodOptions.model_fields["pvc_mount_path"].default,
         pod_template: dict[str, Any] | str | None = None,
         hf_token_secret: str | dict[str, str] | None = None,
         secret_env: dict[str, Any] | None = None,
@@ -124,6 +129,8 @@ class LoRATrainingOperator(BaseOperator):
         self.affinity = affinity
         self.volumes = tuple(volumes)
         self.volume_mounts = tuple(volume_mounts)
+        self.pvc_claim_name = pvc_claim_name
+        self.pvc_mount_path = pvc_mount_path
         self.pod_template = pod_template
         self.secret_env = {name: _secret_ref(v, f"secret_env[{name!r}]") for name, v in (secret_env or {}).items()}
         if hf_token_secret is not None:
@@ -163,7 +170,8 @@ class LoRATrainingOperator(BaseOperator):
             namespace=self.namespace, image=self.image, image_pull_policy=self.image_pull_policy,
             image_pull_secrets=self.image_pull_secrets, service_account_name=self.service_account_name,
             node_selector=self.node_selector, tolerations=self.tolerations, affinity=self.affinity,
-            volumes=self.volumes, volume_mounts=self.volume_mounts, secret_env=self.secret_env,
+            volumes=self.volumes, volume_mounts=self.volume_mounts, pvc_claim_name=self.pvc_claim_name,
+            pvc_mount_path=self.pvc_mount_path, secret_env=self.secret_env,
             pod_template=template,
         )
 
