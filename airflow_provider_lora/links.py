@@ -11,9 +11,9 @@ import os
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from airflow.providers.common.compat.sdk import BaseOperatorLink, XCom
+from airflow.providers.common.compat.sdk import XCom
 
-from airflow_provider_lora.compat import conf
+from airflow_provider_lora.compat import BaseOperatorLink, conf
 
 CHART_XCOM_KEY = "loss_chart_html"
 CHART_MAX_BYTES = 2 * 1024 * 1024

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from airflow_provider_lora.compat import AirflowException, BaseOperator, Context, conf
+from airflow_provider_lora.compat import AirflowException, AirflowFailException, BaseOperator, Context, conf
 from airflow_provider_lora.core.launchers.pod import FAILED, classify_pod, find_result
-from airflow_provider_lora.core.render import PodOptions, SecretRef, TaskIdentity, pod_name, render_pod
+from airflow_provider_lora.core.render import LABEL_PREFIX, PodOptions, SecretRef, TaskIdentity, render_pod
 from airflow_provider_lora.core.spec import LoRASpec, SpecError
 from airflow_provider_lora.links import LoRAArtifactsLink, LossChartLink, push_loss_chart
 
@@ -184,7 +184,10 @@ class LoRATrainingOperator(BaseOperator):
     # ---- execution ----------------------------------------------------------------------------------------------
 
     def execute(self, context: Context) -> Any:
-        spec = self._spec()
+        try:
+            spec = self._spec()
+        except ValueError as exc:  # bad input: a retry would fail the same way
+            raise AirflowFailException(str(exc)) from None
         if self.launcher == "local":
             return self._execute_local(spec)
         return self._execute_pod(spec, context)
@@ -205,7 +208,10 @@ class LoRATrainingOperator(BaseOperator):
         identity = TaskIdentity(dag_id=ti.dag_id, task_id=ti.task_id, run_id=ti.run_id,
                                 map_index=getattr(ti, "map_index", -1), try_number=ti.try_number,
                                 deployment=self.deployment)
-        manifest = render_pod(spec, self._options(), identity)
+        try:
+            manifest = render_pod(spec, self._options(), identity)
+        except ValueError as exc:
+            raise AirflowFailException(f"{self.task_id}: {exc}") from None
         name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
         api = kube.sync_core_api(self._cluster)
         self._pod = (name, namespace)
@@ -233,7 +239,7 @@ class LoRATrainingOperator(BaseOperator):
         existing = kube.read_pod(api, name, namespace)
         if existing is not None:
             state = classify_pod(existing)
-            made_by = existing["metadata"].get("labels", {}).get("lora.airflow-provider/try_number", "?")
+            made_by = existing["metadata"].get("labels", {}).get(LABEL_PREFIX + "try_number", "?")
             if state.phase != FAILED:
                 self.log.info("reattaching to pod %s/%s (%s), created by try %s", namespace, name, state.phase,
                               made_by)
