@@ -11,10 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from airflow_provider_lora.core.spec import CHOICES, LoRASpec
+from airflow_provider_lora.core.spec import CHOICES, EFFECTIVE_4BIT_DEFAULTS, EFFECTIVE_DEFAULTS, LoRASpec
 
 # The form offers only what validation accepts: of the FSDP strategies, NO_SHARD (see its description).
 FORM_CHOICES = {**CHOICES, "fsdp_sharding_strategy": ("NO_SHARD",)}
+# Text fields that may be empty. The form treats a non-nullable field as required and sends null for a cleared one,
+# so these are nullable in the form and rendered back as "".
+OPTIONAL_TEXT = ("envs", "metadata_labels", "metadata_annotations", "lora_target_modules")
+SECTION_ORDER = ("Model", "Data", "LoRA", "Quantisation", "Training", "Resources", "Kubernetes", "Output")
 MINIMUM = {"effective_batch_size": 1, "max_tokens_per_gpu": 1, "max_seq_len": 1, "lora_r": 1, "lora_alpha": 1,
            "num_epochs": 1, "resource_num_workers": 1, "lr_warmup_steps": 0, "resource_gpu_per_worker": 0,
            "seed": 0, "max_steps": 1}
@@ -34,16 +38,25 @@ def param_schemas(**defaults: Any) -> dict[str, dict[str, Any]]:
             "description": field.description,
             "section": (field.json_schema_extra or {})["section"],
         }
+        if name in OPTIONAL_TEXT:
+            schema["type"] = ["string", "null"]
+        if schema["type"] == ["boolean", "null"] and name in EFFECTIVE_DEFAULTS and name not in defaults:
+            # A switch cannot show "unset": show the value that unset means.
+            schema["default"] = EFFECTIVE_DEFAULTS[name]
         enum = prop.get("enum") or FORM_CHOICES.get(name)
         if enum:
             schema["enum"] = [*enum, *([None] if "null" in types else [])]
+            if "null" in types:
+                unset = EFFECTIVE_DEFAULTS.get(name) or EFFECTIVE_4BIT_DEFAULTS.get(name)
+                schema["values_display"] = {"null": f"default ({unset})" if unset else "unset"}
         if name in MINIMUM:
             schema["minimum"] = MINIMUM[name]
         schemas[name] = schema
     unknown = set(defaults) - set(schemas)
     if unknown:
         raise ValueError(f"spec_params got unknown field(s): {', '.join(sorted(unknown))}")
-    return schemas
+    # The form shows sections in the order their first field appears.
+    return dict(sorted(schemas.items(), key=lambda item: SECTION_ORDER.index(item[1]["section"])))
 
 
 def spec_params(**defaults: Any) -> dict[str, Any]:
@@ -54,5 +67,6 @@ def spec_params(**defaults: Any) -> dict[str, Any]:
 
 
 def templated_spec_kwargs() -> dict[str, str]:
-    """``{field: "{{ params.field }}"}`` for every spec field."""
-    return {name: "{{ params.%s }}" % name for name in LoRASpec.model_fields}
+    """``{field: "{{ params.field }}"}`` for every spec field (optional text fields render None as "")."""
+    return {name: ("{{ params.%s or '' }}" if name in OPTIONAL_TEXT else "{{ params.%s }}") % name
+            for name in LoRASpec.model_fields}
