@@ -36,6 +36,7 @@ with DAG({dag_id!r}, schedule=None, start_date=datetime.datetime(2026, 1, 1), ca
         task_id={task_id!r}, launcher="pod", deferrable=True, kubernetes_conn_id="k8s_emu",
         poll_interval=0.5, startup_timeout=60, on_finish_action="keep_pod",
         base_model={base_model!r}, dataset={dataset!r}, output_uri={output_uri!r},
+        pvc_claim_name="workspace", pvc_mount_path={mount!r},
         envs="HF_HUB_OFFLINE=1,HF_DATASETS_OFFLINE=1,TOKENIZERS_PARALLELISM=false",
         resource_gpu_per_worker=0, resource_cpu_per_worker="2", resource_memory_per_worker="4Gi",
         **{spec!r},
@@ -90,10 +91,12 @@ def test_deferred_task_resumes_in_another_process(airflow_services, k8s_cluster,
         "connection_id": "k8s_emu", "conn_type": "kubernetes",
         "extra": json.dumps({"kube_config_path": str(cluster.kubeconfig)})})
     dataset = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(32))
-    output = tmp_path / "runs" / "{{ run_id }}"
+    # The output goes to a workspace PVC (the operator refuses a path on the pod's own filesystem); a mount path
+    # under the cluster root is what the emulated pod sees as is.
+    mount = str(cluster.root / "mnt" / "lora")
     (af.dags_folder / f"{DAG_ID}.py").write_text(DAG_FILE.format(
         dag_id=DAG_ID, task_id=TASK_ID, base_model=str(tiny_model_dir), dataset=str(dataset),
-        output_uri=str(output), spec={**FAST, "max_steps": MAX_STEPS}))
+        output_uri=f"{mount}/runs/{{{{ run_id }}}}", mount=mount, spec={**FAST, "max_steps": MAX_STEPS}))
     af.wait_for_dag(DAG_ID)
 
     run_id = af.trigger_run(DAG_ID)
