@@ -162,3 +162,19 @@ def test_a_pod_deleted_by_someone_else_fails_with_reason_deleted(k8s_cluster):
     threading.Timer(0.5, lambda: api.delete_namespaced_pod("gone", "default", grace_period_seconds=0)).start()
     event = first_event(trigger(k8s_cluster, "gone"))
     assert event["status"] == "failed" and event["reason"] == "Deleted", event
+
+
+def test_the_result_falls_back_to_the_termination_message(k8s_cluster):
+    """A succeeded pod whose log no longer holds the result line: the operator takes the headline result the
+    trainer wrote to the termination message (no history), instead of failing."""
+    from airflow_provider_lora.operators.lora import LoRATrainingOperator
+
+    script = ("import json, os\n"
+              "open(os.environ['LORA_TERMINATION_LOG'], 'w').write(json.dumps({'summary': {'global_step': 7}, "
+              "'artifacts': {'root': 's3://b/run'}}))\nprint('log without a result line')")
+    create(k8s_cluster, cheap_pod("term", script))
+    k8s_cluster.wait_for_pod("default", "term")
+    task = LoRATrainingOperator(task_id="t", kubernetes_conn_id=None, config_file=str(k8s_cluster.kubeconfig),
+                                on_finish_action="keep_pod")
+    result = task.execute_complete({}, {"status": "success", "pod_name": "term", "namespace": "default"})
+    assert result == {"summary": {"global_step": 7}, "history": [], "artifacts": {"root": "s3://b/run"}}

@@ -288,16 +288,30 @@ class LoRATrainingOperator(BaseOperator):
         try:
             if succeeded:
                 log_tail = kube.read_log_tail(api, name, namespace, RESULT_LOG_TAIL)
-                result = find_result(log_tail)
+                result = find_result(log_tail) or self._termination_result(api, name, namespace)
                 if result is None:
-                    raise AirflowException(f"pod {namespace}/{name} succeeded but its log holds no result line "
-                                           f"(LORA_RESULT); last lines:\n{log_tail}")
+                    raise AirflowException(f"pod {namespace}/{name} succeeded but neither its log nor its "
+                                           f"termination message holds the result; last lines:\n{log_tail}")
                 return self._return_value(result)
             last = _safe_tail(api, name, namespace)
             raise AirflowException(f"training pod {namespace}/{name} {event['status']}: {event['description']}\n"
                                    f"last {LAST_LOG_LINES} log lines:\n{last}")
         finally:
             self._clean_up(api, name, namespace, succeeded)
+
+    def _termination_result(self, api: Any, name: str, namespace: str) -> dict[str, Any] | None:
+        """The headline result the trainer wrote to its termination message (4 KiB: no loss history), for when
+        the log no longer has the result line (rotated, or the node's log was lost)."""
+        from airflow_provider_lora import kube
+
+        pod = kube.read_pod(api, name, namespace)
+        message = classify_pod(pod).termination_message if pod else ""
+        try:
+            result = json.loads(message)
+        except ValueError:
+            return None
+        self.log.warning("the pod log has no result line; using the termination message (no loss history)")
+        return {"summary": result.get("summary", {}), "history": [], "artifacts": result.get("artifacts", {})}
 
     def _return_value(self, result: dict[str, Any]) -> dict[str, Any]:
         summary = result.get("summary", {})
