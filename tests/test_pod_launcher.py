@@ -114,20 +114,23 @@ def test_too_many_requests_honours_retry_after(k8s_cluster):
 
 def test_a_restarted_trigger_continues_the_log_without_repeats_or_gaps(k8s_cluster, caplog):
     caplog.set_level(logging.INFO)
-    script = ("import time\nfor i in range(40):\n    print('line', i, flush=True)\n    time.sleep(0.05)")
+    script = ("import time\nfor i in range(40):\n    print('line', i, flush=True)\n    time.sleep(0.1)")
     create(k8s_cluster, cheap_pod("long", script))
     first = trigger(k8s_cluster, "long")
 
-    async def run_for_a_while():
+    async def run_until_some_lines_are_shown():
         async def consume():
             async for _ in first.run():
                 pass
-        try:
-            await asyncio.wait_for(consume(), 0.8)  # the triggerer dies mid-run
-        except asyncio.TimeoutError:
-            pass
+        task = asyncio.ensure_future(consume())
+        for _ in range(300):  # at most 30 s on a loaded machine
+            await asyncio.sleep(0.1)
+            if len(shown_lines(caplog, "long")) >= 3:
+                break
+        task.cancel()  # the triggerer dies mid-run
+        await asyncio.gather(task, return_exceptions=True)
         await close_shared_clients()
-    asyncio.run(run_for_a_while())
+    asyncio.run(run_until_some_lines_are_shown())
     before = shown_lines(caplog, "long")
     assert 0 < len(before) < 40
     cursor = LogCursor.decode(k8s_cluster.get_pod("default", "long")["metadata"]["annotations"][LOG_CURSOR_ANNOTATION])

@@ -303,12 +303,16 @@ class Kubelet:
             c.lines.append(line)
 
         async def read(stream):
+            # The runtime cuts long lines (progress bars with \r) into 16 KiB parts, whether the line arrived
+            # whole in one read or in pieces.
             buf = b""
             while chunk := await stream.read(65536):
                 *lines, buf = (buf + chunk).split(b"\n")
                 for line in lines:
-                    add(line + b"\n")
-                while len(buf) >= 16384:  # the runtime cuts long lines (progress bars with \r) into 16 KiB parts
+                    line += b"\n"
+                    for start in range(0, len(line), 16384):
+                        add(line[start:start + 16384])
+                while len(buf) >= 16384:
                     add(buf[:16384])
                     buf = buf[16384:]
                 self._touch(run)
