@@ -11,17 +11,11 @@ import math
 import os
 import random
 import shutil
-import struct
 import subprocess
-from pathlib import Path
-
-import pytest
 
 from airflow_provider_lora.core.results import draw_loss_chart
+from tests.browser_helpers import BROWSER_DIR, ROOT, needs_browser, png_size
 
-ROOT = Path(__file__).resolve().parent.parent
-BROWSER_DIR = ROOT / "tests" / "browser"
-CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 DOCS_SHOT = ROOT / "docs" / "images" / "loss-chart-browser.png"
 TITLE = "SmolLM2-135M-Instruct · LoRA r=16 α=32 · tickets_<v2>&fr.jsonl"  # '<' and '&' must show as text
 
@@ -44,24 +38,7 @@ def realistic_history() -> list[dict]:
     return rows
 
 
-def browser_missing() -> str | None:
-    if not CHROMIUM.exists():
-        return f"{CHROMIUM} is missing"
-    if shutil.which("node") is None:
-        return "node is missing"
-    if not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir():
-        return "tests/browser/node_modules is missing"
-    return None
-
-
-pytestmark = pytest.mark.skipif(
-    browser_missing() is not None, reason=f"{browser_missing()}: run ci/install-browser.sh for the browser test"
-)
-
-
-def png_size(data: bytes) -> tuple[int, int]:
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
-    return struct.unpack(">II", data[16:24])
+pytestmark = needs_browser
 
 
 def test_loss_chart_in_headless_chromium(tmp_path):

@@ -15,36 +15,16 @@ import json
 import os
 import re
 import shutil
-import struct
 import subprocess
-from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
 from airflow_provider_lora.core.spec import LoRASpec
 from airflow_provider_lora.params import MINIMUM
+from tests.browser_helpers import BROWSER_DIR, ROOT, needs_browser, png_size
 
-ROOT = Path(__file__).resolve().parent.parent
-BROWSER_DIR = ROOT / "tests" / "browser"
-CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
-
-
-def browser_missing() -> str | None:
-    if not CHROMIUM.exists():
-        return f"{CHROMIUM} is missing"
-    if shutil.which("node") is None:
-        return "node is missing"
-    if not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir():
-        return "tests/browser/node_modules is missing"
-    return None
-
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(browser_missing() is not None,
-                       reason=f"{browser_missing()}: run ci/install-browser.sh for the browser test"),
-]
+pytestmark = [pytest.mark.slow, needs_browser]
 
 DAG_FILE = ROOT / "dags" / "lora_finetune.py"
 DAG_ID = "lora_finetune"
@@ -70,11 +50,6 @@ def example_env():
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-
-
-def png_size(data: bytes) -> tuple[int, int]:
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
-    return struct.unpack(">II", data[16:24])
 
 
 def field_kind(schema: dict) -> str:
