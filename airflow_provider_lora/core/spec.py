@@ -468,11 +468,6 @@ def _describe(error: dict[str, Any]) -> str:
     return msg
 
 
-def spec_fields() -> dict[str, Any]:
-    """name -> pydantic FieldInfo, in definition order (seed parameters first)."""
-    return dict(LoRASpec.model_fields)
-
-
 def seed_parameter_names() -> list[str]:
     """The spec names of the seed component's training_* inputs, in the seed's order."""
     return [n for n, f in LoRASpec.model_fields.items() if (f.json_schema_extra or {}).get("seed")]
