@@ -24,6 +24,7 @@ IDENTITY_KEYS = ("dag_id", "task_id", "run_id", "map_index", "try_number")
 SHM_VOLUME = "lora-dshm"
 # Where a pod's trainer stages an s3:// run (an emptyDir; local/PVC output is written in place).
 WORK_DIR = "/tmp/lora-work"
+TERMINATION_LOG = "/dev/termination-log"
 
 _DNS_LABEL_CHARS = re.compile(r"[^a-z0-9-]+")
 _LABEL_VALUE_OK = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -68,6 +69,7 @@ class PodOptions(BaseModel):
     pvc_claim_name: str | None = None  # a workspace PVC for data and output, mounted at pvc_mount_path
     pvc_mount_path: str = "/mnt/lora"
     pod_template: dict[str, Any] | None = None  # merged under our settings
+    s3_endpoint_url: str | None = None  # an S3-compatible store (MinIO, Ceph): the trainer's AWS_ENDPOINT_URL
     shm_size: str | None = "16Gi"  # /dev/shm for dataloader workers and NCCL; None: no size limit
     active_deadline_seconds: int | None = None
 
@@ -95,9 +97,14 @@ def _digest(*parts: Any, length: int = 10) -> str:
 
 def pod_name(identity: TaskIdentity) -> str:
     """A DNS-1123 label (<= 63 chars), the same for every try of one task instance in one deployment."""
+    return _task_object_name(identity, 63)
+
+
+def _task_object_name(identity: TaskIdentity, limit: int) -> str:
+    """``lora-<dag>-<task>-<digest>`` in at most ``limit`` characters; the digest keeps names unique."""
     digest = _digest(identity.deployment, identity.dag_id, identity.task_id, identity.run_id, identity.map_index)
     readable = _DNS_LABEL_CHARS.sub("-", f"{identity.dag_id}-{identity.task_id}".lower()).strip("-")
-    readable = readable[: 63 - len("lora--") - len(digest)].strip("-")
+    readable = readable[: limit - len("lora--") - len(digest)].strip("-")
     return f"lora-{readable}-{digest}" if readable else f"lora-{digest}"
 
 
@@ -153,68 +160,207 @@ def render_pod(spec: LoRASpec, options: PodOptions, identity: TaskIdentity) -> d
     if spec.resource_num_workers != 1:
         raise ValueError(f"resource_num_workers={spec.resource_num_workers}: a Pod is one worker; use "
                          "launcher='trainjob' for several")
-    for key in spec.labels:
-        if key.startswith(LABEL_PREFIX) or key == LABEL_MANAGED_BY:
-            raise ValueError(f"metadata_labels key {key!r} is reserved for the operator's own labels")
-    volumes, mounts = [dict(v) for v in options.volumes], [dict(m) for m in options.volume_mounts]
-    if options.pvc_claim_name:
-        volumes.append({"name": "lora-workspace", "persistentVolumeClaim": {"claimName": options.pvc_claim_name}})
-        mounts.append({"name": "lora-workspace", "mountPath": options.pvc_mount_path})
-    _check_output_persists(spec.output_uri, [m["mountPath"] for m in mounts])
-    resources = {"cpu": spec.resource_cpu_per_worker, "memory": spec.resource_memory_per_worker}
-    if spec.resource_gpu_per_worker:
-        resources["nvidia.com/gpu"] = str(spec.resource_gpu_per_worker)
-    env = [{"name": k, "value": v} for k, v in spec.env_vars.items()]
-    env += [{"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
-            for name, ref in sorted(options.secret_env.items())]
-    clash = sorted(set(spec.env_vars) & set(options.secret_env))
-    if clash:
-        raise ValueError(f"envs sets {', '.join(clash)}, which also comes from a secret; set it in one place")
-    env.append({"name": "LORA_TERMINATION_LOG", "value": "/dev/termination-log"})
-
-    shm = {"medium": "Memory"} | ({"sizeLimit": options.shm_size} if options.shm_size else {})
+    workload = _Workload.of(spec, options, identity)
     container = {
         "name": TRAINER_CONTAINER,
         "image": options.image,
         "command": trainer_argv(spec, spec.procs_per_worker),
-        "env": env,
-        "resources": {"requests": dict(resources), "limits": dict(resources)},
-        "volumeMounts": [{"name": SHM_VOLUME, "mountPath": "/dev/shm"},
-                         {"name": "lora-work", "mountPath": WORK_DIR}, *mounts],
+        "env": workload.env,
+        "resources": workload.resources,
+        "volumeMounts": workload.mounts,
         "securityContext": copy.deepcopy(RESTRICTED_CONTAINER_SECURITY),
-        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if options.image_pull_policy:
         container["imagePullPolicy"] = options.image_pull_policy
-    labels = {**spec.labels, **identity_labels(identity),
-              LABEL_PREFIX + "try_number": str(identity.try_number)}
-    annotations = {**spec.annotations, **{LABEL_PREFIX + k: str(getattr(identity, k)) for k in IDENTITY_KEYS}}
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "securityContext": copy.deepcopy(RESTRICTED_POD_SECURITY),
         "containers": [container],
-        "volumes": [{"name": SHM_VOLUME, "emptyDir": shm}, {"name": "lora-work", "emptyDir": {}}, *volumes],
+        "volumes": workload.volumes,
+        **workload.scheduling,
     }
-    optional = {
-        "serviceAccountName": options.service_account_name,
-        "imagePullSecrets": [{"name": n} for n in options.image_pull_secrets] or None,
-        "nodeSelector": dict(options.node_selector) or None,
-        "tolerations": [dict(t) for t in options.tolerations] or None,
-        "affinity": options.affinity,
-        "activeDeadlineSeconds": options.active_deadline_seconds,
-    }
-    pod_spec.update({k: v for k, v in optional.items() if v is not None})
+    if options.active_deadline_seconds is not None:
+        pod_spec["activeDeadlineSeconds"] = options.active_deadline_seconds
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": pod_name(identity), "namespace": options.namespace, "labels": labels,
-                     "annotations": annotations},
+        "metadata": {"name": pod_name(identity), "namespace": options.namespace, "labels": workload.labels,
+                     "annotations": workload.annotations},
         "spec": pod_spec,
     }
     if options.pod_template:
         pod = merge_under(options.pod_template, pod)
     return pod
+
+
+class _Workload(BaseModel):
+    """What a Pod and a TrainJob's node pods share: env (secrets by reference), resources, volumes, scheduling,
+    labels and annotations. One place, so the two launchers cannot drift apart."""
+
+    env: list[dict[str, Any]]
+    resources: dict[str, dict[str, str]]
+    volumes: list[dict[str, Any]]
+    mounts: list[dict[str, Any]]
+    scheduling: dict[str, Any]  # serviceAccountName, imagePullSecrets, nodeSelector, tolerations, affinity
+    labels: dict[str, str]
+    annotations: dict[str, str]
+
+    @classmethod
+    def of(cls, spec: LoRASpec, options: PodOptions, identity: TaskIdentity) -> "_Workload":
+        for key in spec.labels:
+            if key.startswith(LABEL_PREFIX) or key == LABEL_MANAGED_BY:
+                raise ValueError(f"metadata_labels key {key!r} is reserved for the operator's own labels")
+        volumes, mounts = [dict(v) for v in options.volumes], [dict(m) for m in options.volume_mounts]
+        if options.pvc_claim_name:
+            volumes.append({"name": "lora-workspace",
+                            "persistentVolumeClaim": {"claimName": options.pvc_claim_name}})
+            mounts.append({"name": "lora-workspace", "mountPath": options.pvc_mount_path})
+        _check_output_persists(spec.output_uri, [m["mountPath"] for m in mounts])
+        clash = sorted(set(spec.env_vars) & set(options.secret_env))
+        if clash:
+            raise ValueError(f"envs sets {', '.join(clash)}, which also comes from a secret; set it in one place")
+        env = [{"name": k, "value": v} for k, v in spec.env_vars.items()]
+        env += [{"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+                for name, ref in sorted(options.secret_env.items())]
+        if options.s3_endpoint_url:  # boto3 (the trainer's uploads, its dataset reads) reads it from the env
+            if "AWS_ENDPOINT_URL" in {*spec.env_vars, *options.secret_env}:
+                raise ValueError("s3_endpoint_url and envs/secret_env both set AWS_ENDPOINT_URL; set it in one place")
+            env.append({"name": "AWS_ENDPOINT_URL", "value": options.s3_endpoint_url})
+        env.append({"name": "LORA_TERMINATION_LOG", "value": TERMINATION_LOG})
+        resources = {"cpu": spec.resource_cpu_per_worker, "memory": spec.resource_memory_per_worker}
+        if spec.resource_gpu_per_worker:
+            resources["nvidia.com/gpu"] = str(spec.resource_gpu_per_worker)
+        shm = {"medium": "Memory"} | ({"sizeLimit": options.shm_size} if options.shm_size else {})
+        scheduling = {
+            "serviceAccountName": options.service_account_name,
+            "imagePullSecrets": [{"name": n} for n in options.image_pull_secrets] or None,
+            "nodeSelector": dict(options.node_selector) or None,
+            "tolerations": [dict(t) for t in options.tolerations] or None,
+            "affinity": options.affinity,
+        }
+        return cls(
+            env=env,
+            resources={"requests": dict(resources), "limits": dict(resources)},
+            volumes=[{"name": SHM_VOLUME, "emptyDir": shm}, {"name": "lora-work", "emptyDir": {}}, *volumes],
+            mounts=[{"name": SHM_VOLUME, "mountPath": "/dev/shm"}, {"name": "lora-work", "mountPath": WORK_DIR},
+                    *mounts],
+            scheduling={k: v for k, v in scheduling.items() if v is not None},
+            labels={**spec.labels, **identity_labels(identity),
+                    LABEL_PREFIX + "try_number": str(identity.try_number)},
+            annotations={**spec.annotations,
+                         **{LABEL_PREFIX + k: str(getattr(identity, k)) for k in IDENTITY_KEYS}},
+        )
+
+
+# ---- the TrainJob (Kubeflow Trainer) ----------------------------------------------------------------------------
+
+TRAINJOB_GROUP, TRAINJOB_VERSION, TRAINJOB_PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
+TRAINJOB_NODE_JOB = "node"  # the torch runtime's replicated job; its container is named "node" too
+# The TrainJob field that customises the node pods changed with every Trainer release (FACTS.md).
+TRAINER_API_SHAPES = ("v2.0", "v2.1", "v2.2")
+MAX_TRAINJOB_NAME = 48
+
+
+def trainer_api_shape(version: str) -> str:
+    """The TrainJob shape of an installed Trainer version ("v2.1.0", "2.3.0-rc.1", "v2.2"): v2.0, v2.1 or v2.2
+    (v2.2 and later)."""
+    match = re.match(r"^v?(\d+)\.(\d+)", str(version).strip())
+    if not match or int(match[1]) != 2:
+        raise ValueError(f"kubeflow_trainer_version={version!r} is not a Kubeflow Trainer 2.x version; accepted: "
+                         "v2.0, v2.1, v2.2 or later (or set trainer_api_version)")
+    return f"v2.{min(int(match[2]), 2)}"
+
+
+class TrainJobOptions(BaseModel):
+    """What only a TrainJob has: the runtime it runs on and the Trainer API generation to render for."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    runtime_name: str = "torch-distributed"
+    runtime_kind: str = "ClusterTrainingRuntime"  # or TrainingRuntime (namespaced)
+    api_shape: str = "v2.2"
+
+    @field_validator("runtime_kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if v not in ("ClusterTrainingRuntime", "TrainingRuntime"):
+            raise ValueError(f"runtime_kind={v!r} is not valid: accepted: ClusterTrainingRuntime, TrainingRuntime")
+        return v
+
+    @field_validator("api_shape")
+    @classmethod
+    def _shape(cls, v: str) -> str:
+        if v not in TRAINER_API_SHAPES:
+            raise ValueError(f"trainer_api_version={v!r} is not valid: accepted: {', '.join(TRAINER_API_SHAPES)}")
+        return v
+
+
+def trainjob_name(identity: TaskIdentity) -> str:
+    """<= 48 characters (JobSet derives pod and service names from it), starts with a letter, and is the same
+    for every try of one task instance in one deployment."""
+    return _task_object_name(identity, MAX_TRAINJOB_NAME)
+
+
+def render_trainjob(spec: LoRASpec, options: PodOptions, identity: TaskIdentity,
+                    trainjob: TrainJobOptions) -> dict[str, Any]:
+    """The TrainJob for ``spec.resource_num_workers`` nodes x ``procs_per_worker`` processes. Kubeflow's torch
+    runtime injects only PET_* variables (nodes, rank, master address), so the command is torchrun, which reads
+    them; every node runs the same argv."""
+    if options.pod_template:
+        raise ValueError("pod_template applies to launcher='pod' only; a TrainJob's pods come from its runtime "
+                         f"({trainjob.runtime_kind} {trainjob.runtime_name!r}): customise them there")
+    if options.image_pull_policy:
+        raise ValueError("image_pull_policy applies to launcher='pod' only: a TrainJob takes it from its runtime")
+    shape = trainjob.api_shape
+    if shape == "v2.0" and (options.affinity or options.image_pull_secrets):
+        raise ValueError("affinity and image_pull_secrets cannot be set on a Kubeflow Trainer v2.0 TrainJob "
+                         "(its podSpecOverrides has no such field); set them in the runtime, or upgrade Trainer")
+    if options.active_deadline_seconds is not None and shape != "v2.2":
+        raise ValueError(f"active_deadline_seconds needs Kubeflow Trainer v2.2 or later (this one: {shape})")
+    workload = _Workload.of(spec, options, identity)
+    argv = ["torchrun", f"--nproc_per_node={spec.procs_per_worker}", "-m", "lora_trainer",
+            "--spec-json", spec.model_dump_json(), "--work-dir", WORK_DIR]
+    node_container = {"name": TRAINJOB_NODE_JOB, "volumeMounts": workload.mounts}
+    trainer = {
+        "image": options.image,
+        "command": argv,
+        "env": workload.env,
+        "numNodes": spec.resource_num_workers,
+        # Always explicit: "auto" on a node without GPUs means one process per CPU core in the torch runtime.
+        "numProcPerNode": spec.procs_per_worker,
+        "resourcesPerNode": workload.resources,
+    }
+    body: dict[str, Any] = {
+        "runtimeRef": {"name": trainjob.runtime_name, "apiGroup": TRAINJOB_GROUP, "kind": trainjob.runtime_kind},
+        "trainer": trainer,
+    }
+    pod_metadata = {"labels": workload.labels, "annotations": workload.annotations}
+    pod_overrides = {"volumes": workload.volumes, **workload.scheduling}
+    if shape == "v2.0":
+        body.update(labels=workload.labels, annotations=workload.annotations, podSpecOverrides=[{
+            "targetJobs": [{"name": TRAINJOB_NODE_JOB}], **pod_overrides, "containers": [node_container]}])
+    elif shape == "v2.1":
+        body.update(labels=workload.labels, annotations=workload.annotations, podTemplateOverrides=[{
+            "targetJobs": [{"name": TRAINJOB_NODE_JOB}], "metadata": pod_metadata,
+            "spec": {**pod_overrides, "containers": [node_container]}}])
+    else:
+        # v2.2+: a runtime patch can also carry the restricted security contexts the older shapes cannot.
+        pod_spec = {**pod_overrides, "securityContext": copy.deepcopy(RESTRICTED_POD_SECURITY),
+                    "containers": [{**node_container,
+                                    "securityContext": copy.deepcopy(RESTRICTED_CONTAINER_SECURITY)}]}
+        body["runtimePatches"] = [{"manager": MANAGED_BY, "trainingRuntimeSpec": {"template": {"spec": {
+            "replicatedJobs": [{"name": TRAINJOB_NODE_JOB, "template": {"spec": {"template": {
+                "metadata": pod_metadata, "spec": pod_spec}}}}]}}}}]
+        if options.active_deadline_seconds is not None:
+            body["activeDeadlineSeconds"] = options.active_deadline_seconds
+    return {
+        "apiVersion": f"{TRAINJOB_GROUP}/{TRAINJOB_VERSION}",
+        "kind": "TrainJob",
+        "metadata": {"name": trainjob_name(identity), "namespace": options.namespace, "labels": workload.labels,
+                     "annotations": workload.annotations},
+        "spec": body,
+    }
 
 
 def _check_output_persists(output_uri: str, mount_paths: list[str]) -> None:
