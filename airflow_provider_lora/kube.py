@@ -127,7 +127,13 @@ async def _read_checked(response: Any) -> bytes:
     return body
 
 
+# A request the API server does not answer within this many seconds counts as a failed call (retried, then
+# reported); without it a hung connection would stall a trigger for ever.
+API_TIMEOUT_SECONDS = 30.0
+
+
 async def async_json(call: Any, *args: Any, **kwargs: Any) -> Any:
+    kwargs.setdefault("_request_timeout", API_TIMEOUT_SECONDS)
     return json.loads(await _read_checked(await call(*args, _preload_content=False, **kwargs)))
 
 
@@ -139,5 +145,5 @@ async def async_pod_log(api_client: Any, name: str, namespace: str, since_time: 
     response = await api_client.call_api(
         "/api/v1/namespaces/{namespace}/pods/{name}/log", "GET", path_params={"name": name, "namespace": namespace},
         query_params=query, header_params={"Accept": "text/plain"}, auth_settings=["BearerToken"],
-        _preload_content=False, _return_http_data_only=True)
+        _preload_content=False, _return_http_data_only=True, _request_timeout=API_TIMEOUT_SECONDS)
     return (await _read_checked(response)).decode("utf-8", "replace")

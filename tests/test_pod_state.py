@@ -59,7 +59,9 @@ def test_pod_status_reasons():
     assert classify_pod(lost).reason == "NodeLost"
     assert classify_pod(_pod("Running", deleting=True)).reason == "Deleted"
     pull = classify_pod(_pod("Pending", container={"waiting": {"reason": "ImagePullBackOff"}}))
-    assert (pull.phase, pull.reason, pull.stuck) == ("pending", "ImagePullBackOff", True)
+    assert (pull.phase, pull.reason, pull.stuck) == ("pending", "ImagePullBackOff", False)  # may clear: waits
+    bad = classify_pod(_pod("Pending", container={"waiting": {"reason": "InvalidImageName"}}))
+    assert (bad.reason, bad.stuck) == ("InvalidImageName", True)
     unscheduled = classify_pod(_pod("Pending", conditions=[{"type": "PodScheduled", "status": "False",
                                                             "reason": "Unschedulable", "message": "0/3 nodes"}]))
     assert unscheduled.reason == "Unschedulable" and unscheduled.message == "0/3 nodes"

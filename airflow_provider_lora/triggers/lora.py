@@ -16,7 +16,8 @@ from kubernetes_asyncio.client import CoreV1Api
 
 from airflow_provider_lora.compat import BaseTrigger, TriggerEvent
 from airflow_provider_lora.core.launchers.pod import (
-    LOG_CURSOR_ANNOTATION, PENDING, SUCCEEDED, LogCursor, classify_pod, new_log_lines, seconds_since,
+    LOG_CURSOR_ANNOTATION, PENDING, STUCK_WAITING_REASONS, SUCCEEDED, LogCursor, classify_pod, new_log_lines,
+    seconds_since,
 )
 from airflow_provider_lora.kube import ClusterRef, async_json, async_pod_log, shared_async_client
 
@@ -29,8 +30,9 @@ class LoRATrainingTrigger(BaseTrigger):
 
     Events (``event["status"]``): ``success``; ``failed`` with ``reason`` (exit code, OOMKilled, Evicted,
     DeadlineExceeded, NodeLost, Deleted) and ``description``; ``stuck`` when the pod is still not running
-    ``startup_timeout`` seconds after its creation, with the reason and the pod's events; ``error`` when the API
-    failed ``MAX_API_FAILURES`` times in a row.
+    ``startup_timeout`` seconds after its creation (sooner for a reason waiting does not clear, such as
+    InvalidImageName: see STUCK_WAITING_REASONS), with the reason and the pod's events; ``error`` when the API
+    failed (or did not answer within API_TIMEOUT_SECONDS) ``MAX_API_FAILURES`` times in a row.
     """
 
     def __init__(self, *, pod_name: str, namespace: str, kubernetes_conn_id: str | None = None,
@@ -82,7 +84,7 @@ class LoRATrainingTrigger(BaseTrigger):
                 if failures >= MAX_API_FAILURES:
                     yield TriggerEvent({**identity, "status": "error",
                                         "description": f"{MAX_API_FAILURES} Kubernetes API calls in a row failed; "
-                                                       f"last: {type(exc).__name__}: {exc}"})
+                                                       f"last: {type(exc).__name__}: {exc or 'no answer'}"})
                     return
                 self.log.warning("Kubernetes API call failed (%s/%s): %s", failures, MAX_API_FAILURES, exc)
                 await asyncio.sleep(max(_retry_after(exc), min(self.poll_interval, 2 ** failures)))
@@ -97,12 +99,15 @@ class LoRATrainingTrigger(BaseTrigger):
                 return
             if state.phase == PENDING:
                 waited = seconds_since(pod["metadata"].get("creationTimestamp"))
-                if waited > self.startup_timeout:
+                limit = min(self.startup_timeout, STUCK_WAITING_REASONS[state.reason]) if state.stuck else \
+                    self.startup_timeout
+                if waited > limit:
                     # Kubernetes keeps retrying (image pulls, scheduling); the task stops waiting here.
+                    why = (f"{state.reason} does not clear by waiting" if state.stuck else
+                           f"startup_timeout={self.startup_timeout:.0f}s")
                     events = await self._event_messages(api)
                     yield TriggerEvent({**identity, "status": "stuck", "reason": state.reason or "Pending",
-                                        "description": f"not running {waited:.0f}s after creation "
-                                                       f"(startup_timeout={self.startup_timeout:.0f}s): "
+                                        "description": f"not running {waited:.0f}s after creation ({why}): "
                                                        f"{state.describe()}; events: {events}"})
                     return
             await asyncio.sleep(self.poll_interval)

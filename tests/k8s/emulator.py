@@ -6,8 +6,9 @@ its own event loop, so sync and async tests can both use it. Each request costs 
 
 How a pod runs (differences from a cluster, on purpose):
 - Every container's `command` + `args` is run as a local process, argv exactly as given (no shell), after
-  `$(VAR)` expansion as Kubernetes does. `python`/`python3` become `sys.executable`; another bare name that exists
-  next to `sys.executable` (torchrun, accelerate, ...) becomes that file, so the test venv's tools run. A container
+  `$(VAR)` expansion as Kubernetes does. `python`/`python3` become `sys.executable` ($LORA_TEST_PYTHON if set: the
+  Airflow 2.11 suite's venv has no torch, its pods run the main venv's); another bare name that exists next to it
+  (torchrun, accelerate, ...) becomes that file, so the test venv's tools run. A container
   without `command` cannot run (there is no image entrypoint): it ends with StartError, exit code 128.
 - Environment: the host's environment (or `base_env`), then what Kubernetes injects (HOSTNAME,
   KUBERNETES_SERVICE_*), then the container's `envFrom`/`env` (value, secretKeyRef, configMapKeyRef, fieldRef).
@@ -20,6 +21,9 @@ How a pod runs (differences from a cluster, on purpose):
   first 4096 bytes become `state.terminated.message` (FallbackToLogsOnError: the log tail when it is empty).
 - stdout and stderr lines are stored with their arrival time (ns) and served by pods/log like the kubelet does.
 - Containers run once (as with restartPolicy Never); initContainers and probes are ignored.
+- An image that is no valid reference waits with InvalidImageName (and events), as the kubelet leaves it.
+- RBAC (opt-in): `cluster.rbac_rules = role["rules"]` checks every API request against a Role's rules and answers
+  403 Forbidden outside them; `cluster.denied` lists the refused requests.
 
 Faults (`Cluster.set_fault(kind, pod="glob", times=1, **params)`; `times=None` means every time):
 - oom (after_seconds | after_lines, container): SIGKILL, terminated reason OOMKilled, exit 137, phase Failed.
@@ -78,6 +82,10 @@ class Cluster(Kubelet):
         self.base_env = dict(os.environ if base_env is None else base_env)
         self.token = token or uuid.uuid4().hex
         self.request_log: list[tuple[str, str, dict]] = []
+        # Opt-in RBAC: set to a Role's `rules` and every API request is checked against them (403 otherwise, as
+        # the API server answers); `denied` records each refused (verb, group, resource, namespace).
+        self.rbac_rules: list[dict] | None = None
+        self.denied: list[tuple[str, str, str, str]] = []
         self._store: dict[str, dict[str, dict[str, dict]]] = {r: {} for r in KINDS}  # resource -> ns -> name -> obj
         self._runs: dict[tuple[str, str], _PodRun] = {}
         self._faults: list[dict] = []
@@ -229,6 +237,8 @@ class Cluster(Kubelet):
         try:
             if request.headers.get("Authorization") != f"Bearer {self.token}":
                 raise ApiError(401, "Unauthorized")
+            if self.rbac_rules is not None:
+                self._authorize(request)
             fault = self._take_fault(("api_error", "api_timeout"), request=request)
             if fault and fault["kind"] == "api_timeout":
                 await asyncio.sleep(fault.get("seconds", 5.0))
@@ -244,6 +254,28 @@ class Cluster(Kubelet):
             return ApiError(404, "the server could not find the requested resource").response()
         except web.HTTPMethodNotAllowed:
             return ApiError(405, "the server does not allow this method on the requested resource").response()
+
+    _RESOURCE_PATH = re.compile(r"^/(?:api/v1|apis/(?P<group>[^/]+)/[^/]+)(?:/namespaces/(?P<ns>[^/]+))?"
+                                r"/(?P<res>[^/]+)(?:/(?P<name>[^/]+)(?:/(?P<sub>[^/]+))?)?$")
+
+    def _authorize(self, request: web.Request):
+        """RBAC as the API server applies a Role: verb + apiGroup + resource[/subresource]; discovery is open."""
+        m = self._RESOURCE_PATH.match(request.path)
+        if m is None:
+            return  # /version, /api, /apis, /api/v1: discovery, open to every authenticated user
+        ns, res, name, sub = m["ns"] or "", m["res"], m["name"], m["sub"]
+        group = m["group"] or ""
+        verb = {"POST": "create", "DELETE": "delete", "PATCH": "patch", "PUT": "update"}.get(request.method)
+        if verb is None:
+            verb = "get" if name else ("watch" if _flag(request.query, "watch") else "list")
+        resource = f"{res}/{sub}" if sub else res
+        for rule in self.rbac_rules or []:
+            if (set(rule.get("apiGroups", [])) & {group, "*"} and set(rule.get("resources", [])) & {resource, "*"}
+                    and set(rule.get("verbs", [])) & {verb, "*"}):
+                return
+        self.denied.append((verb, group, resource, ns))
+        raise ApiError(403, f'{resource} is forbidden: User "emulator" cannot {verb} resource "{resource}" in API '
+                            f'group "{group}" in the namespace "{ns}"', reason="Forbidden", kind=res)
 
     def _take_fault(self, kinds, pod: str | None = None, request: web.Request | None = None) -> dict | None:
         """The first armed fault of these kinds that matches; it is used up after `times` matches."""
@@ -410,9 +442,15 @@ class Cluster(Kubelet):
             return _json(obj, 201)
         self._put(res, obj)
         if res == "pods":
-            run = self._runs[(ns, name)] = _PodRun(obj, self.root / "pods" / ns / f"{name}-{md['uid'][:8]}")
-            self._spawn(self._run_pod(run))
+            self._start_pod(obj)
         return _json(obj, 201)
+
+    def _start_pod(self, pod: dict):
+        """Hand a stored pod to the kubelet (API creates and controllers' creates alike)."""
+        md = pod["metadata"]
+        run = self._runs[(md["namespace"], md["name"])] = _PodRun(
+            pod, self.root / "pods" / md["namespace"] / f"{md['name']}-{md['uid'][:8]}")
+        self._spawn(self._run_pod(run))
 
     def _pod_defaults(self, pod: dict):
         """What the API server's defaulting and admission add, and the validation a test is likely to trip."""
@@ -459,7 +497,11 @@ class Cluster(Kubelet):
         grace = _int(request.query, "gracePeriodSeconds")
         grace = grace if grace is not None else opts.get("gracePeriodSeconds")
         grace = obj["spec"]["terminationGracePeriodSeconds"] if grace is None else grace
-        run = self._runs[(ns, name)]
+        return _json(self._delete_pod(obj, grace))
+
+    def _delete_pod(self, obj: dict, grace: float) -> dict:
+        """Delete a stored pod as the API server and kubelet do (API deletes and controllers' alike)."""
+        run = self._runs[(obj["metadata"]["namespace"], obj["metadata"]["name"])]
         alive = any(c.proc and not c.done for c in run.containers.values())
         if grace > 0 and (alive or run.frozen):  # graceful: the object stays, Terminating, until the kubelet is done
             if "deletionTimestamp" not in obj["metadata"]:
@@ -467,12 +509,12 @@ class Cluster(Kubelet):
                 self._bump(obj)
                 if not run.frozen:
                     self._spawn(self._terminate(run, grace))
-            return _json(obj)
+            return obj
         obj["metadata"].setdefault("deletionTimestamp", _now_s())
         obj["metadata"]["deletionGracePeriodSeconds"] = 0
         self._remove(run)
         run.kill()
-        return _json(obj)
+        return obj
 
     def _remove(self, run: _PodRun):
         md = run.pod["metadata"]

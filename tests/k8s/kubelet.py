@@ -18,6 +18,11 @@ from typing import Callable
 
 from tests.k8s.util import EVICTED, HOST_IP, KINDS, NODE, RUNTIME_FAULTS, UNSCHEDULABLE, _field, _now_s
 
+# The distribution reference grammar, simplified: [registry[:port]/]lowercase/path[:tag][@sha256:digest].
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_IMAGE_REFERENCE = re.compile(rf"^(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*"
+                              r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?\Z")
+
 
 class _ConfigError(Exception):
     """A container cannot be started yet (missing secret, ...): the kubelet retries."""
@@ -148,6 +153,16 @@ class Kubelet:
                                                                   f"[{' '.join(run.containers)}]")
         for c in run.containers.values():
             self._cstatus(run, c, {"waiting": {"reason": "ContainerCreating"}})
+        if bad := [c for c in run.containers.values() if not _IMAGE_REFERENCE.match(c.spec["image"])]:
+            for c in bad:  # the kubelet's check before any pull: the pod waits for ever
+                image, fp = c.spec["image"], f"spec.containers{{{c.name}}}"
+                message = (f'Failed to apply default image tag "{image}": couldn\'t parse image name "{image}": '
+                           "invalid reference format")
+                c.waiting = "InvalidImageName"
+                self._cstatus(run, c, {"waiting": {"reason": "InvalidImageName", "message": message}})
+                self._event(pod, "Warning", "InspectFailed", message, field_path=fp)
+                self._event(pod, "Warning", "Failed", "Error: InvalidImageName", field_path=fp)
+            return
         if fault := self._take_fault(("image_pull_backoff",), pod=md["name"]):
             return await self._image_pull_backoff(run, fault)
         while True:  # the kubelet retries a container it cannot configure (missing secret, ...)
@@ -216,10 +231,11 @@ class Kubelet:
                 "KUBERNETES_SERVICE_PORT": str(self.port), **env, "EMULATOR_MOUNT_MAP": json.dumps(mounts),
                 "LORA_TERMINATION_LOG": str(c.term_file)}
         argv = [self._expand(a, env) for a in (spec.get("command") or []) + (spec.get("args") or [])]
+        python = os.environ.get("LORA_TEST_PYTHON") or sys.executable  # the venv with the trainer (see emulator.py)
         if argv and argv[0] in ("python", "python3"):
-            argv[0] = sys.executable
-        elif argv and "/" not in argv[0] and (Path(sys.executable).parent / argv[0]).exists():
-            argv[0] = str(Path(sys.executable).parent / argv[0])
+            argv[0] = python
+        elif argv and "/" not in argv[0] and (Path(python).parent / argv[0]).exists():
+            argv[0] = str(Path(python).parent / argv[0])
         workdir = spec.get("workingDir") or ""
         for path in sorted(mounts, key=len, reverse=True):  # a working dir inside a mount uses its host dir
             if workdir == path or workdir.startswith(path.rstrip("/") + "/"):

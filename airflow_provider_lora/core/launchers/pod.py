@@ -16,9 +16,12 @@ from airflow_provider_lora.core.render import LABEL_PREFIX, TRAINER_CONTAINER
 
 RESULT_PREFIX = "LORA_RESULT "  # the trainer's last stdout line (see lora_trainer.train)
 LOG_CURSOR_ANNOTATION = LABEL_PREFIX + "log-cursor"
-# Waiting reasons that mean the pod will not start by itself.
-STUCK_WAITING_REASONS = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError",
-                         "CreateContainerError", "CrashLoopBackOff"}
+# Waiting reasons that waiting does not clear, with the seconds the trigger still waits before failing the task
+# (at most startup_timeout): an invalid image name never becomes valid; a missing Secret or ConfigMap key may still
+# be created. ImagePullBackOff/ErrImagePull (a registry outage, a pull secret added later) and Unschedulable (an
+# autoscaler adding a node) can clear by themselves, so they wait the whole startup_timeout.
+STUCK_WAITING_REASONS = {"InvalidImageName": 0.0, "ErrImageNeverPull": 60.0, "CreateContainerConfigError": 60.0,
+                         "CreateContainerError": 60.0}
 
 # DisruptionTarget reasons that mean the pod's node is gone (Kubernetes 1.27+; older ones set reason NodeLost).
 NODE_LOST_REASONS = {"DeletionByTaintManager", "DeletionByPodGC", "NodeLost"}
@@ -35,7 +38,7 @@ class PodState:
     message: str = ""
     exit_code: int | None = None
     termination_message: str = ""
-    stuck: bool = False  # pending for a reason that will not resolve by waiting
+    stuck: bool = False  # pending for a reason that will not resolve by waiting (STUCK_WAITING_REASONS)
 
     @property
     def terminal(self) -> bool:
