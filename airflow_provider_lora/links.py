@@ -8,7 +8,7 @@ as XCom ``_link_<Class>``; on 2.11 it runs in the webserver on request. Both rea
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import quote, urlsplit
 
 from airflow.providers.common.compat.sdk import XCom
@@ -30,12 +30,13 @@ def _return_value(ti_key: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def browsable_url(root: str) -> str:
+def browsable_url(root: str, endpoint_url: str | None = None) -> str:
     """The artifact root as a URL a browser can open: the AWS console for ``s3://``; "" for a filesystem/PVC path
-    (no URL reaches it) and for S3 behind a custom endpoint (MinIO and the like: the AWS console does not show it)."""
+    (no URL reaches it) and for S3 behind a custom endpoint (``endpoint_url`` or AWS_ENDPOINT_URL[_S3]: MinIO and
+    the like, which the AWS console does not show)."""
     if not root.startswith("s3://"):
         return ""
-    if os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"):
+    if endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"):
         return ""
     bucket, _, prefix = root[len("s3://"):].partition("/")
     if not bucket:
@@ -63,7 +64,24 @@ class LoRAArtifactsLink(BaseOperatorLink):
 
     def get_link(self, operator: Any, *, ti_key: Any) -> str:
         root = (_return_value(ti_key).get("artifacts") or {}).get("root")
-        return browsable_url(root) if isinstance(root, str) else ""
+        return browsable_url(root, _s3_endpoint(operator)) if isinstance(root, str) else ""
+
+
+def _s3_endpoint(operator: Any) -> str | None:
+    """The custom S3 endpoint the operator reads with: its ``s3_endpoint_url``, else its AWS connection's."""
+    if getattr(operator, "s3_endpoint_url", None):
+        return operator.s3_endpoint_url
+    conn_id = getattr(operator, "aws_conn_id", None)
+    if not conn_id:
+        return None
+    try:
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+        return S3Hook(aws_conn_id=conn_id).conn_config.get_service_endpoint_url("s3")
+    except Exception:  # no provider or no connection: the task has failed or warned about it already
+        return None
+
+
 
 
 class LossChartLink(BaseOperatorLink):
@@ -78,8 +96,9 @@ class LossChartLink(BaseOperatorLink):
         return tab_path(ti_key.dag_id, ti_key.run_id, ti_key.task_id, -1 if map_index is None else map_index)
 
 
-def read_chart(uri: str, log: Any) -> str | None:
-    """The chart page at ``uri`` if the worker can read it and it is at most CHART_MAX_BYTES; else None, logged."""
+def read_chart(uri: str, log: Any, s3: Callable[[], Any] | None = None) -> str | None:
+    """The chart page at ``uri`` if the worker can read it and it is at most CHART_MAX_BYTES; else None, logged.
+    ``s3`` makes the worker's S3 client (called only for an ``s3://`` uri); None: boto3's default chain."""
     from airflow_provider_lora.core import storage
 
     try:
@@ -87,7 +106,7 @@ def read_chart(uri: str, log: Any) -> str | None:
             log.warning("loss chart %s is larger than %d bytes: not kept for the Loss chart tab", uri,
                         CHART_MAX_BYTES)
             return None
-        text = storage.read_text(uri)
+        text = storage.read_text(uri, client=s3() if s3 is not None and storage.is_s3(uri) else None)
     except Exception as exc:  # the chart is a courtesy: the run has succeeded either way
         log.info("loss chart %s is not readable from the worker (%s): the Loss chart tab stays empty", uri, exc)
         return None
@@ -97,12 +116,13 @@ def read_chart(uri: str, log: Any) -> str | None:
     return text
 
 
-def push_loss_chart(result: dict[str, Any], log: Any) -> None:
-    """After a successful run: push the chart page as XCom ``loss_chart_html`` for the Loss chart tab."""
+def push_loss_chart(result: dict[str, Any], log: Any, s3: Callable[[], Any] | None = None) -> None:
+    """After a successful run: push the chart page as XCom ``loss_chart_html`` for the Loss chart tab (``s3``: as
+    in :func:`read_chart`)."""
     uri = (result.get("artifacts") or {}).get("chart_html")
     if not uri:
         return
-    text = read_chart(uri, log)
+    text = read_chart(uri, log, s3)
     if text is None:
         return
     try:

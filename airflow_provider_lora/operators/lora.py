@@ -67,6 +67,13 @@ class LoRATrainingOperator(BaseOperator):
     :param startup_timeout: seconds a pod may stay pending before the task fails with the pod's events.
     :param on_finish_action: ``delete_pod``, ``delete_succeeded_pod`` (keep failed pods to inspect) or
         ``keep_pod``.
+    :param aws_conn_id: the Airflow AWS connection the worker reads S3 with (the completed-run check before
+        launching, the loss chart after the run); needs apache-airflow-providers-amazon. None (default): boto3's
+        default chain (environment, ~/.aws, instance role). The pod never gets these credentials: give it its own
+        with ``secret_env`` (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).
+    :param s3_endpoint_url: an S3-compatible endpoint (MinIO, Ceph, ...), e.g. ``http://minio.minio:9000``: used
+        by the worker's S3 client (over the connection's ``endpoint_url``) and given to the trainer as
+        AWS_ENDPOINT_URL. None (default): the connection's or boto3's own (AWS_ENDPOINT_URL).
     """
 
     template_fields: Sequence[str] = (*SPEC_FIELDS, "image", "namespace")
@@ -101,6 +108,8 @@ class LoRATrainingOperator(BaseOperator):
         poll_interval: float = 10.0,
         startup_timeout: float = 600.0,
         on_finish_action: str = "delete_succeeded_pod",
+        aws_conn_id: str | None = None,
+        s3_endpoint_url: str | None = None,
         **kwargs: Any,
     ) -> None:
         spec_values = {name: kwargs.pop(name) for name in SPEC_FIELDS if name in kwargs}
@@ -140,6 +149,12 @@ class LoRATrainingOperator(BaseOperator):
         self.poll_interval = poll_interval
         self.startup_timeout = startup_timeout
         self.on_finish_action = on_finish_action
+        if s3_endpoint_url is not None and not _is_http_url(s3_endpoint_url):
+            raise ValueError(f"s3_endpoint_url={s3_endpoint_url!r} is not valid: give an http(s) URL such as "
+                             "'http://minio.minio:9000'")
+        self.aws_conn_id = aws_conn_id
+        self.s3_endpoint_url = s3_endpoint_url
+        self._s3_client: Any = None
         self._pod: tuple[str, str] | None = None  # (name, namespace) once created or found
         # Fail at DAG parse for values that are already final (templated ones are checked after rendering).
         self._spec(final=False)
@@ -172,7 +187,7 @@ class LoRATrainingOperator(BaseOperator):
             node_selector=self.node_selector, tolerations=self.tolerations, affinity=self.affinity,
             volumes=self.volumes, volume_mounts=self.volume_mounts, pvc_claim_name=self.pvc_claim_name,
             pvc_mount_path=self.pvc_mount_path, secret_env=self.secret_env,
-            pod_template=template,
+            pod_template=template, s3_endpoint_url=self.s3_endpoint_url,
         )
 
     @property
@@ -181,6 +196,48 @@ class LoRATrainingOperator(BaseOperator):
 
         return ClusterRef(self.kubernetes_conn_id, self.config_file, self.cluster_context, self.in_cluster)
 
+    def _s3(self) -> Any:
+        """The worker's S3 client (made once): the Amazon provider's for ``aws_conn_id``, else boto3's default
+        chain; ``s3_endpoint_url`` overrides the endpoint of either."""
+        if self._s3_client is None:
+            from airflow_provider_lora.core import storage
+
+            if self.aws_conn_id is None:
+                self._s3_client = storage.s3_client(self.s3_endpoint_url)
+            else:
+                try:
+                    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+                except ImportError:
+                    raise AirflowFailException(
+                        f"aws_conn_id={self.aws_conn_id!r} needs apache-airflow-providers-amazon on the worker, "
+                        "which is not installed: install it, or set aws_conn_id=None to use boto3's default "
+                        "credential chain") from None
+                hook = S3Hook(aws_conn_id=self.aws_conn_id, config={"retries": storage.RETRIES})
+                self._s3_client = (hook.get_conn() if self.s3_endpoint_url is None else
+                                   hook.get_session(region_name=hook.region_name).client(
+                                       "s3", endpoint_url=self.s3_endpoint_url, config=hook.config,
+                                       verify=hook.verify))
+        return self._s3_client
+
+    def _check_output_free(self, spec: LoRASpec) -> None:
+        """Before launching: refuse an output location that already holds a completed run (unless
+        ``overwrite_output``), as the trainer would, but without spending a pod on it. A path output is checked
+        by the trainer alone: only a local run's paths are visible from the worker."""
+        from airflow_provider_lora.core import storage
+
+        if spec.overwrite_output or not (storage.is_s3(spec.output_uri) or self.launcher == "local"):
+            return
+        try:
+            storage.check_output_available(spec.output_uri, False,
+                                           client=self._s3() if storage.is_s3(spec.output_uri) else None)
+        except storage.OutputExistsError as exc:
+            raise AirflowFailException(f"{self.task_id}: {exc}") from None
+        except Exception as exc:  # credentials, network: botocore's errors share no base class with ClientError
+            if self.aws_conn_id is not None:  # asked for worker access: it must work
+                raise AirflowException(f"aws_conn_id={self.aws_conn_id!r}: could not read {spec.output_uri}: "
+                                       f"{exc}") from exc
+            self.log.warning("could not check %s from the worker (%s); the trainer checks it", spec.output_uri, exc)
+
     # ---- execution ----------------------------------------------------------------------------------------------
 
     def execute(self, context: Context) -> Any:
@@ -188,6 +245,8 @@ class LoRATrainingOperator(BaseOperator):
             spec = self._spec()
         except ValueError as exc:  # bad input: a retry would fail the same way
             raise AirflowFailException(str(exc)) from None
+        if self.aws_conn_id is not None:
+            self._s3()  # a missing provider or connection fails here, before anything launches
         if self.launcher == "local":
             return self._execute_local(spec)
         return self._execute_pod(spec, context)
@@ -195,8 +254,10 @@ class LoRATrainingOperator(BaseOperator):
     def _execute_local(self, spec: LoRASpec) -> dict[str, Any]:
         from airflow_provider_lora.core.launchers.local import TrainingFailed, run_local
 
+        self._check_output_free(spec)
+        env = {"AWS_ENDPOINT_URL": self.s3_endpoint_url} if self.s3_endpoint_url else None
         try:
-            result = run_local(spec, on_line=self.log.info)
+            result = run_local(spec, on_line=self.log.info, env=env)
         except TrainingFailed as exc:
             raise AirflowException(str(exc)) from None
         return self._return_value(result.to_xcom())
@@ -248,6 +309,7 @@ class LoRATrainingOperator(BaseOperator):
                           state.describe())
             kube.delete_pod(api, name, namespace)
             self._wait_until_gone(api, name, namespace)
+        self._check_output_free(self._spec())
         api.create_namespaced_pod(namespace, manifest)
         self.log.info("created pod %s/%s", namespace, name)
 
@@ -318,7 +380,7 @@ class LoRATrainingOperator(BaseOperator):
         self.log.info("training finished: final loss %s (min %s) after %s steps; artifacts: %s",
                       summary.get("final_loss"), summary.get("min_loss"), summary.get("global_step"),
                       json.dumps(result.get("artifacts", {})))
-        push_loss_chart(result, self.log)  # XCom loss_chart_html, for the Loss chart tab
+        push_loss_chart(result, self.log, s3=self._s3)  # XCom loss_chart_html, for the Loss chart tab
         return result
 
     def _clean_up(self, api: Any, name: str, namespace: str, succeeded: bool) -> None:
@@ -346,6 +408,13 @@ def _safe_tail(api: Any, name: str, namespace: str) -> str:
     except Exception as exc:  # the log is a courtesy on a path that already fails
         return f"(could not read the log: {exc})"
     return "\n".join(line.partition(" ")[2] for line in text.splitlines())
+
+
+def _is_http_url(text: str) -> bool:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(text)
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
 def _signature() -> inspect.Signature:
