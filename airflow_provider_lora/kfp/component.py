@@ -1,0 +1,113 @@
+"""train_model: the seed KFP component's interface (components/training/finetuning/lora) on this project's core.
+
+Inputs, types, defaults and order are the seed's (tests/test_kfp_component.py checks them against the seed's table);
+the ``training_*`` inputs are LoRASpec's fields with a prefix, and their descriptions below come from LoRASpec. The
+body only collects the inputs: everything it does runs in :mod:`airflow_provider_lora.kfp.runtime`, which the training
+image holds, so nothing is pip-installed when the task starts (a KFP lightweight component imports inside its body).
+
+Settings the seed has no input for (launch mode, extra LoRASpec fields, pod options) come from the task's
+environment; docs/kfp.md lists them. The image is chosen when this module is imported (compile time):
+``LORA_KFP_BASE_IMAGE`` or the training image of PodOptions.
+"""
+
+# No `from __future__ import annotations`: KFP reads the real annotation objects of train_model.
+import os
+from typing import Optional
+
+from kfp import dsl
+
+from airflow_provider_lora.core.render import PodOptions
+from airflow_provider_lora.core.spec import LoRASpec
+
+# The training image: it holds this package, the trainer and kfp (install_kfp_package=False: nothing is installed
+# when the task starts).
+BASE_IMAGE = os.environ.get("LORA_KFP_BASE_IMAGE") or PodOptions.model_fields["image"].default
+
+# As the seed: what is set on the task (resources, tolerations, node selector, affinity) goes to the launched job;
+# env and volumes apply to the task's own pod too (it stages data on the workspace and reads the results back).
+TASK_CONFIG_PASSTHROUGHS = [
+    dsl.TaskConfigField.RESOURCES,
+    dsl.TaskConfigField.KUBERNETES_TOLERATIONS,
+    dsl.TaskConfigField.KUBERNETES_NODE_SELECTOR,
+    dsl.TaskConfigField.KUBERNETES_AFFINITY,
+    dsl.TaskConfigPassthrough(field=dsl.TaskConfigField.ENV, apply_to_task=True),
+    dsl.TaskConfigPassthrough(field=dsl.TaskConfigField.KUBERNETES_VOLUMES, apply_to_task=True),
+]
+
+_OWN_DOCS = {
+    "pvc_path": "Workspace PVC root path (use dsl.WORKSPACE_PATH_PLACEHOLDER): dataset staging and the run's output.",
+    "output_model": "Output model artifact: adapter/ (and merged/ when save_merged), with base model, r, alpha, "
+                    "target modules and artifact URIs in its metadata.",
+    "output_metrics": "Output training metrics artifact: every summary metric and the hyperparameters.",
+    "output_loss_chart": "Output HTML artifact with the training loss chart (the same page as Airflow's).",
+    "dataset": "Input training dataset artifact (a file or a directory); without it, LORA_KFP_SPEC's dataset.",
+    "kubernetes_config": "KFP TaskConfig: resources, env, volumes, node selector, tolerations and affinity set on "
+                         "the task, passed through to the launched job.",
+}
+
+
+def train_model(
+    pvc_path: str,
+    output_model: dsl.Output[dsl.Model],
+    output_metrics: dsl.Output[dsl.Metrics],
+    output_loss_chart: dsl.Output[dsl.HTML],
+    dataset: dsl.Input[dsl.Dataset] = None,
+    training_base_model: str = "Qwen/Qwen2.5-1.5B-Instruct",
+    training_effective_batch_size: int = 128,
+    training_max_tokens_per_gpu: int = 32000,
+    training_max_seq_len: int = 8192,
+    training_learning_rate: Optional[float] = None,
+    training_lr_warmup_steps: Optional[int] = None,
+    training_checkpoint_at_epoch: Optional[bool] = None,
+    training_num_epochs: Optional[int] = None,
+    training_data_output_dir: Optional[str] = None,
+    training_envs: str = "",
+    training_resource_cpu_per_worker: str = "4",
+    training_resource_gpu_per_worker: int = 1,
+    training_resource_memory_per_worker: str = "32Gi",
+    training_resource_num_procs_per_worker: str = "auto",
+    training_resource_num_workers: int = 1,
+    training_metadata_labels: str = "",
+    training_metadata_annotations: str = "",
+    training_lora_r: int = 16,
+    training_lora_alpha: int = 32,
+    training_lora_dropout: float = 0.0,
+    training_lora_target_modules: str = "",
+    training_lora_use_rslora: Optional[bool] = None,
+    training_lora_use_dora: Optional[bool] = None,
+    training_lora_load_in_4bit: Optional[bool] = None,
+    training_lora_load_in_8bit: Optional[bool] = None,
+    training_lora_bnb_4bit_quant_type: Optional[str] = None,
+    training_lora_bnb_4bit_compute_dtype: Optional[str] = None,
+    training_lora_bnb_4bit_use_double_quant: Optional[bool] = None,
+    training_lora_sample_packing: Optional[bool] = None,
+    training_seed: Optional[int] = None,
+    training_use_liger: Optional[bool] = None,
+    training_lr_scheduler: Optional[str] = None,
+    training_fsdp_sharding_strategy: Optional[str] = None,
+    kubernetes_config: dsl.TaskConfig = None,
+) -> str:
+    inputs = dict(locals())  # every input by name, before anything else is bound here
+    from airflow_provider_lora.kfp.runtime import run_component
+
+    return run_component(inputs)
+
+
+def _docstring() -> str:
+    """Google-style Args (KFP turns them into the input descriptions), the training_* ones from LoRASpec."""
+    lines = ["Fine-tune a language model with LoRA (unsloth backend) and publish the adapter, metrics and loss chart.",
+             "", "Args:"]
+    for name in train_model.__code__.co_varnames[: train_model.__code__.co_argcount]:
+        field = LoRASpec.model_fields.get(name.removeprefix("training_")) if name.startswith("training_") else None
+        lines.append(f"    {name}: {field.description if field else _OWN_DOCS[name]}")
+    lines += ["", "Returns:", '    The status "training completed".']
+    return "\n".join(lines)
+
+
+train_model.__doc__ = _docstring()
+train_model = dsl.component(
+    base_image=BASE_IMAGE,
+    packages_to_install=[],
+    install_kfp_package=False,
+    task_config_passthroughs=TASK_CONFIG_PASSTHROUGHS,
+)(train_model)
