@@ -1,0 +1,86 @@
+"""Runs the emulated Kubernetes API server (tests/k8s/emulator.py) in its own process for bench/triggerer_load.py,
+so the server's CPU is not counted as the triggerer's.
+
+It creates ``--pods`` stand-in pods (one cheap ``sh`` that prints a line and then execs ``sleep``), waits until all
+are Running, prints one JSON line ``{"kubeconfig": ..., "namespace": ..., "pods": [...]}`` and then answers commands
+read from stdin, one per line:
+
+- ``reset``: start counting requests from now; answers ``ok``.
+- ``count``: answers a JSON line with the requests since the last reset, by kind (pod reads, log reads, patches,
+  other), counted in the emulator's own request log (every HTTP request it served).
+
+End of stdin stops the cluster (its pods' processes are killed) and the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.k8s.emulator import Cluster  # noqa: E402
+
+POD_READ = re.compile(r"^/api/v1/namespaces/[^/]+/pods/[^/]+$")
+POD_LOG = re.compile(r"^/api/v1/namespaces/[^/]+/pods/[^/]+/log$")
+
+
+def classify(method: str, path: str) -> str:
+    if method == "GET" and POD_READ.match(path):
+        return "pod_reads"
+    if method == "GET" and POD_LOG.match(path):
+        return "log_reads"
+    if method == "PATCH":
+        return "patches"
+    return "other"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pods", type=int, required=True)
+    parser.add_argument("--sleep", type=int, default=900, help="seconds each stand-in pod stays Running")
+    args = parser.parse_args()
+
+    from kubernetes import client, config
+
+    with tempfile.TemporaryDirectory(prefix="bench-k8s-") as root, Cluster(Path(root) / "k8s") as cluster:
+        api = client.CoreV1Api(config.new_client_from_config(str(cluster.kubeconfig)))
+        names = [f"bench-{i:04d}" for i in range(args.pods)]
+        for name in names:
+            api.create_namespaced_pod("default", {
+                "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+                "spec": {"restartPolicy": "Never", "containers": [{
+                    "name": "base", "image": "busybox",
+                    # exec: one process per pod (sh would otherwise stay as the sleep's parent)
+                    "command": ["sh", "-c", f"echo started; exec sleep {args.sleep}"]}]}})
+        deadline = time.monotonic() + 120
+        while True:
+            phases = [p["status"].get("phase") for p in cluster.pods("default")]
+            if all(p == "Running" for p in phases):
+                break
+            if time.monotonic() > deadline:
+                sys.exit(f"pods not Running after 120 s: {sorted(set(phases))}")
+            time.sleep(0.2)
+        print(json.dumps({"kubeconfig": str(cluster.kubeconfig), "namespace": "default", "pods": names}), flush=True)
+        start = len(cluster.request_log)
+        for line in sys.stdin:
+            command = line.strip()
+            if command == "reset":
+                start = len(cluster.request_log)
+                print("ok", flush=True)
+            elif command == "count":
+                counts = {"pod_reads": 0, "log_reads": 0, "patches": 0, "other": 0}
+                for method, path, _ in cluster.request_log[start:]:
+                    counts[classify(method, path)] += 1
+                print(json.dumps(counts), flush=True)
+            else:
+                print(json.dumps({"error": f"unknown command {command!r}; accepted: reset, count"}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
