@@ -57,6 +57,66 @@ def read_log_tail(api: Any, name: str, namespace: str, lines: int) -> str:
     return response.data.decode("utf-8", "replace")
 
 
+# Answers worth another try (throttling, a restarting or overloaded API server), the attempts a sync call gets, and
+# the longest wait between them.
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+SYNC_ATTEMPTS = 4
+MAX_BACKOFF_SECONDS = 8.0
+
+
+def create_pod(api: Any, manifest: dict[str, Any]) -> bool:
+    """Create the pod, retrying throttling, server errors and timeouts with backoff; False when a pod of that name
+    already exists (another try made it, or an earlier attempt of this call did before its answer was lost)."""
+    from kubernetes.client.exceptions import ApiException
+
+    name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
+    try:
+        call_with_retries(f"create pod {namespace}/{name}", api.create_namespaced_pod, namespace, manifest)
+        return True
+    except ApiException as exc:
+        if exc.status == 409:
+            return False
+        raise
+
+
+class KubernetesApiError(RuntimeError):
+    """A Kubernetes API call still failed after SYNC_ATTEMPTS tries."""
+
+
+def call_with_retries(what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+    """``call(*args, **kwargs)`` with a request timeout, retried on RETRY_STATUSES and network errors with
+    exponential backoff (a Retry-After header wins); other API errors (404, 409, 422, ...) are raised at once."""
+    import time
+
+    import urllib3
+    from kubernetes.client.exceptions import ApiException
+
+    for attempt in range(1, SYNC_ATTEMPTS + 1):
+        try:
+            return call(*args, _request_timeout=API_TIMEOUT_SECONDS, **kwargs)
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            status = getattr(exc, "status", None)
+            if isinstance(exc, ApiException) and status not in RETRY_STATUSES:
+                raise
+            if attempt == SYNC_ATTEMPTS:
+                raise KubernetesApiError(f"{what}: the Kubernetes API failed {SYNC_ATTEMPTS} times; last: "
+                                         f"{describe_api_error(exc)}") from exc
+            headers = getattr(exc, "headers", None) or {}
+            retry_after = str(headers.get("Retry-After", ""))
+            wait = float(retry_after) if retry_after.isdigit() else min(MAX_BACKOFF_SECONDS, 2.0 ** (attempt - 1))
+            time.sleep(wait)
+
+
+def describe_api_error(exc: Exception) -> str:
+    """``(500) Internal error occurred: ...``: the status and the API's own message, not the raw response dump."""
+    status, body = getattr(exc, "status", None), getattr(exc, "body", None)
+    try:
+        message = json.loads(body).get("message") if body else None
+    except (ValueError, AttributeError):
+        message = None
+    return f"({status}) {message or getattr(exc, 'reason', '')}" if status else f"{type(exc).__name__}: {exc}"
+
+
 def delete_pod(api: Any, name: str, namespace: str) -> bool:
     """Delete the pod; False when it was already gone."""
     from kubernetes.client.exceptions import ApiException
@@ -147,3 +207,92 @@ async def async_pod_log(api_client: Any, name: str, namespace: str, since_time: 
         query_params=query, header_params={"Accept": "text/plain"}, auth_settings=["BearerToken"],
         _preload_content=False, _return_http_data_only=True, _request_timeout=API_TIMEOUT_SECONDS)
     return (await _read_checked(response)).decode("utf-8", "replace")
+
+
+# ---- TrainJobs (Kubeflow Trainer) --------------------------------------------------------------------------------
+
+def _custom_api(core_api: Any) -> Any:
+    from kubernetes.client import CustomObjectsApi
+
+    return CustomObjectsApi(core_api.api_client)  # the same connection as the core API
+
+
+def create_trainjob(core_api: Any, manifest: dict[str, Any]) -> None:
+    """Create a TrainJob with strict field validation: a field the installed Trainer does not know is an error,
+    not silently dropped (the pod customisation field changed with every Trainer release)."""
+    from airflow_provider_lora.core.render import TRAINJOB_GROUP, TRAINJOB_PLURAL, TRAINJOB_VERSION
+
+    call_with_retries(f"create TrainJob {manifest['metadata']['namespace']}/{manifest['metadata']['name']}",
+                      _custom_api(core_api).create_namespaced_custom_object, TRAINJOB_GROUP, TRAINJOB_VERSION,
+                      manifest["metadata"]["namespace"], TRAINJOB_PLURAL, manifest, field_validation="Strict")
+
+
+def read_trainjob(core_api: Any, name: str, namespace: str) -> dict[str, Any] | None:
+    """The TrainJob as a dict, or None when it does not exist."""
+    from kubernetes.client.exceptions import ApiException
+
+    from airflow_provider_lora.core.render import TRAINJOB_GROUP, TRAINJOB_PLURAL, TRAINJOB_VERSION
+
+    try:
+        response = _custom_api(core_api).get_namespaced_custom_object(
+            TRAINJOB_GROUP, TRAINJOB_VERSION, namespace, TRAINJOB_PLURAL, name, _preload_content=False)
+        return json.loads(response.data)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def delete_trainjob(core_api: Any, name: str, namespace: str) -> bool:
+    """Delete the TrainJob (its pods go with it); False when it was already gone."""
+    from kubernetes.client.exceptions import ApiException
+
+    from airflow_provider_lora.core.render import TRAINJOB_GROUP, TRAINJOB_PLURAL, TRAINJOB_VERSION
+
+    try:
+        _custom_api(core_api).delete_namespaced_custom_object(
+            TRAINJOB_GROUP, TRAINJOB_VERSION, namespace, TRAINJOB_PLURAL, name, propagation_policy="Foreground")
+        return True
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+
+
+def list_pods(core_api: Any, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+    response = core_api.list_namespaced_pod(namespace, label_selector=label_selector, _preload_content=False)
+    return json.loads(response.data)["items"]
+
+
+def installed_trainer_version(core_api: Any) -> str | None:
+    """``kubeflow_trainer_version`` from Kubeflow Trainer's public ConfigMap; None when it is not there."""
+    from kubernetes.client.exceptions import ApiException
+
+    from airflow_provider_lora.core.launchers.trainjob import TRAINER_VERSION_CONFIGMAP
+
+    namespace, name, key = TRAINER_VERSION_CONFIGMAP
+    try:
+        response = core_api.read_namespaced_config_map(name, namespace, _preload_content=False)
+    except ApiException as exc:
+        if exc.status in (403, 404):
+            return None
+        raise
+    return (json.loads(response.data).get("data") or {}).get(key)
+
+
+async def async_trainjob(api_client: Any, name: str, namespace: str) -> dict[str, Any]:
+    from kubernetes_asyncio.client import CustomObjectsApi
+
+    from airflow_provider_lora.core.render import TRAINJOB_GROUP, TRAINJOB_PLURAL, TRAINJOB_VERSION
+
+    return await async_json(CustomObjectsApi(api_client).get_namespaced_custom_object, TRAINJOB_GROUP,
+                            TRAINJOB_VERSION, namespace, TRAINJOB_PLURAL, name)
+
+
+async def async_delete_trainjob(api_client: Any, name: str, namespace: str) -> None:
+    from kubernetes_asyncio.client import CustomObjectsApi
+
+    from airflow_provider_lora.core.render import TRAINJOB_GROUP, TRAINJOB_PLURAL, TRAINJOB_VERSION
+
+    await CustomObjectsApi(api_client).delete_namespaced_custom_object(
+        TRAINJOB_GROUP, TRAINJOB_VERSION, namespace, TRAINJOB_PLURAL, name, propagation_policy="Foreground")

@@ -30,7 +30,7 @@ def test_the_provider_is_discovered_by_airflow():
 
 
 def test_trigger_serialize_mirrors_init():
-    kwargs = dict(pod_name="lora-x-1", namespace="ml", kubernetes_conn_id="k8s", config_file="/k/config",
+    kwargs = dict(name="lora-x-1", namespace="ml", launcher="pod", kubernetes_conn_id="k8s", config_file="/k/config",
                   cluster_context="ctx", in_cluster=False, poll_interval=2.5, startup_timeout=60.0,
                   stream_logs=False)
     classpath, serialized = LoRATrainingTrigger(**kwargs).serialize()
@@ -43,11 +43,10 @@ def test_trigger_serialize_mirrors_init():
 def test_the_example_dag_has_a_form_field_for_every_spec_parameter():
     from pathlib import Path
 
-    from airflow.dag_processing.dagbag import DagBag
-
     from airflow_provider_lora.core.spec import LoRASpec
+    from tests.fixtures.airflow import dag_bag
 
-    bag = DagBag(dag_folder=str(Path(__file__).resolve().parents[1] / "dags"))
+    bag = dag_bag(str(Path(__file__).resolve().parents[1] / "dags"))
     assert bag.import_errors == {}
     dag = bag.dags["lora_finetune"]
     assert set(dag.params) == set(LoRASpec.model_fields)

@@ -43,7 +43,7 @@ def operator(tiny_model_dir, dataset, output_uri, endpoint, **kwargs) -> LoRATra
 @pytest.mark.parametrize("deferrable", [True, False])
 def test_dag_test_trains_in_a_pod_and_returns_the_result(cluster, airflow_db, tiny_model_dir, tmp_path,
                                                          s3_endpoint, s3_bucket, deferrable):
-    from airflow.sdk import DAG
+    from airflow_provider_lora.compat import DAG
 
     dataset = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(32))
     output = f"s3://{s3_bucket}/runs/{{{{ run_id }}}}"
@@ -60,7 +60,7 @@ def test_dag_test_trains_in_a_pod_and_returns_the_result(cluster, airflow_db, ti
     assert result["artifacts"]["adapter"] == f"s3://{s3_bucket}/runs/{run.run_id}/adapter"
     published = load_run_result(result["artifacts"]["root"])  # what the pod uploaded is complete
     assert published.summary["global_step"] == 4
-    assert ti.xcom_pull(task_ids="train", key="pod")["name"].startswith("lora-")
+    assert ti.xcom_pull(task_ids="train", key="launched")["name"].startswith("lora-")
     assert cluster.pods() == []  # on_finish_action="delete_pod"
     creates = [r for r in cluster.request_log if r[0] == "POST" and r[1].endswith("/pods")]
     assert len(creates) == 1
@@ -69,7 +69,7 @@ def test_dag_test_trains_in_a_pod_and_returns_the_result(cluster, airflow_db, ti
 def test_a_retry_reattaches_to_the_running_pod_of_an_earlier_try(cluster, airflow_db, tiny_model_dir, tmp_path,
                                                                  s3_endpoint, s3_bucket):
     """The worker died after creating the pod: the next try finds it by name and waits for it."""
-    from airflow.sdk import DAG
+    from airflow_provider_lora.compat import DAG
 
     dataset = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(32))
     with DAG("lora_pod_reattach", schedule=None, start_date=datetime.datetime(2026, 1, 1)) as dag:
@@ -100,7 +100,7 @@ def test_a_retry_reattaches_to_the_running_pod_of_an_earlier_try(cluster, airflo
 
 def test_a_failed_pod_fails_the_task_with_the_reason_and_last_lines(cluster, airflow_db, tiny_model_dir, tmp_path,
                                                                     s3_endpoint, s3_bucket):
-    from airflow.sdk import DAG
+    from airflow_provider_lora.compat import DAG
 
     with DAG("lora_pod_fails", schedule=None, start_date=datetime.datetime(2026, 1, 1)) as dag:
         operator(tiny_model_dir, tmp_path / "missing.jsonl", f"s3://{s3_bucket}/runs/x", s3_endpoint,
@@ -150,7 +150,7 @@ def test_kubectl_reads_a_training_pod_while_it_runs(cluster, tiny_model_dir, tmp
 
 def test_dataset_and_output_on_a_workspace_pvc(cluster, airflow_db, tiny_model_dir, tmp_path, s3_endpoint):
     """The PVC outlives the pod: the dataset placed on it is read, and the run published on it is complete."""
-    from airflow.sdk import DAG
+    from airflow_provider_lora.compat import DAG
 
     mount = str(cluster.root / "mnt" / "lora")  # under the cluster root, so the emulated pod sees this path
     claim_dir = cluster.root / "pvc" / "default" / "workspace"

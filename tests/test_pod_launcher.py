@@ -41,7 +41,7 @@ def first_event(trigger: LoRATrainingTrigger, timeout: float = 60) -> dict:
 
 
 def trigger(cluster, name: str, **kwargs) -> LoRATrainingTrigger:
-    return quiet(LoRATrainingTrigger(pod_name=name, namespace="default", kubernetes_conn_id=None,
+    return quiet(LoRATrainingTrigger(name=name, namespace="default", kubernetes_conn_id=None,
                                      config_file=str(cluster.kubeconfig), poll_interval=0.2, **kwargs))
 
 
@@ -179,5 +179,5 @@ def test_the_result_falls_back_to_the_termination_message(k8s_cluster):
     k8s_cluster.wait_for_pod("default", "term")
     task = LoRATrainingOperator(task_id="t", kubernetes_conn_id=None, config_file=str(k8s_cluster.kubeconfig),
                                 on_finish_action="keep_pod")
-    result = task.execute_complete({}, {"status": "success", "pod_name": "term", "namespace": "default"})
+    result = task.execute_complete({}, {"status": "success", "name": "term", "namespace": "default", "launcher": "pod", "log_pod": "term"})
     assert result == {"summary": {"global_step": 7}, "history": [], "artifacts": {"root": "s3://b/run"}}

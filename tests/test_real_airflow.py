@@ -161,7 +161,7 @@ def test_deferred_task_resumes_in_another_process(airflow_services, k8s_cluster,
     trigger_log = log_files.get(f"attempt=1.log.trigger.{job}.log")
     assert trigger_log is not None, context
     events = _json_lines(trigger_log)
-    pod_name = af.xcom(DAG_ID, run_id, TASK_ID, key="pod")["name"]
+    pod_name = af.xcom(DAG_ID, run_id, TASK_ID, key="launched")["name"]
     copied = [e["event"] for e in events
               if e.get("logger") == TRIGGER_CLASSPATH and str(e.get("event")).startswith(f"[{pod_name}] ")]
     assert copied, context

@@ -18,7 +18,10 @@ from typing import Any, Sequence
 
 from airflow_provider_lora.compat import AirflowException, AirflowFailException, BaseOperator, Context, conf
 from airflow_provider_lora.core.launchers.pod import FAILED, classify_pod, find_result
-from airflow_provider_lora.core.render import LABEL_PREFIX, PodOptions, SecretRef, TaskIdentity, render_pod
+from airflow_provider_lora.core.launchers.trainjob import classify_trainjob, failed_nodes, node_pod_selector
+from airflow_provider_lora.core.render import (
+    LABEL_PREFIX, PodOptions, SecretRef, TaskIdentity, TrainJobOptions, render_pod, render_trainjob, trainer_api_shape,
+)
 from airflow_provider_lora.core.spec import LoRASpec, SpecError
 from airflow_provider_lora.links import LoRAArtifactsLink, LossChartLink, push_loss_chart
 
@@ -27,7 +30,7 @@ LAUNCHERS = ("pod", "local", "trainjob")
 ON_FINISH_ACTIONS = ("delete_pod", "delete_succeeded_pod", "keep_pod")
 LAST_LOG_LINES = 30
 RESULT_LOG_TAIL = 20  # lines read back to find the trainer's result line
-XCOM_POD = "pod"
+XCOM_LAUNCHED = "launched"  # {"kind": "Pod" | "TrainJob", "name", "namespace"}
 
 
 def _secret_ref(value: Any, name: str) -> SecretRef:
@@ -48,8 +51,16 @@ class LoRATrainingOperator(BaseOperator):
 
     Besides every LoRASpec field (docs/parameters.md):
 
-    :param launcher: ``pod`` (a Kubernetes pod running the training image), ``local`` (a subprocess of the
-        worker: laptops, CPU runs, tests) or ``trainjob`` (Kubeflow Trainer; not available yet).
+    :param launcher: ``pod`` (a Kubernetes pod running the training image), ``trainjob`` (a Kubeflow Trainer
+        TrainJob: ``resource_num_workers`` nodes under torchrun), or ``local`` (a subprocess of the worker:
+        laptops, CPU runs, tests).
+    :param trainer_runtime: the TrainJob's runtime (default ``torch-distributed``); ``trainer_runtime_kind``:
+        ``ClusterTrainingRuntime`` (default) or ``TrainingRuntime`` (namespaced).
+    :param trainer_api_version: the Kubeflow Trainer generation to render the TrainJob for: ``v2.0``
+        (podSpecOverrides), ``v2.1`` (podTemplateOverrides) or ``v2.2`` (runtimePatches, also later versions).
+        None (default): read from the cluster's ``kubeflow-system/kubeflow-trainer-public`` ConfigMap.
+    :param active_deadline_seconds: stop the training after this many seconds (a Pod's activeDeadlineSeconds;
+        a TrainJob's needs Trainer v2.2+).
     :param kubernetes_conn_id: the cncf-kubernetes connection, as KubernetesPodOperator uses it.
     :param config_file, cluster_context, in_cluster: override the connection, as in KubernetesHook.
     :param namespace, image, image_pull_policy, image_pull_secrets, service_account_name, node_selector,
@@ -66,7 +77,7 @@ class LoRATrainingOperator(BaseOperator):
     :param poll_interval: seconds between pod status checks.
     :param startup_timeout: seconds a pod may stay pending before the task fails with the pod's events.
     :param on_finish_action: ``delete_pod``, ``delete_succeeded_pod`` (keep failed pods to inspect) or
-        ``keep_pod``.
+        ``keep_pod``; for a TrainJob the same applies to the TrainJob (its pods go with it).
     :param aws_conn_id: the Airflow AWS connection the worker reads S3 with (the completed-run check before
         launching, the loss chart after the run); needs apache-airflow-providers-amazon. None (default): boto3's
         default chain (environment, ~/.aws, instance role). The pod never gets these credentials: give it its own
@@ -110,6 +121,10 @@ class LoRATrainingOperator(BaseOperator):
         on_finish_action: str = "delete_succeeded_pod",
         aws_conn_id: str | None = None,
         s3_endpoint_url: str | None = None,
+        trainer_runtime: str = TrainJobOptions.model_fields["runtime_name"].default,
+        trainer_runtime_kind: str = TrainJobOptions.model_fields["runtime_kind"].default,
+        trainer_api_version: str | None = None,
+        active_deadline_seconds: int | None = None,
         **kwargs: Any,
     ) -> None:
         spec_values = {name: kwargs.pop(name) for name in SPEC_FIELDS if name in kwargs}
@@ -118,8 +133,6 @@ class LoRATrainingOperator(BaseOperator):
             setattr(self, name, spec_values.get(name, LoRASpec.model_fields[name].default))
         if launcher not in LAUNCHERS:
             raise ValueError(f"launcher={launcher!r} is not valid: accepted: {', '.join(LAUNCHERS)}")
-        if launcher == "trainjob":
-            raise ValueError("launcher='trainjob' (Kubeflow Trainer) is not available in this version; use 'pod'")
         if on_finish_action not in ON_FINISH_ACTIONS:
             raise ValueError(f"on_finish_action={on_finish_action!r} is not valid: accepted: "
                              f"{', '.join(ON_FINISH_ACTIONS)}")
@@ -155,7 +168,13 @@ class LoRATrainingOperator(BaseOperator):
         self.aws_conn_id = aws_conn_id
         self.s3_endpoint_url = s3_endpoint_url
         self._s3_client: Any = None
-        self._pod: tuple[str, str] | None = None  # (name, namespace) once created or found
+        self.trainer_runtime = trainer_runtime
+        self.trainer_runtime_kind = trainer_runtime_kind
+        self.trainer_api_version = trainer_api_version
+        if trainer_api_version is not None:
+            TrainJobOptions(api_shape=trainer_api_version)  # a clear error at DAG parse
+        self.active_deadline_seconds = active_deadline_seconds
+        self._launched: tuple[str, str] | None = None  # (name, namespace) of the pod/TrainJob once created or found
         # Fail at DAG parse for values that are already final (templated ones are checked after rendering).
         self._spec(final=False)
 
@@ -188,7 +207,24 @@ class LoRATrainingOperator(BaseOperator):
             volumes=self.volumes, volume_mounts=self.volume_mounts, pvc_claim_name=self.pvc_claim_name,
             pvc_mount_path=self.pvc_mount_path, secret_env=self.secret_env,
             pod_template=template, s3_endpoint_url=self.s3_endpoint_url,
+            active_deadline_seconds=self.active_deadline_seconds,
         )
+
+    def _trainjob_options(self, api: Any) -> TrainJobOptions:
+        from airflow_provider_lora import kube
+
+        shape = self.trainer_api_version
+        if shape is None:
+            version = kube.installed_trainer_version(api)
+            if version is None:
+                raise AirflowFailException(
+                    f"{self.task_id}: launcher='trainjob' but the cluster has no readable Kubeflow Trainer version "
+                    "(ConfigMap kubeflow-system/kubeflow-trainer-public): is Kubeflow Trainer installed? Set "
+                    "trainer_api_version ('v2.0', 'v2.1' or 'v2.2') to skip the detection")
+            shape = trainer_api_shape(version)
+            self.log.info("Kubeflow Trainer %s installed: rendering the TrainJob for the %s API", version, shape)
+        return TrainJobOptions(runtime_name=self.trainer_runtime, runtime_kind=self.trainer_runtime_kind,
+                               api_shape=shape)
 
     @property
     def _cluster(self):
@@ -249,7 +285,7 @@ class LoRATrainingOperator(BaseOperator):
             self._s3()  # a missing provider or connection fails here, before anything launches
         if self.launcher == "local":
             return self._execute_local(spec)
-        return self._execute_pod(spec, context)
+        return self._execute_on_cluster(spec, context)
 
     def _execute_local(self, spec: LoRASpec) -> dict[str, Any]:
         from airflow_provider_lora.core.launchers.local import TrainingFailed, run_local
@@ -262,22 +298,25 @@ class LoRATrainingOperator(BaseOperator):
             raise AirflowException(str(exc)) from None
         return self._return_value(result.to_xcom())
 
-    def _execute_pod(self, spec: LoRASpec, context: Context) -> Any:
+    def _execute_on_cluster(self, spec: LoRASpec, context: Context) -> Any:
         from airflow_provider_lora import kube
 
         ti = context["ti"]
         identity = TaskIdentity(dag_id=ti.dag_id, task_id=ti.task_id, run_id=ti.run_id,
                                 map_index=getattr(ti, "map_index", -1), try_number=ti.try_number,
                                 deployment=self.deployment)
+        api = kube.sync_core_api(self._cluster)
         try:
-            manifest = render_pod(spec, self._options(), identity)
+            if self.launcher == "trainjob":
+                manifest = render_trainjob(spec, self._options(), identity, self._trainjob_options(api))
+            else:
+                manifest = render_pod(spec, self._options(), identity)
         except ValueError as exc:
             raise AirflowFailException(f"{self.task_id}: {exc}") from None
         name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
-        api = kube.sync_core_api(self._cluster)
-        self._pod = (name, namespace)
+        self._launched = (name, namespace)
         self._create_or_reattach(api, manifest)
-        ti.xcom_push(key=XCOM_POD, value={"name": name, "namespace": namespace})
+        ti.xcom_push(key=XCOM_LAUNCHED, value={"kind": manifest["kind"], "name": name, "namespace": namespace})
         if self.deferrable:
             self.defer(trigger=self._trigger(name, namespace), method_name="execute_complete")
         return self.execute_complete(context, self._wait_in_worker(name, namespace))
@@ -286,40 +325,82 @@ class LoRATrainingOperator(BaseOperator):
         from airflow_provider_lora.triggers.lora import LoRATrainingTrigger
 
         return LoRATrainingTrigger(
-            pod_name=name, namespace=namespace, kubernetes_conn_id=self.kubernetes_conn_id,
+            name=name, namespace=namespace, launcher=self.launcher, kubernetes_conn_id=self.kubernetes_conn_id,
             config_file=self.config_file, cluster_context=self.cluster_context, in_cluster=self.in_cluster,
             poll_interval=self.poll_interval, startup_timeout=self.startup_timeout,
         )
 
-    def _create_or_reattach(self, api: Any, manifest: dict[str, Any]) -> None:
-        """Create the pod, unless this task instance already has one: a running or succeeded pod (say, from a
-        try whose worker died) is reattached, never duplicated; a failed one is replaced."""
+    # One small protocol over the two cluster launchers: read, state, create, delete.
+
+    @property
+    def _kind(self) -> str:
+        return "pod" if self.launcher == "pod" else "TrainJob"
+
+    def _read(self, api: Any, name: str, namespace: str) -> dict[str, Any] | None:
         from airflow_provider_lora import kube
 
+        return (kube.read_pod if self.launcher == "pod" else kube.read_trainjob)(api, name, namespace)
+
+    def _state(self, api: Any, launched: dict[str, Any]) -> Any:
+        from airflow_provider_lora import kube
+
+        if self.launcher == "pod":
+            return classify_pod(launched)
+        name, namespace = launched["metadata"]["name"], launched["metadata"]["namespace"]
+        return classify_trainjob(launched, kube.list_pods(api, namespace, node_pod_selector(name)))
+
+    def _delete(self, api: Any, name: str, namespace: str) -> bool:
+        from airflow_provider_lora import kube
+
+        return (kube.delete_pod if self.launcher == "pod" else kube.delete_trainjob)(api, name, namespace)
+
+    def _create(self, api: Any, manifest: dict[str, Any]) -> bool:
+        """Create; False when an object of that name already exists (made meanwhile by another try)."""
+        from kubernetes.client.exceptions import ApiException
+
+        from airflow_provider_lora import kube
+
+        if self.launcher == "pod":
+            return kube.create_pod(api, manifest)
+        try:
+            kube.create_trainjob(api, manifest)
+            return True
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            if exc.status in (400, 403, 404, 422):  # refused as asked: a retry would be refused the same way
+                raise AirflowFailException(f"{self.task_id}: the cluster refused the TrainJob: "
+                                           f"{kube._describe_api_error(exc)}") from None
+            raise
+
+    def _create_or_reattach(self, api: Any, manifest: dict[str, Any]) -> None:
+        """Create the pod or TrainJob, unless this task instance already has one: a running or succeeded one (say,
+        from a try whose worker died) is reattached, never duplicated; a failed one is replaced."""
         name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
-        existing = kube.read_pod(api, name, namespace)
+        existing = self._read(api, name, namespace)
         if existing is not None:
-            state = classify_pod(existing)
+            state = self._state(api, existing)
             made_by = existing["metadata"].get("labels", {}).get(LABEL_PREFIX + "try_number", "?")
             if state.phase != FAILED:
-                self.log.info("reattaching to pod %s/%s (%s), created by try %s", namespace, name, state.phase,
-                              made_by)
+                self.log.info("reattaching to %s %s/%s (%s), created by try %s", self._kind, namespace, name,
+                              state.phase, made_by)
                 return
-            self.log.info("pod %s/%s from try %s failed (%s): replacing it", namespace, name, made_by,
+            self.log.info("%s %s/%s from try %s failed (%s): replacing it", self._kind, namespace, name, made_by,
                           state.describe())
-            kube.delete_pod(api, name, namespace)
+            self._delete(api, name, namespace)
             self._wait_until_gone(api, name, namespace)
         self._check_output_free(self._spec())
-        api.create_namespaced_pod(namespace, manifest)
-        self.log.info("created pod %s/%s", namespace, name)
+        if not self._create(api, manifest):
+            self.log.info("%s %s/%s was created meanwhile (by another try of this task): reattaching", self._kind,
+                          namespace, name)
+            return
+        self.log.info("created %s %s/%s", self._kind, namespace, name)
 
     def _wait_until_gone(self, api: Any, name: str, namespace: str, timeout: float = 120.0) -> None:
-        from airflow_provider_lora import kube
-
         deadline = time.monotonic() + timeout
-        while kube.read_pod(api, name, namespace) is not None:
+        while self._read(api, name, namespace) is not None:
             if time.monotonic() > deadline:
-                raise AirflowException(f"pod {namespace}/{name} was not deleted within {timeout:.0f}s")
+                raise AirflowException(f"{self._kind} {namespace}/{name} was not deleted within {timeout:.0f}s")
             time.sleep(1)
 
     def _wait_in_worker(self, name: str, namespace: str) -> dict[str, Any]:
@@ -343,23 +424,39 @@ class LoRATrainingOperator(BaseOperator):
         reason and the last log lines."""
         from airflow_provider_lora import kube
 
-        name, namespace = event["pod_name"], event["namespace"]
-        self._pod = (name, namespace)
+        name, namespace, log_pod = event["name"], event["namespace"], event.get("log_pod")
+        self._launched = (name, namespace)
         api = kube.sync_core_api(self._cluster)
         succeeded = event["status"] == "success"
         try:
             if succeeded:
-                log_tail = kube.read_log_tail(api, name, namespace, RESULT_LOG_TAIL)
-                result = find_result(log_tail) or self._termination_result(api, name, namespace)
+                log_tail = kube.read_log_tail(api, log_pod, namespace, RESULT_LOG_TAIL) if log_pod else ""
+                result = find_result(log_tail) or (self._termination_result(api, log_pod, namespace)
+                                                   if log_pod else None)
                 if result is None:
-                    raise AirflowException(f"pod {namespace}/{name} succeeded but neither its log nor its "
-                                           f"termination message holds the result; last lines:\n{log_tail}")
+                    raise AirflowException(f"{self._kind} {namespace}/{name} succeeded but neither the log nor the "
+                                           f"termination message of {log_pod} holds the result; last "
+                                           f"lines:\n{log_tail}")
                 return self._return_value(result)
-            last = _safe_tail(api, name, namespace)
-            raise AirflowException(f"training pod {namespace}/{name} {event['status']}: {event['description']}\n"
-                                   f"last {LAST_LOG_LINES} log lines:\n{last}")
+            raise AirflowException(f"training {self._kind} {namespace}/{name} {event['status']}: "
+                                   f"{event['description']}\n{self._failure_logs(api, namespace, log_pod)}")
         finally:
-            self._clean_up(api, name, namespace, succeeded)
+            self._clean_up(api, name, namespace, succeeded, stuck=event["status"] == "stuck")
+
+    def _failure_logs(self, api: Any, namespace: str, log_pod: str | None) -> str:
+        """The last log lines of the pod, or of every failed node of a TrainJob (rank 0 if none failed): the
+        error is often on another rank than 0."""
+        from airflow_provider_lora import kube
+
+        pods = [log_pod] if log_pod else []
+        if self.launcher == "trainjob" and self._launched:
+            try:
+                nodes = kube.list_pods(api, namespace, node_pod_selector(self._launched[0]))
+                pods = [pod_name for _, pod_name, _ in failed_nodes(nodes)] or pods
+            except Exception as exc:  # the logs are a courtesy on a path that already fails
+                return f"(could not list the node pods: {exc})"
+        return "\n".join(f"last {LAST_LOG_LINES} log lines of {pod}:\n{_safe_tail(api, pod, namespace)}"
+                         for pod in pods) or "(no pod ever started)"
 
     def _termination_result(self, api: Any, name: str, namespace: str) -> dict[str, Any] | None:
         """The headline result the trainer wrote to its termination message (4 KiB: no loss history), for when
@@ -383,21 +480,26 @@ class LoRATrainingOperator(BaseOperator):
         push_loss_chart(result, self.log, s3=self._s3)  # XCom loss_chart_html, for the Loss chart tab
         return result
 
-    def _clean_up(self, api: Any, name: str, namespace: str, succeeded: bool) -> None:
+    def _clean_up(self, api: Any, name: str, namespace: str, succeeded: bool, stuck: bool = False) -> None:
         from airflow_provider_lora import kube
 
-        if self.on_finish_action == "delete_pod" or (self.on_finish_action == "delete_succeeded_pod" and succeeded):
-            kube.delete_pod(api, name, namespace)
-            self.log.info("deleted pod %s/%s (on_finish_action=%s)", namespace, name, self.on_finish_action)
+        if stuck:  # a run that never started is deleted whatever on_finish_action says: it could start later
+            self._delete(api, name, namespace)
+            self.log.info("deleted %s %s/%s: it never started, and must not start later unwatched", self._kind,
+                          namespace, name)
+        elif self.on_finish_action == "delete_pod" or (self.on_finish_action == "delete_succeeded_pod" and succeeded):
+            self._delete(api, name, namespace)
+            self.log.info("deleted %s %s/%s (on_finish_action=%s)", self._kind, namespace, name,
+                          self.on_finish_action)
 
     def on_kill(self) -> None:
-        if self._pod is None:
+        if self._launched is None:
             return
         from airflow_provider_lora import kube
 
-        name, namespace = self._pod
-        if kube.delete_pod(kube.sync_core_api(self._cluster), name, namespace):
-            self.log.info("deleted pod %s/%s (task killed)", namespace, name)
+        name, namespace = self._launched
+        if self._delete(kube.sync_core_api(self._cluster), name, namespace):
+            self.log.info("deleted %s %s/%s (task killed)", self._kind, namespace, name)
 
 
 def _safe_tail(api: Any, name: str, namespace: str) -> str:
@@ -406,7 +508,7 @@ def _safe_tail(api: Any, name: str, namespace: str) -> str:
     try:
         text = kube.read_log_tail(api, name, namespace, LAST_LOG_LINES)
     except Exception as exc:  # the log is a courtesy on a path that already fails
-        return f"(could not read the log: {exc})"
+        return f"(could not read the log: {kube.describe_api_error(exc)})"
     return "\n".join(line.partition(" ")[2] for line in text.splitlines())
 
 

@@ -1,8 +1,10 @@
-"""LoRATrainingTrigger: follows a training pod from the triggerer, copying its log lines into the task log, and
-fires exactly one event when the pod reaches a terminal state (or is stuck, or the API keeps failing).
+"""LoRATrainingTrigger: follows a training run from the triggerer, a Pod or a Kubeflow TrainJob, copying its log
+lines into the task log, and fires exactly one event when the run reaches a terminal state (or is stuck, or the API
+keeps failing).
 
-The log cursor lives in a pod annotation, so a restarted triggerer continues where the last one stopped: no line is
-shown twice and none is skipped.
+The log followed is the pod's own, or for a TrainJob the log of its node-rank-0 pod (which prints the result). The
+log cursor lives in an annotation of that pod, so a restarted triggerer continues where the last one stopped: no line
+is shown twice and none is skipped.
 """
 
 from __future__ import annotations
@@ -16,31 +18,40 @@ from kubernetes_asyncio.client import CoreV1Api
 
 from airflow_provider_lora.compat import BaseTrigger, TriggerEvent
 from airflow_provider_lora.core.launchers.pod import (
-    LOG_CURSOR_ANNOTATION, PENDING, STUCK_WAITING_REASONS, SUCCEEDED, LogCursor, classify_pod, new_log_lines,
-    seconds_since,
+    LOG_CURSOR_ANNOTATION, PENDING, STUCK_WAITING_REASONS, SUCCEEDED, LogCursor, PodState, classify_pod,
+    new_log_lines, seconds_since,
 )
-from airflow_provider_lora.kube import ClusterRef, async_json, async_pod_log, shared_async_client
+from airflow_provider_lora.core.launchers.trainjob import classify_trainjob, node_pod_selector, rank0_pod
+from airflow_provider_lora.kube import (
+    ClusterRef, async_delete_trainjob, async_json, async_pod_log, async_trainjob, shared_async_client,
+)
 
 # Consecutive failed API calls tolerated (with backoff) before the trigger gives up with an error event.
 MAX_API_FAILURES = 5
+LAUNCHERS = ("pod", "trainjob")
 
 
 class LoRATrainingTrigger(BaseTrigger):
-    """Poll the pod ``pod_name`` in ``namespace`` every ``poll_interval`` seconds.
+    """Poll the Pod or TrainJob (``launcher``) ``name`` in ``namespace`` every ``poll_interval`` seconds.
 
     Events (``event["status"]``): ``success``; ``failed`` with ``reason`` (exit code, OOMKilled, Evicted,
-    DeadlineExceeded, NodeLost, Deleted) and ``description``; ``stuck`` when the pod is still not running
-    ``startup_timeout`` seconds after its creation (sooner for a reason waiting does not clear, such as
-    InvalidImageName: see STUCK_WAITING_REASONS), with the reason and the pod's events; ``error`` when the API
-    failed (or did not answer within API_TIMEOUT_SECONDS) ``MAX_API_FAILURES`` times in a row.
+    DeadlineExceeded, NodeLost, Deleted; for a TrainJob, the first failed node's reason) and ``description``;
+    ``stuck`` when the run is still not running ``startup_timeout`` seconds after its creation (sooner for a reason
+    waiting does not clear, such as InvalidImageName: see STUCK_WAITING_REASONS), with the reason and the events;
+    ``error`` when the API failed (or did not answer within API_TIMEOUT_SECONDS) ``MAX_API_FAILURES`` times in a
+    row. Every event carries ``name``, ``namespace``, ``launcher`` and ``log_pod`` (the pod whose log holds the
+    result, when there is one).
     """
 
-    def __init__(self, *, pod_name: str, namespace: str, kubernetes_conn_id: str | None = None,
+    def __init__(self, *, name: str, namespace: str, launcher: str = "pod", kubernetes_conn_id: str | None = None,
                  config_file: str | None = None, cluster_context: str | None = None, in_cluster: bool | None = None,
                  poll_interval: float = 10.0, startup_timeout: float = 600.0, stream_logs: bool = True):
         super().__init__()
-        self.pod_name = pod_name
+        if launcher not in LAUNCHERS:
+            raise ValueError(f"launcher={launcher!r} is not valid: accepted: {', '.join(LAUNCHERS)}")
+        self.name = name
         self.namespace = namespace
+        self.launcher = launcher
         self.kubernetes_conn_id = kubernetes_conn_id
         self.config_file = config_file
         self.cluster_context = cluster_context
@@ -51,8 +62,9 @@ class LoRATrainingTrigger(BaseTrigger):
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (f"{type(self).__module__}.{type(self).__qualname__}", {
-            "pod_name": self.pod_name, "namespace": self.namespace, "kubernetes_conn_id": self.kubernetes_conn_id,
-            "config_file": self.config_file, "cluster_context": self.cluster_context, "in_cluster": self.in_cluster,
+            "name": self.name, "namespace": self.namespace, "launcher": self.launcher,
+            "kubernetes_conn_id": self.kubernetes_conn_id, "config_file": self.config_file,
+            "cluster_context": self.cluster_context, "in_cluster": self.in_cluster,
             "poll_interval": self.poll_interval, "startup_timeout": self.startup_timeout,
             "stream_logs": self.stream_logs,
         })
@@ -61,28 +73,40 @@ class LoRATrainingTrigger(BaseTrigger):
     def cluster(self) -> ClusterRef:
         return ClusterRef(self.kubernetes_conn_id, self.config_file, self.cluster_context, self.in_cluster)
 
+    @property
+    def kind(self) -> str:
+        return "pod" if self.launcher == "pod" else "TrainJob"
+
+    async def _observe(self, api: Any) -> tuple[PodState, dict[str, Any], dict[str, Any] | None]:
+        """(state, the launched object, the pod whose log to follow) from one or two reads."""
+        if self.launcher == "pod":
+            pod = await async_json(api.read_namespaced_pod, self.name, self.namespace)
+            return classify_pod(pod), pod, pod
+        trainjob = await async_trainjob(api.api_client, self.name, self.namespace)
+        pods = (await async_json(api.list_namespaced_pod, self.namespace,
+                                 label_selector=node_pod_selector(self.name)))["items"]
+        return classify_trainjob(trainjob, pods), trainjob, rank0_pod(pods)
+
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        identity = {"pod_name": self.pod_name, "namespace": self.namespace}
+        identity = {"name": self.name, "namespace": self.namespace, "launcher": self.launcher}
         failures = 0
-        cursor: LogCursor | None = None
+        cursor, log_pod_name = LogCursor(), None
         while True:
             try:
                 api = CoreV1Api(await shared_async_client(self.cluster))
-                pod = await async_json(api.read_namespaced_pod, self.pod_name, self.namespace)
-                if cursor is None:
-                    cursor = LogCursor.of(pod)
-                state = classify_pod(pod)
+                state, launched, log_pod = await self._observe(api)
                 failures = 0
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the API or the network; retried, then reported
                 failures += 1
                 if _status(exc) == 404:
-                    yield TriggerEvent({**identity, "status": "failed", "reason": "Deleted",
-                                        "description": "the pod no longer exists (deleted by someone else?)"})
+                    yield TriggerEvent({**identity, "log_pod": log_pod_name, "status": "failed", "reason": "Deleted",
+                                        "description": f"Deleted: the {self.kind} no longer exists (the task was "
+                                                       "killed, or someone else deleted it)"})
                     return
                 if failures >= MAX_API_FAILURES:
-                    yield TriggerEvent({**identity, "status": "error",
+                    yield TriggerEvent({**identity, "log_pod": log_pod_name, "status": "error",
                                         "description": f"{MAX_API_FAILURES} Kubernetes API calls in a row failed; "
                                                        f"last: {type(exc).__name__}: {exc or 'no answer'}"})
                     return
@@ -90,61 +114,72 @@ class LoRATrainingTrigger(BaseTrigger):
                 await asyncio.sleep(max(_retry_after(exc), min(self.poll_interval, 2 ** failures)))
                 continue
 
-            if self.stream_logs and state.phase != PENDING:
-                cursor = await self._copy_new_log_lines(api, cursor)
+            if log_pod is not None and log_pod["metadata"]["name"] != log_pod_name:
+                # The first sight of the pod (or a replacement of rank 0): resume from its saved cursor.
+                log_pod_name, cursor = log_pod["metadata"]["name"], LogCursor.of(log_pod)
+            if self.stream_logs and log_pod is not None and classify_pod(log_pod).phase != PENDING:
+                cursor = await self._copy_new_log_lines(api, log_pod_name, cursor)
             if state.terminal:
                 status = "success" if state.phase == SUCCEEDED else "failed"
-                yield TriggerEvent({**identity, "status": status, "reason": state.reason,
+                yield TriggerEvent({**identity, "log_pod": log_pod_name, "status": status, "reason": state.reason,
                                     "description": state.describe(), "exit_code": state.exit_code})
                 return
             if state.phase == PENDING:
-                waited = seconds_since(pod["metadata"].get("creationTimestamp"))
+                waited = seconds_since(launched["metadata"].get("creationTimestamp"))
                 limit = min(self.startup_timeout, STUCK_WAITING_REASONS[state.reason]) if state.stuck else \
                     self.startup_timeout
                 if waited > limit:
                     # Kubernetes keeps retrying (image pulls, scheduling); the task stops waiting here.
                     why = (f"{state.reason} does not clear by waiting" if state.stuck else
                            f"startup_timeout={self.startup_timeout:.0f}s")
-                    events = await self._event_messages(api)
-                    yield TriggerEvent({**identity, "status": "stuck", "reason": state.reason or "Pending",
+                    events = await self._event_messages(api, [self.name] + ([log_pod_name] if log_pod_name and
+                                                                              log_pod_name != self.name else []))
+                    yield TriggerEvent({**identity, "log_pod": log_pod_name, "status": "stuck",
+                                        "reason": state.reason or "Pending",
                                         "description": f"not running {waited:.0f}s after creation ({why}): "
                                                        f"{state.describe()}; events: {events}"})
                     return
             await asyncio.sleep(self.poll_interval)
 
-    async def _copy_new_log_lines(self, api: Any, cursor: LogCursor) -> LogCursor:
+    async def _copy_new_log_lines(self, api: Any, pod_name: str, cursor: LogCursor) -> LogCursor:
         """Copy the log lines after ``cursor`` into the task log and save the new cursor on the pod. Logs are a
-        courtesy: when they cannot be read (a lost node's kubelet, say) the pod's status still decides."""
+        courtesy: when they cannot be read (a lost node's kubelet, say) the run's status still decides."""
         try:
-            text = await async_pod_log(api.api_client, self.pod_name, self.namespace, cursor.since_time())
+            text = await async_pod_log(api.api_client, pod_name, self.namespace, cursor.since_time())
         except Exception as exc:
-            self.log.warning("could not read the log of %s: %s", self.pod_name, exc)
+            self.log.warning("could not read the log of %s: %s", pod_name, exc)
             return cursor
         new = new_log_lines(text, cursor)
         for line in new.lines:
-            self.log.info("[%s] %s", self.pod_name, line)
+            self.log.info("[%s] %s", pod_name, line)
         if new.lines:
             try:
-                await api.patch_namespaced_pod(self.pod_name, self.namespace, {
+                await api.patch_namespaced_pod(pod_name, self.namespace, {
                     "metadata": {"annotations": {LOG_CURSOR_ANNOTATION: new.cursor.encode()}}})
             except Exception as exc:  # the lines are shown; a restart might show them again
-                self.log.warning("could not save the log cursor on %s: %s", self.pod_name, exc)
+                self.log.warning("could not save the log cursor on %s: %s", pod_name, exc)
         return new.cursor
 
-    async def _event_messages(self, api: Any) -> str:
-        try:
-            events = await async_json(api.list_namespaced_event, self.namespace,
-                                      field_selector=f"involvedObject.name={self.pod_name}")
-        except Exception as exc:  # events are a courtesy; the reason is already known
-            return f"(could not list events: {exc})"
-        return "; ".join(f"{e.get('reason')}: {e.get('message')}" for e in events.get("items", [])) or "none"
+    async def _event_messages(self, api: Any, names: list[str]) -> str:
+        messages = []
+        for name in names:
+            try:
+                events = await async_json(api.list_namespaced_event, self.namespace,
+                                          field_selector=f"involvedObject.name={name}")
+            except Exception as exc:  # events are a courtesy; the reason is already known
+                return f"(could not list events: {exc})"
+            messages += [f"{e.get('reason')}: {e.get('message')}" for e in events.get("items", [])]
+        return "; ".join(messages) or "none"
 
     async def on_kill(self) -> None:
         """Airflow 3.3+: the user killed, cleared or marked the deferred task: stop the training."""
-        api = CoreV1Api(await shared_async_client(self.cluster))
+        client = await shared_async_client(self.cluster)
         try:
-            await api.delete_namespaced_pod(self.pod_name, self.namespace, grace_period_seconds=30)
-            self.log.info("deleted pod %s/%s", self.namespace, self.pod_name)
+            if self.launcher == "pod":
+                await CoreV1Api(client).delete_namespaced_pod(self.name, self.namespace, grace_period_seconds=30)
+            else:
+                await async_delete_trainjob(client, self.name, self.namespace)
+            self.log.info("deleted %s %s/%s", self.kind, self.namespace, self.name)
         except Exception as exc:
             if _status(exc) != 404:
                 raise

@@ -65,18 +65,20 @@ from typing import Any, Callable
 from aiohttp import web
 
 from tests.k8s.kubelet import Kubelet, _PodRun
+from tests.k8s.trainer_controller import TrainerController
 from tests.k8s.util import (FAULTS, HOST_IP, KINDS, RUNTIME_FAULTS, ApiError, _age, _flag, _int, _json, _make_tls,
                             _merge_patch, _nano, _now_s, field_selector, label_selector)
 
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 
 
-class Cluster(Kubelet):
+class Cluster(TrainerController, Kubelet):
     """One emulated cluster: API server + scheduler + kubelet of one node. Start on construction; `stop()` ends it."""
 
     def __init__(self, root: str | os.PathLike, *, schedule_delay: float = 0.1, base_env: dict | None = None,
-                 token: str | None = None):
+                 token: str | None = None, trainer_version: str | None = "v2.2.0"):
         self.root = Path(root).resolve()
+        self.trainer_version = trainer_version  # Kubeflow Trainer installed (trainer_controller.py); None: not
         self.root.mkdir(parents=True, exist_ok=True)
         self.schedule_delay = schedule_delay
         self.base_env = dict(os.environ if base_env is None else base_env)
@@ -199,6 +201,7 @@ class Cluster(Kubelet):
                               ("/api/v1/namespaces/{ns}/pods/{name}/log", self._pod_log),
                               ("/api/v1/{res}", self._list_all)]:
             r.add_get(path, handler)
+        self._trainer_setup(r)
         r.add_route("*", "/api/v1/namespaces/{ns}/{res}", self._collection)
         r.add_route("*", "/api/v1/namespaces/{ns}/{res}/{name}", self._item)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
@@ -338,7 +341,7 @@ class Cluster(Kubelet):
             {"clientCIDR": "0.0.0.0/0", "serverAddress": f"127.0.0.1:{self.port}"}]})
 
     async def _apis(self, request):
-        return _json({"kind": "APIGroupList", "apiVersion": "v1", "groups": []})
+        return _json({"kind": "APIGroupList", "apiVersion": "v1", "groups": self.api_groups()})
 
     async def _resources(self, request):
         def res(name, kind, verbs, short=(), namespaced=True):

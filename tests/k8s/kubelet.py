@@ -122,7 +122,7 @@ class Kubelet:
               "metadata": {"name": f"{md['name']}.{stamp:x}", "namespace": md["namespace"],
                            "uid": str(uuid.uuid4()), "creationTimestamp": now},
               "involvedObject": {"kind": obj["kind"], "namespace": md["namespace"], "name": md["name"],
-                                 "uid": md["uid"], "apiVersion": "v1", **({"fieldPath": field_path} if field_path
+                                 "uid": md["uid"], "apiVersion": obj.get("apiVersion", "v1"), **({"fieldPath": field_path} if field_path
                                                                             else {})},
               "source": {"component": component, **({"host": NODE} if component == "kubelet" else {})},
               "firstTimestamp": now, "lastTimestamp": now, "count": 1, "eventTime": None,

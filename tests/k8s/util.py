@@ -39,6 +39,7 @@ FAULTS = {  # kind -> the parameters it takes (besides pod and times); see emula
     "api_error": {"path", "method", "status"},
     "api_timeout": {"path", "method", "seconds"},
     "log_stream_drop": {"after_lines", "mode"},
+    "trainjob_creation_failed": {"message"},  # trainer_controller.py; `pod` globs the TrainJob's name
 }
 RUNTIME_FAULTS = ("oom", "evict", "node_lost")
 
