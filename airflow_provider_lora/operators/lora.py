@@ -370,7 +370,7 @@ class LoRATrainingOperator(BaseOperator):
                 return False
             if exc.status in (400, 403, 404, 422):  # refused as asked: a retry would be refused the same way
                 raise AirflowFailException(f"{self.task_id}: the cluster refused the TrainJob: "
-                                           f"{kube._describe_api_error(exc)}") from None
+                                           f"{kube.describe_api_error(exc)}") from None
             raise
 
     def _create_or_reattach(self, api: Any, manifest: dict[str, Any]) -> None:
