@@ -30,8 +30,6 @@ LAUNCHERS = ("trainjob", "pod", "in-task")
 DEFAULT_LAUNCHER = "trainjob"
 ENV_LAUNCHER = "LORA_KFP_LAUNCHER"
 ENV_SPEC = "LORA_KFP_SPEC"
-ENV_POD_OPTIONS = "LORA_KFP_POD_OPTIONS"
-ENV_HF_TOKEN_SECRET = "LORA_KFP_HF_TOKEN_SECRET"
 RUNS_DIR = "lora-runs"  # under pvc_path: one directory per task execution
 DATA_DIR = "lora-data"  # under pvc_path: the dataset staged for that execution, copied fresh every time
 HYPERPARAMETER_SECTIONS = (LORA, QUANT, TRAINING, DATA)
@@ -250,7 +248,8 @@ def run_component(inputs: dict[str, Any], *, env: Mapping[str, str] | None = Non
     else:
         from airflow_provider_lora.kfp.pod import train_in_pod
 
-        result = train_in_pod(spec, key=key, task_config=inputs.get("kubernetes_config"), env=env, log=log)
+        result = train_in_pod(spec, key=key, task_config=inputs.get("kubernetes_config"), env=env, log=log,
+                              pvc_path=pvc_path)
     write_outputs(result, spec, inputs["output_model"], inputs["output_metrics"], inputs["output_loss_chart"])
     summary = result.summary
     log(f"[train_model] done: final loss {summary.get('final_loss')} (min {summary.get('min_loss')}) after "

@@ -1,0 +1,307 @@
+"""The KFP component train_model: the seed's interface exactly, on the same LoRASpec as the operator, and real runs.
+
+kfp cannot share this venv (kfp 2.x pins kubernetes<31, the Airflow side >=36), so the KFP parts run as scripts in
+.venv-kfp (`make test` builds it) through subprocess; this side checks what they report. The pure parts of the
+component (input mapping, validation, pod options) import no kfp and are tested here directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from airflow_provider_lora.core.spec import LoRASpec, seed_parameter_names
+from airflow_provider_lora.kfp import runtime
+from airflow_provider_lora.kfp.pod import pod_options
+
+ROOT = Path(__file__).resolve().parent.parent
+KFP_PYTHON = ROOT / ".venv-kfp" / "bin" / "python"
+SEED_MD = ROOT / "tests" / "data" / "seed-lora-training-component.md"
+EXAMPLE = ROOT / "tests" / "data" / "seed_example_pipeline.py"
+SEED_IMPORT = "from components.training.lora import train_model"
+OUR_IMPORT = "from airflow_provider_lora.kfp.component import train_model"
+# What kfp 2.17.3 pins differently from the Airflow side's CPU constraints (ci/constraints-kfp.txt says why).
+KFP_OWN_PINS = {"kubernetes", "protobuf", "requests"}
+
+
+@pytest.fixture(scope="module")
+def kfp_python() -> Path:
+    if not KFP_PYTHON.exists():
+        if os.environ.get("CI"):
+            pytest.fail(".venv-kfp is missing in CI: `make test` builds it (target .venv-kfp/.installed)")
+        pytest.skip(".venv-kfp is missing: `make .venv-kfp/.installed` builds it")
+    return KFP_PYTHON
+
+
+def run_kfp(python: Path, script: str, *args: str, env: dict | None = None, timeout: float = 900) -> str:
+    """Run tests/kfp/<script> in .venv-kfp; fail with its output when it fails."""
+    proc = subprocess.run([str(python), str(ROOT / "tests" / "kfp" / script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"{script} exited {proc.returncode}:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    return proc.stdout + proc.stderr
+
+
+# ---- the seed's table ---------------------------------------------------------------------------------------------
+
+def seed_inputs() -> list[dict]:
+    """The rows of the seed's Inputs table: name, type and default as the seed writes them."""
+    section = SEED_MD.read_text().split("## Inputs", 1)[1].split("## Outputs", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or not cells[0].startswith("`"):
+            continue
+        name, type_, default = (c.strip("`") for c in cells[:3])
+        rows.append({"name": name, "type": type_, "default": default})
+    return rows
+
+
+def seed_default(text: str):
+    """The Python value of a default cell: Required, `None`, `""`, `"4"`, 128, 0.0, or a bare string."""
+    if text == "Required":
+        return "Required"
+    if text == "None":
+        return None
+    if text.startswith('"') and text.endswith('"'):
+        return text[1:-1]
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text
+
+
+def test_the_seed_table_is_read_whole():
+    rows = seed_inputs()
+    assert len(rows) == 39
+    assert rows[0]["name"] == "pvc_path" and rows[-1]["name"] == "kubernetes_config"
+    training = [r["name"].removeprefix("training_") for r in rows if r["name"].startswith("training_")]
+    assert training == seed_parameter_names()  # LoRASpec's seed block: same names, same order
+
+
+def test_the_component_has_the_seeds_inputs_names_types_defaults_and_order(kfp_python, tmp_path):
+    run_kfp(kfp_python, "inspect_component.py", str(tmp_path / "inspect.json"))
+    report = json.loads((tmp_path / "inspect.json").read_text())
+    ours = report["params"]
+    assert [p["name"] for p in ours] == [r["name"] for r in seed_inputs()]
+    for param, row in zip(ours, seed_inputs()):
+        assert param["type"] == row["type"], param["name"]
+        expected = seed_default(row["default"])
+        if expected == "Required":
+            assert param["required"], param["name"]
+        else:
+            assert not param["required"] and param["default"] == expected, param["name"]
+            assert type(param["default"]) is type(expected), param["name"]  # 128, not 128.0
+    assert report["return"] == "str"
+    assert report["base_image"] == "ghcr.io/airflow-provider-lora/trainer:0.1.0"  # PodOptions' training image
+
+    # As KFP compiled it: the defaults in the component YAML, descriptions from LoRASpec.
+    parameters = report["compiled"]["root"]["inputDefinitions"]["parameters"]
+    kfp_types = {"str": "STRING", "int": "NUMBER_INTEGER", "float": "NUMBER_DOUBLE", "bool": "BOOLEAN"}
+    for row in seed_inputs():
+        if not row["name"].startswith("training_"):
+            continue
+        compiled = parameters[row["name"]]
+        assert compiled["parameterType"] == kfp_types[row["type"].removeprefix("Optional[").rstrip("]")]
+        field = LoRASpec.model_fields[row["name"].removeprefix("training_")]
+        assert compiled["description"] == field.description
+        if field.default is None:
+            assert "defaultValue" not in compiled and compiled["isOptional"]
+        else:
+            assert compiled["defaultValue"] == field.default
+    assert parameters["kubernetes_config"]["parameterType"] == "TASK_CONFIG"
+    # The task config stand-ins used below have the real dsl.TaskConfig's fields.
+    assert sorted(report["task_config_fields"]) == sorted(vars(task_config()))
+
+
+def test_every_seed_input_reaches_the_same_spec_field_as_the_operators_argument():
+    """Each training_* input set to a non-default value gives the LoRASpec that the operator builds from the same
+    value under the unprefixed name."""
+    from airflow_provider_lora.operators.lora import LoRATrainingOperator
+
+    values = dict(
+        base_model="org/model", effective_batch_size=64, max_tokens_per_gpu=16000, max_seq_len=4096,
+        learning_rate=1e-4, lr_warmup_steps=5, checkpoint_at_epoch=True, num_epochs=2,
+        data_output_dir="/mnt/lora/cache", envs="A=1", resource_cpu_per_worker="8", resource_gpu_per_worker=2,
+        resource_memory_per_worker="64Gi", resource_num_procs_per_worker="2", resource_num_workers=2,
+        metadata_labels="team=a", metadata_annotations="note=x", lora_r=8, lora_alpha=16, lora_dropout=0.05,
+        lora_target_modules="q_proj,v_proj", lora_use_rslora=True, lora_use_dora=True, lora_load_in_4bit=True,
+        lora_load_in_8bit=False, lora_bnb_4bit_quant_type="fp4", lora_bnb_4bit_compute_dtype="float16",
+        lora_bnb_4bit_use_double_quant=False, lora_sample_packing=False, seed=7, use_liger=True,
+        lr_scheduler="cosine", fsdp_sharding_strategy="NO_SHARD")
+    assert sorted(values) == sorted(seed_parameter_names())
+    for name, value in values.items():
+        assert value != LoRASpec.model_fields[name].default, name  # every value differs from its default
+    inputs = {"pvc_path": "/ws", "dataset": None, **{f"training_{k}": v for k, v in values.items()}}
+
+    from_kfp = runtime.parse_spec(runtime.spec_values(inputs))
+    from_operator = LoRATrainingOperator(task_id="t", **values)._spec()
+    assert from_kfp == from_operator
+    for name, value in values.items():
+        assert getattr(from_kfp, name) == value, name
+
+
+def test_seed_example_file_is_the_seed_text_with_only_the_import_changed():
+    blocks = re.findall(r"```python\n(.*?)```", SEED_MD.read_text(), re.S)
+    (example,) = [b for b in blocks if "def my_pipeline" in b]
+    assert example.count(SEED_IMPORT) == 1
+    assert EXAMPLE.read_text() == example.replace(SEED_IMPORT, OUR_IMPORT)
+
+
+def test_seed_example_compiles_to_yaml(kfp_python, tmp_path):
+    import yaml
+
+    run_kfp(kfp_python, "compile_example.py", str(EXAMPLE), str(tmp_path))
+    result = json.loads((tmp_path / "result.json").read_text())
+    # kfp>=2.15 (2.15.2 included, the seed's minimum) refuses WORKSPACE_PATH_PLACEHOLDER without a workspace size,
+    # so the seed's example as printed never compiled; given the size, it does.
+    assert "PipelineConfig.workspace.size is not set" in result["as_given_error"]
+    assert result["with_workspace_error"] is None
+    pipeline, platform = yaml.safe_load_all((tmp_path / "pipeline.yaml").read_text())
+    task = pipeline["root"]["dag"]["tasks"]["train-model"]
+    given = {k: v["runtimeValue"]["constant"] for k, v in task["inputs"]["parameters"].items()}
+    assert given == {"pvc_path": "{{$.workspace_path}}", "training_base_model": "Qwen/Qwen2.5-1.5B-Instruct",
+                     "training_num_epochs": 3, "training_effective_batch_size": 128, "training_max_seq_len": 8192,
+                     "training_lora_r": 16, "training_lora_alpha": 32}
+    container = pipeline["deploymentSpec"]["executors"]["exec-train-model"]["container"]
+    assert container["image"] == "ghcr.io/airflow-provider-lora/trainer:0.1.0"
+    assert not any("pip install" in part for part in container["command"])  # the image holds everything
+    component = pipeline["components"]["comp-train-model"]
+    assert component["taskConfigPassthroughs"] == [
+        {"field": "RESOURCES"}, {"field": "KUBERNETES_TOLERATIONS"}, {"field": "KUBERNETES_NODE_SELECTOR"},
+        {"field": "KUBERNETES_AFFINITY"}, {"applyToTask": True, "field": "ENV"},
+        {"applyToTask": True, "field": "KUBERNETES_VOLUMES"}]
+    assert platform["platforms"]["kubernetes"]["pipelineConfig"]["workspace"]["size"] == "10Gi"
+
+
+def test_constraints_pin_the_same_versions_as_the_airflow_side_except_kfps_own():
+    def pins(path: Path) -> dict[str, str]:
+        out = {}
+        for line in path.read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                name, version = line.split("==")
+                out[re.sub(r"[-_.]+", "-", name).lower()] = version
+        return out
+
+    cpu, kfp = pins(ROOT / "ci/constraints-cpu.txt"), pins(ROOT / "ci/constraints-kfp.txt")
+    differ = {n for n in cpu.keys() & kfp.keys() if cpu[n] != kfp[n]}
+    assert differ == KFP_OWN_PINS
+    assert kfp["torch"] == cpu["torch"] == "2.13.0+cpu"
+    assert kfp["kubernetes"].split(".")[0] < "31" and "apache-airflow" not in kfp
+
+
+# ---- the component's checks, before anything launches -------------------------------------------------------------
+
+def artifact(path: Path, uri: str | None = None) -> SimpleNamespace:
+    return SimpleNamespace(path=str(path), uri=uri or f"file://{path}", metadata={})
+
+
+def component_inputs(tmp_path: Path, **overrides) -> dict:
+    (tmp_path / "ws").mkdir(exist_ok=True)
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    inputs = {"pvc_path": str(tmp_path / "ws"), "output_model": artifact(tmp_path / "out" / "model"),
+              "output_metrics": artifact(tmp_path / "out" / "metrics"),
+              "output_loss_chart": artifact(tmp_path / "out" / "chart"), "dataset": artifact(data),
+              "kubernetes_config": None,
+              **{f"training_{n}": LoRASpec.model_fields[n].default for n in seed_parameter_names()}}
+    return {**inputs, **overrides}
+
+
+@pytest.mark.parametrize("env, overrides, message", [
+    ({}, {}, r"LORA_KFP_LAUNCHER=trainjob \(the default, as the seed's\) is not wired"),
+    ({"LORA_KFP_LAUNCHER": "k8s"}, {}, r"LORA_KFP_LAUNCHER='k8s' is not valid: accepted: trainjob, pod, in-task"),
+    ({"LORA_KFP_LAUNCHER": "in-task"}, {"training_base_model": "oci://quay.io/org/model:1"},
+     r"training_base_model='oci://quay.io/org/model:1': oci:// models .* not supported"),
+    ({"LORA_KFP_LAUNCHER": "in-task"}, {"training_lora_r": 0}, r"training_lora_r=0 is not valid: must be an integer"),
+    ({"LORA_KFP_LAUNCHER": "in-task"}, {"dataset": None}, r"no training data: connect the dataset input"),
+    ({"LORA_KFP_LAUNCHER": "in-task", "LORA_KFP_SPEC": '{"lora_r": 4}'}, {},
+     r"LORA_KFP_SPEC sets 'lora_r', which is the component input training_lora_r"),
+    ({"LORA_KFP_LAUNCHER": "in-task", "LORA_KFP_SPEC": '{"max_stepz": 4}'}, {},
+     r"'max_stepz', which is not a LoRASpec field; accepted: dataset, .*max_steps"),
+    ({"LORA_KFP_LAUNCHER": "in-task", "LORA_KFP_SPEC": "[1]"}, {}, r"LORA_KFP_SPEC must be a JSON object"),
+    ({"LORA_KFP_LAUNCHER": "in-task"}, {"pvc_path": "/no/such/dir"}, r"pvc_path='/no/such/dir' is not a directory"),
+])
+def test_bad_input_fails_before_anything_launches_naming_the_input(tmp_path, env, overrides, message):
+    with pytest.raises((ValueError, NotImplementedError), match=message):
+        runtime.run_component(component_inputs(tmp_path, **overrides), env=env, log=lambda line: None)
+    assert not (tmp_path / "ws" / runtime.RUNS_DIR).exists()  # nothing trained
+
+
+def test_a_dataset_file_without_suffix_is_staged_fresh_with_its_format(tmp_path):
+    src = tmp_path / "dataset"  # how KFP names an artifact file
+    src.write_text('{"text": "one"}\n')
+    stage = tmp_path / "ws" / "lora-data" / "k"
+    assert runtime.stage_dataset(artifact(src), {}, stage) == str(stage / "data.jsonl")
+    src.write_text('{"text": "two"}\n')  # a retry with other data never reads the earlier copy
+    runtime.stage_dataset(artifact(src), {}, stage)
+    assert (stage / "data.jsonl").read_text() == '{"text": "two"}\n'
+    src.write_bytes(b"\x00\x01binary")
+    with pytest.raises(ValueError, match=r"cannot tell its format .* accepted: .jsonl, .json, .parquet, .csv"):
+        runtime.stage_dataset(artifact(src), {}, stage)
+    assert runtime.stage_dataset(None, {"dataset": "s3://b/train.jsonl"}, stage) == "s3://b/train.jsonl"
+
+
+# ---- what a launched pod gets from the task ----------------------------------------------------------------------
+
+def task_config(**values) -> SimpleNamespace:
+    """A stand-in for dsl.TaskConfig (this venv has no kfp; its fields are checked against the real one above)."""
+    fields = ("affinity", "tolerations", "node_selector", "env", "volumes", "volume_mounts", "resources")
+    return SimpleNamespace(**{f: values.get(f) for f in fields})
+
+
+def test_task_config_passes_through_to_the_training_pod_and_secrets_stay_references():
+    from airflow_provider_lora.core.render import TaskIdentity, render_pod
+
+    config = task_config(
+        volumes=[{"name": "ws", "persistentVolumeClaim": {"claimName": "run-ws"}}],
+        volume_mounts=[{"name": "ws", "mountPath": "/kfp-workspace"}],
+        node_selector={"gpu": "h100"}, tolerations=[{"key": "gpu", "operator": "Exists"}],
+        affinity={"nodeAffinity": {}},
+        env=[{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+             {"name": "KUBERNETES_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "k", "key": "t"}}},
+             {"name": "WANDB_MODE", "value": "offline"}],
+        resources={"limits": {"cpu": "1", "ephemeral-storage": "50Gi"}})
+    options = pod_options({"LORA_KFP_POD_OPTIONS": '{"namespace": "team-a"}'}, config, "/kfp-workspace")
+    spec = LoRASpec(base_model="m", dataset="/kfp-workspace/d.jsonl", output_uri="/kfp-workspace/lora-runs/k",
+                    resource_cpu_per_worker="8")
+    pod = render_pod(spec, options, TaskIdentity(dag_id="kfp", task_id="train_model", run_id="k"))
+    container = pod["spec"]["containers"][0]
+    assert pod["metadata"]["namespace"] == "team-a"
+    assert {"name": "ws", "persistentVolumeClaim": {"claimName": "run-ws"}} in pod["spec"]["volumes"]
+    assert {"name": "ws", "mountPath": "/kfp-workspace"} in container["volumeMounts"]
+    assert pod["spec"]["nodeSelector"] == {"gpu": "h100"}
+    assert pod["spec"]["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+    assert pod["spec"]["affinity"] == {"nodeAffinity": {}}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
+    assert env["WANDB_MODE"]["value"] == "offline"
+    assert "KUBERNETES_AUTH_TOKEN" not in env  # the launcher's own credentials stay with the task
+    # The spec's resources win; what the task adds (ephemeral storage) is kept.
+    assert container["resources"]["limits"]["cpu"] == "8"
+    assert container["resources"]["limits"]["ephemeral-storage"] == "50Gi"
+
+
+def test_a_literal_secret_in_the_task_env_is_refused_and_hf_token_goes_by_reference():
+    leaked = task_config(env=[{"name": "HF_TOKEN", "value": "hf_literal"}])
+    with pytest.raises(ValueError, match="'HF_TOKEN' carries a literal value") as err:
+        pod_options({}, leaked, "/ws")
+    assert "hf_literal" not in str(err.value)
+    warnings: list[str] = []
+    options = pod_options({"HF_TOKEN": "hf_value", "LORA_KFP_HF_TOKEN_SECRET": "hf/token"}, None, "/ws",
+                          warnings.append)
+    assert options.secret_env["HF_TOKEN"].name == "hf" and not warnings
+    pod_options({"HF_TOKEN": "hf_value"}, None, "/ws", warnings.append)
+    assert "HF_TOKEN is set in this task but is not passed" in warnings[0] and "hf_value" not in warnings[0]
+    with pytest.raises(ValueError, match="LORA_KFP_POD_OPTIONS sets imagee: not PodOptions fields"):
+        pod_options({"LORA_KFP_POD_OPTIONS": '{"imagee": "x"}'}, None, "/ws")
