@@ -293,7 +293,8 @@ class LoRATrainingOperator(BaseOperator):
         self._check_output_free(spec)
         env = {"AWS_ENDPOINT_URL": self.s3_endpoint_url} if self.s3_endpoint_url else None
         try:
-            result = run_local(spec, on_line=self.log.info, env=env)
+            result = run_local(spec, on_line=self.log.info, env=env,
+                               client=self._s3() if spec.output_uri.startswith("s3://") else None)
         except TrainingFailed as exc:
             raise AirflowException(str(exc)) from None
         return self._return_value(result.to_xcom())

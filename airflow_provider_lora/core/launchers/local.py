@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from airflow_provider_lora.core.results import RunResult, load_run_result
 from airflow_provider_lora.core.spec import LoRASpec
@@ -46,12 +46,13 @@ def trainer_command(spec_path: str | Path, *, python: str | None = None, nproc: 
 
 
 def run_local(spec: LoRASpec, *, on_line: Callable[[str], None] = print, python: str | None = None,
-              env: dict[str, str] | None = None, work_dir: str | Path | None = None) -> RunResult:
+              env: dict[str, str] | None = None, work_dir: str | Path | None = None,
+              client: Any = None) -> RunResult:
     """Train ``spec`` in a subprocess, streaming its output lines to ``on_line``; return the published result.
 
     This machine is the one worker: ``resource_num_procs_per_worker`` processes train on it (torchrun when more
     than one). ``env`` adds variables for the child after ``spec.envs`` (so a caller can pass secrets that the
-    spec must not carry)."""
+    spec must not carry). ``client``: the S3 client that reads an ``s3://`` result back (default: boto3's)."""
     if spec.resource_num_workers != 1:
         raise ValueError(f"resource_num_workers={spec.resource_num_workers} needs a cluster: the local launcher runs "
                          "one worker; use the pod or trainjob launcher, or set resource_num_workers=1")
@@ -78,4 +79,4 @@ def run_local(spec: LoRASpec, *, on_line: Callable[[str], None] = print, python:
         if errors:
             reason += ": " + errors[-1].removeprefix("[lora-trainer] error: ")
         raise TrainingFailed(reason, list(last))
-    return load_run_result(spec.output_uri)
+    return load_run_result(spec.output_uri, client=client)
