@@ -1,11 +1,15 @@
-"""Trainer throughput on CPU: our trainer (lora_trainer, unsloth path) against plain transformers + peft + trl.
+"""Trainer throughput on CPU: our trainer (lora_trainer, unsloth path) against plain transformers + peft.
 
 Both train LoRA on the same tiny offline Llama (tests/fixtures/tiny_model.py), the same rows, seed, hyperparameters
 and effective batch, for the same number of optimizer steps. The settings come from one LoRASpec (the one
 tests/trainer_helpers.py builds), which our trainer runs as it always does (``lora_trainer.train.run``) and the
-baseline translates into a plain ``SFTTrainer(peft_config=LoraConfig(...))``: the rows as trl conversational
-prompt/completion pairs (loss on the answer, like our assistant mask), LoRA on the same linear layers, the same
-optimizer, schedule, weight decay, clipping, dtype and gradient-checkpointing setting.
+baseline translates into the textbook recipe: ``peft.get_peft_model`` + ``transformers.Trainer``, labels -100 on
+the prompt (loss on the answer, like our assistant mask), LoRA on the same linear layers, the same optimizer,
+schedule, weight decay, clipping, dtype and gradient-checkpointing setting.
+
+Why not trl's SFTTrainer as the baseline: trl 1.15 always routes the loss through its fused LM head, a Triton kernel,
+so without unsloth (which swaps that kernel for its own) it cannot train on a CPU at all when triton is installed
+("RuntimeError: 0 active drivers"; FACTS.md). Our trainer uses SFTTrainer through unsloth.
 
 Runs alternate (ours, baseline, ours, baseline, ...), each in a fresh subprocess with OMP_NUM_THREADS=1. Figures:
 
@@ -54,37 +58,48 @@ def child_ours(model_dir: Path, dataset: Path, out: Path, steps: int) -> dict:
 def child_baseline(model_dir: Path, dataset: Path, out: Path, steps: int, gradient_checkpointing: bool) -> dict:
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from peft import LoraConfig, get_peft_model
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
+                              TrainingArguments)
 
     from airflow_provider_lora.core.spec import plan_batches
     from tests.trainer_helpers import make_spec
 
     spec = make_spec(model_dir, dataset, out, max_steps=steps)
     plan = plan_batches(spec, 1)
-    dtype = getattr(torch, spec.dtype)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, spec.dtype))
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     head = model.get_output_embeddings()
     targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
                       if isinstance(m, torch.nn.Linear) and m is not head})  # what our trainer targets by default
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
+                                             target_modules=targets, bias="none", task_type="CAUSAL_LM"))
+
+    def encode(messages: list[dict]) -> dict:
+        # The textbook completion-only recipe: the chat template's text, labels -100 up to the answer.
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"][: spec.max_seq_len]
+        labels = ([-100] * len(prompt_ids) + ids[len(prompt_ids):])[: len(ids)]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
     rows = [json.loads(line)["messages"] for line in dataset.read_text().splitlines()]
-    train_ds = Dataset.from_list([{"prompt": m[:-1], "completion": m[-1:]} for m in rows])
-    config = SFTConfig(
+    train_ds = Dataset.from_list([encode(m) for m in rows])
+    config = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=plan.micro_batch, gradient_accumulation_steps=plan.grad_accum,
         max_steps=steps, learning_rate=spec.learning_rate, warmup_steps=spec.lr_warmup_steps,
         lr_scheduler_type=spec.lr_scheduler, weight_decay=0.01, max_grad_norm=0.3, optim="adamw_torch",
-        seed=spec.seed, data_seed=spec.seed, bf16=False, fp16=False, use_cpu=True, max_length=spec.max_seq_len,
-        packing=False, gradient_checkpointing=gradient_checkpointing, logging_steps=1, report_to="none",
-        disable_tqdm=True, save_strategy="no")
-    peft_config = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
-                             target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=config, train_dataset=train_ds, processing_class=tokenizer,
-                         peft_config=peft_config)
+        seed=spec.seed, data_seed=spec.seed, bf16=False, fp16=False, use_cpu=True, logging_steps=1,
+        report_to="none", disable_tqdm=True, save_strategy="no", include_num_input_tokens_seen="non_padding")
+    trainer = Trainer(model=model, args=config, train_dataset=train_ds,
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
     output = trainer.train()
     logs = [r for r in trainer.state.log_history if "loss" in r]
-    return {"tokens": logs[-1]["num_tokens"], "train_runtime": output.metrics["train_runtime"],
+    return {"tokens": trainer.state.num_input_tokens_seen, "train_runtime": output.metrics["train_runtime"],
             "losses": [[r["step"], r["loss"]] for r in logs], "gradient_checkpointing": gradient_checkpointing}
 
 
@@ -131,7 +146,7 @@ def plot(runs: dict[str, dict], path: Path) -> None:
         ax.plot(steps, losses, style, markersize=3, label=f"{impl}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
-    ax.set_title("LoRA on the tiny model: our trainer vs transformers + peft + trl")
+    ax.set_title("LoRA on the tiny model: our trainer vs transformers + peft")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
