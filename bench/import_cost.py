@@ -3,7 +3,7 @@
 - Import: each sample is a fresh interpreter that has already imported airflow.sdk (what any DAG file pays anyway)
   and then imports the module.
 - DAG parse: each sample is a fresh interpreter that has already imported DagBag and then parses one DAG file with
-  ``DagBag(dag_folder=file, include_examples=False)``, as the DAG processor does: dags/lora_finetune.py (the example
+  ``DagBag(dag_folder=file)``, as the DAG processor does: dags/lora_finetune.py (the example
   DAG, with its trigger form of every parameter) against a DAG file with one KubernetesPodOperator.
 - Heavy modules: which of torch, transformers, datasets, unsloth, kfp, matplotlib, pandas are in sys.modules after
   the import or the parse (must be none).
@@ -44,7 +44,7 @@ PARSE_PROBE = """
 import sys, time, json
 from airflow.dag_processing.dagbag import DagBag
 start = time.perf_counter()
-bag = DagBag(dag_folder={path!r}, include_examples=False)
+bag = DagBag(dag_folder={path!r})
 elapsed = time.perf_counter() - start
 assert bag.dags and not bag.import_errors, (sorted(bag.dags), bag.import_errors)
 print(json.dumps({{"seconds": elapsed, "heavy": [m for m in {heavy!r} if m in sys.modules]}}))
