@@ -305,3 +305,109 @@ def test_a_literal_secret_in_the_task_env_is_refused_and_hf_token_goes_by_refere
     assert "HF_TOKEN is set in this task but is not passed" in warnings[0] and "hf_value" not in warnings[0]
     with pytest.raises(ValueError, match="LORA_KFP_POD_OPTIONS sets imagee: not PodOptions fields"):
         pod_options({"LORA_KFP_POD_OPTIONS": '{"imagee": "x"}'}, None, "/ws")
+
+
+# ---- real runs: a pipeline under kfp.local.SubprocessRunner, training the tiny model -------------------------------
+
+def run_env(**extra: str) -> dict:
+    """The task's environment: this one without launcher settings of its own, plus ``extra``."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("LORA_KFP_", "KUBERNETES_", "HF_TOKEN"))}
+    return {**inherited, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **extra}
+
+
+def run_pipeline(kfp_python: Path, tiny_model_dir: Path, tmp_path: Path, env: dict) -> dict:
+    from tests.trainer_helpers import arithmetic_rows, write_jsonl
+
+    write_jsonl(tmp_path / "data" / "train.jsonl", arithmetic_rows(32))
+    out = tmp_path / "kfp"
+    run_kfp(kfp_python, "run_pipeline.py", str(tiny_model_dir), str(tmp_path / "data"), str(out), env=env)
+    return json.loads((out / "report.json").read_text())
+
+
+def chart_points(html: str) -> list[list]:
+    """The plotted steps the chart page carries for its hover script: [step, epoch, loss, smoothed, lr, eval]."""
+    data = re.search(r'<script type="application/json" id="chart-data">(.*?)</script>', html, re.S).group(1)
+    return json.loads(data)["points"]
+
+
+def check_outputs(report: dict, steps: int, base_model: Path) -> dict:
+    """What every launch mode hands back: status, model artifact, metrics, chart."""
+    assert report["status"] == "training completed"
+    metrics = report["metrics"]
+    assert metrics["global_step"] == steps
+    assert metrics["final_loss"] < metrics["first_loss"] and metrics["min_loss"] <= metrics["final_loss"]
+    for name in ("tokens", "tokens_per_second", "train_runtime_seconds", "trainable_parameters"):
+        assert metrics[name] > 0, name
+    assert (metrics["lora_r"], metrics["lora_alpha"], metrics["learning_rate"]) == (8, 16, 2e-3)
+    assert (metrics["effective_batch_size"], metrics["seed"], metrics["micro_batch"]) == (8, 7, 4)
+
+    model = Path(report["model"]["path"])
+    config = json.loads((model / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    meta = report["model"]["metadata"]
+    assert meta["base_model"] == str(base_model)
+    assert (meta["lora_r"], meta["lora_alpha"], sorted(meta["target_modules"])) == (8, 16, ["q_proj", "v_proj"])
+    # Where the run was published: the workspace, which KFP (and kfp.local) remove with the pipeline run; the
+    # output artifacts are the copies that last.
+    assert meta["artifacts"]["adapter"] == meta["artifacts"]["root"] + "/adapter"
+    assert "/workspace/lora-runs/" in meta["artifacts"]["root"]
+    assert sorted(p.name for p in model.iterdir()) == (["adapter", "merged"] if meta["merged"] else ["adapter"])
+
+    html = Path(report["chart_path"]).read_text()
+    assert 'id="train-points"' in html  # the chart page of core/results, as Airflow's tab shows it
+    losses = [p[2] for p in chart_points(html) if p[2] is not None]
+    assert len(losses) == steps  # one real point per optimizer step
+    assert (losses[0], losses[-1], min(losses)) == (metrics["first_loss"], metrics["final_loss"], metrics["min_loss"])
+    return metrics
+
+
+@pytest.mark.slow
+def test_pipeline_trains_in_task_with_subprocess_runner(kfp_python, tiny_model_dir, tmp_path):
+    env = run_env(LORA_KFP_LAUNCHER="in-task", LORA_KFP_SPEC=json.dumps({"eval_fraction": 0.25,
+                                                                          "save_merged": True}))
+    report = run_pipeline(kfp_python, tiny_model_dir, tmp_path, env)
+    metrics = check_outputs(report, steps=3, base_model=tiny_model_dir)  # 24 of 32 rows train, 8 per step
+    assert metrics["final_eval_loss"] > 0 and metrics["eval_fraction"] == 0.25
+    model = Path(report["model"]["path"])
+    assert (model / "merged" / "config.json").is_file() and report["model"]["metadata"]["merged"] is True
+
+
+@pytest.mark.slow
+def test_pipeline_trains_in_an_emulated_pod_and_deletes_it(kfp_python, k8s_cluster, tiny_model_dir, tmp_path):
+    """Pod mode: the kfp venv's kubernetes client (kubernetes<31) talks HTTPS to the emulated API server with a
+    token and its CA; the emulated kubelet runs the pod's `python -m lora_trainer` (this venv's python)."""
+    workspace = str(tmp_path / "kfp" / "workspace")  # pvc_path; the pod sees it through a hostPath volume
+    k8s_cluster.create_secret("default", "hf", {"token": "hf_secret_value_42"})
+    volume = {"volumes": [{"name": "ws", "hostPath": {"path": workspace}}],
+              "volume_mounts": [{"name": "ws", "mountPath": workspace}]}
+    env = run_env(LORA_KFP_LAUNCHER="pod", KUBERNETES_SERVER_URL=k8s_cluster.url,
+                  KUBERNETES_AUTH_TOKEN=k8s_cluster.token, KUBERNETES_CA_CERT=str(k8s_cluster.ca_file),
+                  LORA_KFP_POD_OPTIONS=json.dumps(volume), LORA_KFP_POLL_SECONDS="0.3",
+                  HF_TOKEN="hf_secret_value_42", LORA_KFP_HF_TOKEN_SECRET="hf/token")
+    seen: dict[str, dict] = {}
+    done = threading.Event()
+
+    def watch() -> None:  # the pod is deleted at the end: keep what it looked like while it ran
+        while not done.is_set():
+            for pod in k8s_cluster.pods():
+                seen[pod["metadata"]["name"]] = pod
+            done.wait(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        report = run_pipeline(kfp_python, tiny_model_dir, tmp_path, env)
+    finally:
+        done.set()
+        watcher.join()
+    check_outputs(report, steps=4, base_model=tiny_model_dir)
+    assert k8s_cluster.pods() == []  # deleted once the results were collected
+    creates = [r for r in k8s_cluster.request_log if r[0] == "POST" and r[1].endswith("/pods")]
+    assert len(creates) == 1
+    (pod,) = seen.values()
+    assert pod["metadata"]["name"].startswith("lora-kfp-train-model-")
+    container = pod["spec"]["containers"][0]
+    env_vars = {e["name"]: e for e in container["env"]}
+    assert env_vars["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
+    assert "hf_secret_value_42" not in json.dumps(pod)
+    assert container["command"][:3] == ["python", "-m", "lora_trainer"]
