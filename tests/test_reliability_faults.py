@@ -353,3 +353,17 @@ def test_an_s3_outage_keeps_files_already_sent_unmarked(tmp_path, s3_endpoint, s
     assert keys and f"job/{storage.COMPLETE_MARKER}" not in keys
     with pytest.raises(storage.IncompleteRunError):
         storage.read_marker(f"s3://{s3_bucket}/job")
+
+
+def test_a_result_line_longer_than_16_kib_is_read_back_whole(k8s_cluster, stand_in):
+    """The runtime cuts log lines into 16 KiB parts, and a timestamped log glues each part's timestamp to the
+    previous part; 500 history rows make a result line of about 50 KiB. (Before the fix: JSONDecodeError, and a
+    successful training failed the task.)"""
+    history = [{"step": i, "loss": 1 / (i + 1), "grad_norm": 0.5, "learning_rate": 2e-4, "epoch": i / 500}
+               for i in range(1, 501)]
+    stand_in["script"] = ("import json; print('LORA_RESULT ' + json.dumps({'summary': {'global_step': 500}, "
+                          f"'history': {history!r}, 'artifacts': {{}}}}))")
+    result = operator(k8s_cluster, on_finish_action="keep_pod").execute({"ti": StandInTI()})
+    assert result["history"] == history
+    name = k8s_cluster.pods()[0]["metadata"]["name"]
+    assert len(k8s_cluster.logs("default", name)) > 3 * 16384

@@ -157,12 +157,24 @@ def _sort_key(timestamp: str) -> tuple[str, str]:
 
 
 def find_result(log_text: str) -> dict[str, Any] | None:
-    """The trainer's result line (RunResult.to_xcom() JSON) in a log text, if present."""
+    """The trainer's result line (RunResult.to_xcom() JSON) in a log text; None when absent or damaged.
+
+    The container runtime cuts lines longer than 16 KiB into parts, and a ``timestamps=true`` log puts each part's
+    timestamp in front of it, glued to the previous part: those timestamps are taken out again."""
     for raw in reversed(log_text.split("\n")):
         _, _, line = raw.partition(" ") if raw[:4].isdigit() else ("", "", raw)
         if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
+            text = line[len(RESULT_PREFIX):]
+            for candidate in (text, _PART_TIMESTAMP.sub("", text)):
+                try:
+                    return json.loads(candidate)
+                except ValueError:
+                    continue
+            return None
     return None
+
+
+_PART_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{1,9}Z ")
 
 
 def seconds_since(timestamp: str | None, now: datetime | None = None) -> float:
