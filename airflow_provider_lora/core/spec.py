@@ -71,6 +71,10 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 _QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)([numkMGTPE]|Ki|Mi|Gi|Ti|Pi|Ei|[eE][+-]?[0-9]+)?\Z")
 
 
+# Fields that name a place (hub id, path, s3:// URI): no '..' segment, no control characters.
+LOCATION_FIELDS = ("base_model", "dataset", "output_uri", "data_output_dir", "resume_from_checkpoint")
+
+
 class SpecError(ValueError):
     """A parameter has a value that cannot be accepted. The message names the parameter, the value and what is
     accepted; ``errors`` holds one such message per bad parameter."""
@@ -374,6 +378,21 @@ class LoRASpec(BaseModel):
         for key in parse_key_values(v, "metadata_annotations"):
             if not check_label_key(key):
                 raise _bad("metadata_annotations", v, f"{key!r} is not a Kubernetes annotation key")
+        return v
+
+    @field_validator(*LOCATION_FIELDS)
+    @classmethod
+    def _location(cls, v: Optional[str], info: Any) -> Optional[str]:
+        # These strings become paths, S3 keys and hub ids inside the training container.
+        if v is None or v.strip() == "":
+            if info.field_name == "base_model":
+                raise _bad("base_model", v, "give a Hugging Face model id (org/name) or a local/PVC model directory")
+            return v
+        if v != v.strip() or any(ch < " " or ch == "\x7f" for ch in v):
+            raise _bad(info.field_name, v, "must not contain control characters or leading/trailing whitespace")
+        if ".." in re.split(r"[/\\]", v):
+            raise _bad(info.field_name, v, "a '..' segment could reach outside the intended directory or bucket "
+                       "prefix; give the path without '..'")
         return v
 
     @field_validator("resume_from_checkpoint")
