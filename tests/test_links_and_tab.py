@@ -24,7 +24,7 @@ from airflow_provider_lora.compat import BaseOperator
 from airflow_provider_lora.links import (CHART_MAX_BYTES, CHART_XCOM_KEY, LoRAArtifactsLink, LossChartLink,
                                          TAB_URL_ROUTE, read_chart)
 from airflow_provider_lora.operators.lora import LoRATrainingOperator
-from airflow_provider_lora.plugins.loss_chart import LoRAPlugin, parse_map_index
+from airflow_provider_lora.plugins.loss_chart import HOVER_SCRIPT_HASH, LoRAPlugin, parse_map_index
 from tests.fixtures.airflow import run_dag_test
 from tests.trainer_helpers import FAST, arithmetic_rows, write_jsonl
 
@@ -195,7 +195,10 @@ def test_the_tab_shows_the_chart_xcom_of_the_task_instance(api, chart_run):
     assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/html")
     assert answer.text == "<!DOCTYPE html><html><body><svg></svg>chart one</body></html>"
     # An XCom value must not run script in the API server's origin.
-    assert answer.headers["content-security-policy"].startswith("sandbox;")
+    # An opaque origin (no allow-same-origin), no fetches, and no script but the chart's own hover script.
+    csp = [part.strip() for part in answer.headers["content-security-policy"].split(";")]
+    assert csp[0] == "sandbox allow-scripts" and "default-src 'none'" in csp
+    assert [p for p in csp if p.startswith("script-src")] == [f"script-src '{HOVER_SCRIPT_HASH}'"]
     assert answer.headers["x-content-type-options"] == "nosniff"
     # The UI's iframe authenticates with the _token cookie.
     by_cookie = api.browser.get(CHART, params={**base, "task_id": "with_chart"})

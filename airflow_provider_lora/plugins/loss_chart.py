@@ -4,8 +4,9 @@ FastAPI app mounted in the API server at ``/losschart``.
 The page is the ``loss_chart_html`` XCom that LoRATrainingOperator pushes after a successful run; every other task
 instance (the tab shows on every task of every DAG) gets a short "No loss chart for this task" page. The route is
 protected by Airflow's own DAG/XCom read permission (401 without credentials; the UI's iframe sends the ``_token``
-cookie). The chart page is served with a sandboxing Content-Security-Policy: it is static SVG and CSS, and an XCom
-value must never run script in the API server's origin.
+cookie). The chart page is served with a sandboxing Content-Security-Policy: an XCom value must never run script in
+the API server's origin, so the page gets an opaque origin, no network, and only the chart's own hover script (by
+its hash) runs.
 
 The FastAPI app is built on first access to ``fastapi_apps``, which only the API server (and ``airflow plugins``)
 reads: schedulers, DAG processors and workers load every plugin too, and need not import the API server's modules.
@@ -13,19 +14,25 @@ reads: schedulers, DAG processors and workers load every plugin too, and need no
 
 # No "from __future__ import annotations": FastAPI resolves the route's annotations (SessionDep, imported inside
 # create_app) at definition time, and string annotations would name nothing in the module's globals.
+import base64
 import functools
+import hashlib
 import html
 import json
 from typing import Any
 
 from airflow.plugins_manager import AirflowPlugin
 
+from airflow_provider_lora.core.results import _HOVER_JS
 from airflow_provider_lora.links import CHART_XCOM_KEY, TAB_URL_PREFIX, TAB_URL_ROUTE
 
 MAP_INDEX_PLACEHOLDER = "{MAP_INDEX}"  # left as-is by the UI for unmapped task instances
 CHART_ROUTE = "/chart"
-# Static SVG and inline CSS only; ``sandbox`` gives the page an opaque origin and no scripts, even opened directly.
-CSP = "sandbox; default-src 'none'; style-src 'unsafe-inline'; img-src data:"
+# ``sandbox allow-scripts`` (no allow-same-origin): an opaque origin, even opened directly; scripts: only the chart's
+# hover script, named by its hash (the chart's data is a JSON block, which does not execute); no fetches at all.
+HOVER_SCRIPT_HASH = "sha256-" + base64.b64encode(hashlib.sha256(_HOVER_JS.encode()).digest()).decode()
+CSP = (f"sandbox allow-scripts; default-src 'none'; style-src 'unsafe-inline'; script-src '{HOVER_SCRIPT_HASH}'; "
+       "img-src data:")
 NO_CHART_PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>No loss chart</title>
 <style>body{{font:14px system-ui,sans-serif;color:#555;margin:2em}}</style></head>
