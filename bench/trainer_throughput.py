@@ -13,8 +13,9 @@ so without unsloth (which swaps that kernel for its own) it cannot train on a CP
 
 Runs alternate (ours, baseline, ours, baseline, ...), each in a fresh subprocess with OMP_NUM_THREADS=1. Figures:
 
-- tokens/s: trl's count of tokens trained (``num_tokens``) over the training loop's runtime (``train_runtime``;
-  model loading and imports excluded); also end-to-end wall time of the process.
+- tokens/s: tokens trained (non-pad input tokens: trl's ``num_tokens``, transformers' ``num_input_tokens_seen``)
+  over the training loop's runtime (``train_runtime``; model loading and imports excluded); also per CPU second of
+  the training loop (less disturbed by other jobs on a shared machine), and the process's end-to-end wall time.
 - peak RSS: ``ru_maxrss`` of the child, from os.wait4.
 - the loss curves side by side (table here, PNG in --out).
 
@@ -44,6 +45,27 @@ IMPLS = ("ours", "baseline")
 
 # ---- children -----------------------------------------------------------------------------------------------------
 
+TRAIN_CPU: dict[str, float] = {}
+
+
+def clock_training_cpu() -> None:
+    """Record this process's CPU seconds between the training loop's begin and end callbacks (every Trainer
+    subclass calls them). On a shared machine CPU time moves much less than wall time when other jobs compete."""
+    from transformers.trainer_callback import CallbackHandler
+
+    begin, end = CallbackHandler.on_train_begin, CallbackHandler.on_train_end
+
+    def on_train_begin(self, *args, **kwargs):
+        TRAIN_CPU["begin"] = time.process_time()
+        return begin(self, *args, **kwargs)
+
+    def on_train_end(self, *args, **kwargs):
+        TRAIN_CPU["end"] = time.process_time()
+        return end(self, *args, **kwargs)
+
+    CallbackHandler.on_train_begin, CallbackHandler.on_train_end = on_train_begin, on_train_end
+
+
 def child_ours(model_dir: Path, dataset: Path, out: Path, steps: int) -> dict:
     from tests.trainer_helpers import history, train
 
@@ -60,13 +82,14 @@ def child_baseline(model_dir: Path, dataset: Path, out: Path, steps: int, gradie
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
-                              TrainingArguments)
+                              TrainingArguments, set_seed)
 
     from airflow_provider_lora.core.spec import plan_batches
     from tests.trainer_helpers import make_spec
 
     spec = make_spec(model_dir, dataset, out, max_steps=steps)
     plan = plan_batches(spec, 1)
+    set_seed(spec.seed)  # before get_peft_model, so the LoRA weights start the same in every run
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, spec.dtype))
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     head = model.get_output_embeddings()
@@ -105,10 +128,12 @@ def child_baseline(model_dir: Path, dataset: Path, out: Path, steps: int, gradie
 
 def child_main(args: argparse.Namespace) -> None:
     out = Path(tempfile.mkdtemp(prefix=f"bench-{args.child}-"))
+    clock_training_cpu()
     if args.child == "ours":
         result = child_ours(args.model, args.data, out, args.steps)
     else:
         result = child_baseline(args.model, args.data, out, args.steps, args.gradient_checkpointing)
+    result["train_cpu"] = TRAIN_CPU["end"] - TRAIN_CPU["begin"]
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -131,7 +156,8 @@ def run_child(impl: str, model: Path, data: Path, steps: int, gradient_checkpoin
     result = json.loads(next(l for l in text.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
     # ru_maxrss is in KiB on Linux.
     return {**result, "impl": impl, "wall": wall, "peak_rss_mib": usage.ru_maxrss / 1024,
-            "tokens_per_s": result["tokens"] / result["train_runtime"]}
+            "tokens_per_s": result["tokens"] / result["train_runtime"],
+            "tokens_per_cpu_s": result["tokens"] / result["train_cpu"]}
 
 
 def plot(runs: dict[str, dict], path: Path) -> None:
@@ -188,7 +214,8 @@ def main() -> None:
                     gradient_checkpointing = result["gradient_checkpointing"]
                 runs[impl].append(result)
                 print(f"run {i + 1} {impl:8s}: {result['tokens']} tokens in {result['train_runtime']:.2f} s of "
-                      f"training = {result['tokens_per_s']:,.0f} tokens/s; process {result['wall']:.1f} s; peak RSS "
+                      f"training = {result['tokens_per_s']:,.0f} tokens/s "
+                      f"({result['tokens_per_cpu_s']:,.0f} per CPU second); process {result['wall']:.1f} s; peak RSS "
                       f"{result['peak_rss_mib']:,.0f} MiB; final loss {result['losses'][-1][1]:.4f}", flush=True)
 
     first = {impl: runs[impl][0] for impl in IMPLS}
@@ -206,9 +233,11 @@ def main() -> None:
     plot(first, png)
     print(f"loss curves: {png}")
 
-    med = {impl: {k: statistics.median(r[k] for r in runs[impl]) for k in ("tokens_per_s", "peak_rss_mib", "wall")}
+    med = {impl: {k: statistics.median(r[k] for r in runs[impl]) for k in ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mib", "wall")}
            for impl in IMPLS}
     print(f"ratio ours / baseline process wall time: {med['ours']['wall'] / med['baseline']['wall']:.2f}x")
+    print(f"ratio ours / baseline tokens per CPU second: "
+          f"{med['ours']['tokens_per_cpu_s'] / med['baseline']['tokens_per_cpu_s']:.2f}x")
     print(f"ratio ours / baseline tokens/s: {med['ours']['tokens_per_s'] / med['baseline']['tokens_per_s']:.2f}x")
     print(f"ratio ours / baseline peak RSS: {med['ours']['peak_rss_mib'] / med['baseline']['peak_rss_mib']:.2f}x")
 

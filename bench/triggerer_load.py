@@ -114,9 +114,17 @@ async def measure(kind: str, emulator: Emulator, n: int, poll_interval: float, w
     measured_lags = list(lags)
     # Cancelled mid-request, KubernetesPodTrigger's per-poll aiohttp sessions log "Unclosed client session".
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    for task in [*tasks, sampling]:
-        task.cancel()
-    await asyncio.gather(*tasks, sampling, return_exceptions=True)
+    pending = {*tasks, sampling}
+    for _ in range(20):
+        # Some KubernetesPodTrigger tasks outlive one cancel() (seen while they wait for pod start and its events
+        # task), so cancel until every task has ended.
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+        if not pending:
+            break
+    else:
+        raise SystemExit(f"{kind}: {len(pending)} trigger task(s) still running after 20 cancel() rounds")
     logging.getLogger("asyncio").setLevel(logging.WARNING)
     if kind.startswith("LoRATrainingTrigger"):
         from airflow_provider_lora.kube import close_shared_clients
