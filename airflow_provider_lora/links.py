@@ -11,9 +11,7 @@ import os
 from typing import Any, Callable
 from urllib.parse import quote, urlsplit
 
-from airflow.providers.common.compat.sdk import XCom
-
-from airflow_provider_lora.compat import BaseOperatorLink, conf
+from airflow_provider_lora.compat import HAS_TASK_INSTANCE_TAB, BaseOperatorLink, XCom, conf
 
 CHART_XCOM_KEY = "loss_chart_html"
 CHART_MAX_BYTES = 2 * 1024 * 1024
@@ -82,15 +80,13 @@ def _s3_endpoint(operator: Any) -> str | None:
         return None
 
 
-
-
 class LossChartLink(BaseOperatorLink):
-    """The task instance's "Loss chart" tab, once the run has succeeded."""
+    """The task instance's "Loss chart" tab, once the run has succeeded (always "" before Airflow 3.1: no tab)."""
 
     name = "Loss chart"
 
     def get_link(self, operator: Any, *, ti_key: Any) -> str:
-        if not (_return_value(ti_key).get("artifacts") or {}).get("chart_html"):
+        if not HAS_TASK_INSTANCE_TAB or not (_return_value(ti_key).get("artifacts") or {}).get("chart_html"):
             return ""
         map_index = getattr(ti_key, "map_index", -1)
         return tab_path(ti_key.dag_id, ti_key.run_id, ti_key.task_id, -1 if map_index is None else map_index)
@@ -120,13 +116,13 @@ def push_loss_chart(result: dict[str, Any], log: Any, s3: Callable[[], Any] | No
     """After a successful run: push the chart page as XCom ``loss_chart_html`` for the Loss chart tab (``s3``: as
     in :func:`read_chart`)."""
     uri = (result.get("artifacts") or {}).get("chart_html")
-    if not uri:
+    if not uri or not HAS_TASK_INSTANCE_TAB:  # before Airflow 3.1 no tab shows it: keep it out of the database
         return
     text = read_chart(uri, log, s3)
     if text is None:
         return
     try:
-        from airflow.providers.common.compat.sdk import get_current_context
+        from airflow_provider_lora.compat import get_current_context
 
         get_current_context()["ti"].xcom_push(key=CHART_XCOM_KEY, value=text)
     except Exception as exc:

@@ -61,7 +61,7 @@ def param_schemas(**defaults: Any) -> dict[str, dict[str, Any]]:
 
 def spec_params(**defaults: Any) -> dict[str, Any]:
     """Airflow Params for every spec field (Airflow import kept inside: this module is cheap to import)."""
-    from airflow.sdk import Param
+    from airflow_provider_lora.compat import Param
 
     return {name: Param(**schema) for name, schema in param_schemas(**defaults).items()}
 

@@ -11,8 +11,7 @@ import datetime
 import os
 from pathlib import Path
 
-from airflow.sdk import DAG
-
+from airflow_provider_lora.compat import DAG  # airflow.sdk.DAG on Airflow 3, airflow.models.dag.DAG on 2.11
 from airflow_provider_lora.operators.lora import LoRATrainingOperator
 from airflow_provider_lora.params import spec_params, templated_spec_kwargs
 

@@ -9,7 +9,7 @@ import pytest
 
 from airflow_provider_lora.core.spec import LoRASpec
 from airflow_provider_lora.operators.lora import LoRATrainingOperator
-from tests.fixtures.airflow import run_dag_test
+from tests.fixtures.airflow import local_trainer, run_dag_test
 from tests.trainer_helpers import FAST, arithmetic_rows, write_jsonl
 
 
@@ -32,8 +32,9 @@ def test_templated_values_are_checked_after_rendering():
 
 
 @pytest.mark.slow
+@local_trainer
 def test_dag_test_with_the_local_launcher_returns_the_result(airflow_db, tiny_model_dir, tmp_path):
-    from airflow.sdk import DAG
+    from airflow_provider_lora.compat import DAG
 
     dataset = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(24))
     with DAG("lora_local_test", schedule=None, start_date=datetime.datetime(2026, 1, 1)) as dag:
