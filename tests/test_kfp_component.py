@@ -20,7 +20,7 @@ import pytest
 
 from airflow_provider_lora.core.spec import LoRASpec, seed_parameter_names
 from airflow_provider_lora.kfp import runtime
-from airflow_provider_lora.kfp.pod import pod_options
+from airflow_provider_lora.kfp.cluster import _pod_options, launch_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 KFP_PYTHON = ROOT / ".venv-kfp" / "bin" / "python"
@@ -219,7 +219,13 @@ def component_inputs(tmp_path: Path, **overrides) -> dict:
 
 
 @pytest.mark.parametrize("env, overrides, message", [
-    ({}, {}, r"LORA_KFP_LAUNCHER=trainjob \(the default, as the seed's\) is not wired"),
+    ({}, {}, r"no Kubernetes API to launch the training job on: not running in a cluster .* KUBERNETES_SERVER_URL"),
+    ({"KUBERNETES_SERVER_URL": "http://10.0.0.1:6443", "KUBERNETES_AUTH_TOKEN": "t"}, {},
+     r"KUBERNETES_SERVER_URL='http://10.0.0.1:6443' is not valid: the API server must be reached over https://"),
+    ({"LORA_KFP_LAUNCHER": "pod", "LORA_KFP_POD_OPTIONS": '{"imagee": "x"}'}, {},
+     r"LORA_KFP_POD_OPTIONS sets imagee: not PodOptions fields; accepted: namespace, image"),
+    ({"LORA_KFP_LAUNCHER": "pod", "KUBERNETES_SERVER_URL": "https://127.0.0.1:1", "KUBERNETES_AUTH_TOKEN": "t"}, {},
+     r"output_uri=.* is not on a mounted volume.*\n\(KFP: the training job must see pvc_path"),
     ({"LORA_KFP_LAUNCHER": "k8s"}, {}, r"LORA_KFP_LAUNCHER='k8s' is not valid: accepted: trainjob, pod, in-task"),
     ({"LORA_KFP_LAUNCHER": "in-task"}, {"training_base_model": "oci://quay.io/org/model:1"},
      r"training_base_model='oci://quay.io/org/model:1': oci:// models .* not supported"),
@@ -233,7 +239,7 @@ def component_inputs(tmp_path: Path, **overrides) -> dict:
     ({"LORA_KFP_LAUNCHER": "in-task"}, {"pvc_path": "/no/such/dir"}, r"pvc_path='/no/such/dir' is not a directory"),
 ])
 def test_bad_input_fails_before_anything_launches_naming_the_input(tmp_path, env, overrides, message):
-    with pytest.raises((ValueError, NotImplementedError), match=message):
+    with pytest.raises((ValueError, RuntimeError), match=message):
         runtime.run_component(component_inputs(tmp_path, **overrides), env=env, log=lambda line: None)
     assert not (tmp_path / "ws" / runtime.RUNS_DIR).exists()  # nothing trained
 
@@ -272,9 +278,11 @@ def test_task_config_passes_through_to_the_training_pod_and_secrets_stay_referen
              {"name": "KUBERNETES_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "k", "key": "t"}}},
              {"name": "WANDB_MODE", "value": "offline"}],
         resources={"limits": {"cpu": "1", "ephemeral-storage": "50Gi"}})
-    options = pod_options({"LORA_KFP_POD_OPTIONS": '{"namespace": "team-a"}'}, config, "/kfp-workspace")
+    launch = launch_settings({"LORA_KFP_POD_OPTIONS": '{"namespace": "team-a"}'}, config, "/kfp-workspace")
+    assert launch.envs == {"WANDB_MODE": "offline"}  # literal values join the spec's envs
     spec = LoRASpec(base_model="m", dataset="/kfp-workspace/d.jsonl", output_uri="/kfp-workspace/lora-runs/k",
-                    resource_cpu_per_worker="8")
+                    resource_cpu_per_worker="8", envs="WANDB_MODE=offline")
+    options = _pod_options(launch)
     pod = render_pod(spec, options, TaskIdentity(dag_id="kfp", task_id="train_model", run_id="k"))
     container = pod["spec"]["containers"][0]
     assert pod["metadata"]["namespace"] == "team-a"
@@ -295,16 +303,33 @@ def test_task_config_passes_through_to_the_training_pod_and_secrets_stay_referen
 def test_a_literal_secret_in_the_task_env_is_refused_and_hf_token_goes_by_reference():
     leaked = task_config(env=[{"name": "HF_TOKEN", "value": "hf_literal"}])
     with pytest.raises(ValueError, match="'HF_TOKEN' carries a literal value") as err:
-        pod_options({}, leaked, "/ws")
+        launch_settings({}, leaked, "/ws")
     assert "hf_literal" not in str(err.value)
     warnings: list[str] = []
-    options = pod_options({"HF_TOKEN": "hf_value", "LORA_KFP_HF_TOKEN_SECRET": "hf/token"}, None, "/ws",
-                          warnings.append)
-    assert options.secret_env["HF_TOKEN"].name == "hf" and not warnings
-    pod_options({"HF_TOKEN": "hf_value"}, None, "/ws", warnings.append)
+    launch = launch_settings({"HF_TOKEN": "hf_value", "LORA_KFP_HF_TOKEN_SECRET": "hf/token"}, None, "/ws",
+                             warnings.append)
+    assert launch.options.secret_env["HF_TOKEN"].name == "hf" and not warnings
+    launch_settings({"HF_TOKEN": "hf_value"}, None, "/ws", warnings.append)
     assert "HF_TOKEN is set in this task but is not passed" in warnings[0] and "hf_value" not in warnings[0]
-    with pytest.raises(ValueError, match="LORA_KFP_POD_OPTIONS sets imagee: not PodOptions fields"):
-        pod_options({"LORA_KFP_POD_OPTIONS": '{"imagee": "x"}'}, None, "/ws")
+
+
+def test_a_trainjob_carries_the_same_workload_from_the_task():
+    from airflow_provider_lora.core.render import TaskIdentity, TrainJobOptions, render_trainjob
+
+    config = task_config(volumes=[{"name": "ws", "persistentVolumeClaim": {"claimName": "run-ws"}}],
+                         volume_mounts=[{"name": "ws", "mountPath": "/kfp-workspace"}],
+                         env=[{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}])
+    launch = launch_settings({}, config, "/kfp-workspace")
+    spec = LoRASpec(base_model="m", dataset="/kfp-workspace/d.jsonl", output_uri="/kfp-workspace/lora-runs/k",
+                    resource_num_workers=2, resource_gpu_per_worker=4)
+    job = render_trainjob(spec, launch.options, TaskIdentity(dag_id="kfp", task_id="train_model", run_id="k"),
+                          TrainJobOptions())
+    trainer = job["spec"]["trainer"]
+    assert trainer["numNodes"] == 2 and trainer["numProcPerNode"] == 4
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in trainer["env"]
+    patch = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    pod_spec = patch["template"]["spec"]["template"]["spec"]
+    assert {"name": "ws", "persistentVolumeClaim": {"claimName": "run-ws"}} in pod_spec["volumes"]
 
 
 # ---- real runs: a pipeline under kfp.local.SubprocessRunner, training the tiny model -------------------------------
@@ -372,25 +397,25 @@ def test_pipeline_trains_in_task_with_subprocess_runner(kfp_python, tiny_model_d
     assert (model / "merged" / "config.json").is_file() and report["model"]["metadata"]["merged"] is True
 
 
-@pytest.mark.slow
-def test_pipeline_trains_in_an_emulated_pod_and_deletes_it(kfp_python, k8s_cluster, tiny_model_dir, tmp_path):
-    """Pod mode: the kfp venv's kubernetes client (kubernetes<31) talks HTTPS to the emulated API server with a
-    token and its CA; the emulated kubelet runs the pod's `python -m lora_trainer` (this venv's python)."""
-    workspace = str(tmp_path / "kfp" / "workspace")  # pvc_path; the pod sees it through a hostPath volume
-    k8s_cluster.create_secret("default", "hf", {"token": "hf_secret_value_42"})
+def run_on_cluster(kfp_python: Path, cluster, tiny_model_dir: Path, tmp_path: Path, **launcher_env: str):
+    """Run the pipeline against the emulated cluster: the kfp venv's kubernetes client (kubernetes<31) talks HTTPS to
+    the emulated API server with a token and its CA; the emulated kubelet runs the job's trainer command (`python` /
+    `torchrun` of this venv). Returns the report and every pod and TrainJob as seen while they existed."""
+    workspace = str(tmp_path / "kfp" / "workspace")  # pvc_path; the job sees it through a hostPath volume
+    cluster.create_secret("default", "hf", {"token": "hf_secret_value_42"})
     volume = {"volumes": [{"name": "ws", "hostPath": {"path": workspace}}],
               "volume_mounts": [{"name": "ws", "mountPath": workspace}]}
-    env = run_env(LORA_KFP_LAUNCHER="pod", KUBERNETES_SERVER_URL=k8s_cluster.url,
-                  KUBERNETES_AUTH_TOKEN=k8s_cluster.token, KUBERNETES_CA_CERT=str(k8s_cluster.ca_file),
-                  LORA_KFP_POD_OPTIONS=json.dumps(volume), LORA_KFP_POLL_SECONDS="0.3",
-                  HF_TOKEN="hf_secret_value_42", LORA_KFP_HF_TOKEN_SECRET="hf/token")
+    env = run_env(KUBERNETES_SERVER_URL=cluster.url, KUBERNETES_AUTH_TOKEN=cluster.token,
+                  KUBERNETES_CA_CERT=str(cluster.ca_file), LORA_KFP_POD_OPTIONS=json.dumps(volume),
+                  LORA_KFP_POLL_SECONDS="0.3", HF_TOKEN="hf_secret_value_42", LORA_KFP_HF_TOKEN_SECRET="hf/token",
+                  **launcher_env)
     seen: dict[str, dict] = {}
     done = threading.Event()
 
-    def watch() -> None:  # the pod is deleted at the end: keep what it looked like while it ran
+    def watch() -> None:  # the job is deleted at the end: keep what it looked like while it ran
         while not done.is_set():
-            for pod in k8s_cluster.pods():
-                seen[pod["metadata"]["name"]] = pod
+            for obj in cluster.pods() + cluster.trainjobs():
+                seen[f"{obj['kind']}/{obj['metadata']['name']}"] = obj
             done.wait(0.2)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -400,6 +425,16 @@ def test_pipeline_trains_in_an_emulated_pod_and_deletes_it(kfp_python, k8s_clust
     finally:
         done.set()
         watcher.join()
+    assert "hf_secret_value_42" not in json.dumps(seen)  # HF_TOKEN went by reference only
+    return report, seen
+
+
+HF_TOKEN_REF = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
+
+
+@pytest.mark.slow
+def test_pipeline_trains_in_an_emulated_pod_and_deletes_it(kfp_python, k8s_cluster, tiny_model_dir, tmp_path):
+    report, seen = run_on_cluster(kfp_python, k8s_cluster, tiny_model_dir, tmp_path, LORA_KFP_LAUNCHER="pod")
     check_outputs(report, steps=4, base_model=tiny_model_dir)
     assert k8s_cluster.pods() == []  # deleted once the results were collected
     creates = [r for r in k8s_cluster.request_log if r[0] == "POST" and r[1].endswith("/pods")]
@@ -407,7 +442,21 @@ def test_pipeline_trains_in_an_emulated_pod_and_deletes_it(kfp_python, k8s_clust
     (pod,) = seen.values()
     assert pod["metadata"]["name"].startswith("lora-kfp-train-model-")
     container = pod["spec"]["containers"][0]
-    env_vars = {e["name"]: e for e in container["env"]}
-    assert env_vars["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
-    assert "hf_secret_value_42" not in json.dumps(pod)
+    assert HF_TOKEN_REF in container["env"]
     assert container["command"][:3] == ["python", "-m", "lora_trainer"]
+
+
+@pytest.mark.slow
+def test_pipeline_trains_in_an_emulated_trainjob_by_default(kfp_python, k8s_cluster, tiny_model_dir, tmp_path):
+    """No launcher set: a Kubeflow Trainer TrainJob, as the seed launches; its shape read from the cluster."""
+    report, seen = run_on_cluster(kfp_python, k8s_cluster, tiny_model_dir, tmp_path)
+    check_outputs(report, steps=4, base_model=tiny_model_dir)
+    assert k8s_cluster.trainjobs() == [] and k8s_cluster.pods() == []  # the TrainJob and its pods are gone
+    (trainjob,) = [o for k, o in seen.items() if k.startswith("TrainJob/")]
+    trainer = trainjob["spec"]["trainer"]
+    assert trainer["command"][:2] == ["torchrun", "--nproc_per_node=1"] and trainer["numNodes"] == 1
+    assert HF_TOKEN_REF in trainer["env"]
+    assert "runtimePatches" in trainjob["spec"]  # the emulated Trainer says v2.2.0
+    nodes = [o for k, o in seen.items() if k.startswith("Pod/")]
+    assert len(nodes) == 1 and nodes[0]["metadata"]["labels"]["jobset.sigs.k8s.io/jobset-name"] == \
+        trainjob["metadata"]["name"]

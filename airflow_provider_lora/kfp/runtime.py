@@ -6,9 +6,8 @@ environment (docs/kfp.md):
 
 - ``LORA_KFP_LAUNCHER``: ``trainjob`` (the default, as the seed), ``pod`` or ``in-task``.
 - ``LORA_KFP_SPEC``: JSON object of the LoRASpec fields beyond the seed's (dataset, save_merged, max_steps, ...).
-- ``LORA_KFP_POD_OPTIONS``: JSON object of PodOptions fields for a launched pod (namespace, image, pvc_claim_name,
-  service_account_name, ...); what the task's kubernetes_config passes through is added to it.
-- ``LORA_KFP_HF_TOKEN_SECRET``: ``secret/key`` holding HF_TOKEN for a launched job (never the value itself).
+- ``LORA_KFP_POD_OPTIONS``, ``LORA_KFP_HF_TOKEN_SECRET``, ``KUBERNETES_SERVER_URL``...: where and how a pod or
+  TrainJob is launched (see cluster.py).
 """
 
 from __future__ import annotations
@@ -22,7 +21,8 @@ from typing import Any, Callable, Mapping
 
 from airflow_provider_lora.core import storage
 from airflow_provider_lora.core.results import RunResult, load_run_result
-from airflow_provider_lora.core.spec import DATA, LORA, QUANT, TRAINING, LoRASpec, SpecError, seed_parameter_names
+from airflow_provider_lora.core.spec import (DATA, LORA, QUANT, TRAINING, LoRASpec, SpecError, format_key_values,
+                                             parse_key_values, seed_parameter_names)
 
 PREFIX = "training_"
 STATUS = "training completed"
@@ -226,11 +226,12 @@ def run_component(inputs: dict[str, Any], *, env: Mapping[str, str] | None = Non
     if not pvc_path or not Path(pvc_path).is_dir():
         raise ValueError(f"pvc_path={pvc_path!r} is not a directory: pass dsl.WORKSPACE_PATH_PLACEHOLDER (and a "
                          "workspace in the pipeline's PipelineConfig) or a mounted PVC path")
-    if launcher == "trainjob":
-        raise NotImplementedError(
-            f"{ENV_LAUNCHER}=trainjob (the default, as the seed's) is not wired in this version of the component: "
-            f"set the task's environment variable {ENV_LAUNCHER} to 'pod' (a Kubernetes pod per run) or 'in-task' "
-            "(train inside this task's pod)")
+    launch = None
+    if launcher != "in-task":
+        from airflow_provider_lora.kfp.cluster import launch_settings
+
+        launch = launch_settings(env, inputs.get("kubernetes_config"), pvc_path, log)
+        values["envs"] = _with_task_env(values.get("envs") or "", launch.envs)
     key = run_key(inputs["output_model"])
     values["output_uri"] = extras.pop("output_uri", None) or str(Path(pvc_path) / RUNS_DIR / key)
     values["dataset"] = stage_dataset(inputs.get("dataset"), extras, Path(pvc_path) / DATA_DIR / key)
@@ -246,15 +247,29 @@ def run_component(inputs: dict[str, Any], *, env: Mapping[str, str] | None = Non
     elif launcher == "in-task":
         result = _train_in_task(spec, log)
     else:
-        from airflow_provider_lora.kfp.pod import train_in_pod
+        from airflow_provider_lora.kfp.cluster import train_on_cluster
 
-        result = train_in_pod(spec, key=key, task_config=inputs.get("kubernetes_config"), env=env, log=log,
-                              pvc_path=pvc_path)
+        result = train_on_cluster(spec, launcher, launch, key=key, env=env, log=log)
     write_outputs(result, spec, inputs["output_model"], inputs["output_metrics"], inputs["output_loss_chart"])
     summary = result.summary
     log(f"[train_model] done: final loss {summary.get('final_loss')} (min {summary.get('min_loss')}) after "
         f"{summary.get('global_step')} steps; artifacts {json.dumps(result.artifacts)}")
     return STATUS
+
+
+def _with_task_env(envs: str, task_env: dict[str, str]) -> str:
+    """training_envs plus the task's own (passed-through) literal env; one variable set in both is an error."""
+    if not task_env:
+        return envs
+    try:
+        ours = parse_key_values(envs, "training_envs")
+    except ValueError as exc:  # envs may hold something private: never echo it
+        raise ValueError(str(exc).replace(repr(envs), "(value not shown)")) from None
+    clash = sorted(set(ours) & set(task_env))
+    if clash:
+        raise ValueError(f"training_envs and the task's env (kubernetes_config) both set {', '.join(clash)}: set it "
+                         "in one place")
+    return format_key_values({**task_env, **ours})
 
 
 def _train_in_task(spec: LoRASpec, log: Callable[[str], None]) -> RunResult:
