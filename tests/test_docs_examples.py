@@ -296,3 +296,42 @@ def test_requirements_block(block):
         assert req.extras <= _extras(), f"{block}: {req}"
         if req.url:  # a direct reference names the wheel `pip wheel .` builds for this version
             assert req.url.endswith(f"/airflow_provider_lora-{version}-py3-none-any.whl"), f"{block}: {req.url}"
+
+
+# ---- the KFP migration table -------------------------------------------------------------------------------------
+
+# The seed component's inputs that are not training_* parameters (its Inputs table), and the environment variables
+# its README documents.
+KFP_ONLY_INPUTS = {"pvc_path", "output_model", "output_metrics", "output_loss_chart", "dataset", "kubernetes_config"}
+KFP_ENVIRONMENT = {"HF_TOKEN", "KUBERNETES_SERVER_URL", "KUBERNETES_AUTH_TOKEN", "OCI_PULL_SECRET_MODEL_DOWNLOAD"}
+
+
+def migration_rows() -> list[tuple[list[str], list[str]]]:
+    """(KFP names, operator kwargs written ``name=``) for each row of the mapping table."""
+    text = (REPO / "docs" / "migrating-from-kfp.md").read_text(encoding="utf-8")
+    section = text.split("## Name mapping", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    out = []
+    for row in rows:
+        kfp_cell, op_cell = [c.strip() for c in row.strip("|").split(" | ")][:2]
+        out.append((re.findall(r"`([A-Za-z_0-9]+)`", kfp_cell), re.findall(r"`([a-z_0-9]+)=`", op_cell)))
+    return out
+
+
+def test_migration_table_maps_every_kfp_input_by_the_spec():
+    from airflow_provider_lora.core.spec import seed_parameter_names
+
+    rows = migration_rows()
+    kfp_names = [n for names, _ in rows for n in names]
+    assert len(kfp_names) == len(set(kfp_names)), "a KFP input listed twice"
+    seed = seed_parameter_names()
+    assert set(kfp_names) == {f"training_{n}" for n in seed} | KFP_ONLY_INPUTS | KFP_ENVIRONMENT
+    accepted = _accepted_kwargs("LoRATrainingOperator")
+    for names, kwargs in rows:
+        assert kwargs, f"{names}: no operator argument"
+        assert set(kwargs) <= accepted, f"{names}: {set(kwargs) - accepted} are not operator arguments"
+        if names[0].startswith("training_"):
+            # The rule the operator keeps: the seed's name without its prefix, a LoRASpec field.
+            assert kwargs == [names[0].removeprefix("training_")], (names, kwargs)
+    # Training rows in the seed's (and LoRASpec's) order.
+    assert [n for n in kfp_names if n.startswith("training_")] == [f"training_{n}" for n in seed]
