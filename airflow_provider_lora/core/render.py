@@ -28,6 +28,13 @@ TERMINATION_LOG = "/dev/termination-log"
 
 _DNS_LABEL_CHARS = re.compile(r"[^a-z0-9-]+")
 _LABEL_VALUE_OK = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
+# An image reference ([registry[:port]/]lowercase/path[:tag][@sha256:digest]): anything else the kubelet leaves
+# waiting with InvalidImageName, so it is refused before launching.
+_IMAGE_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+IMAGE_REFERENCE = re.compile(rf"^(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*(?::[0-9]+)?/)?{_IMAGE_COMPONENT}"
+                             rf"(?:/{_IMAGE_COMPONENT})*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})?"
+                             r"(?:@sha256:[a-f0-9]{64})?\Z")
 
 
 class SecretRef(BaseModel):
@@ -72,6 +79,22 @@ class PodOptions(BaseModel):
     s3_endpoint_url: str | None = None  # an S3-compatible store (MinIO, Ceph): the trainer's AWS_ENDPOINT_URL
     shm_size: str | None = "16Gi"  # /dev/shm for dataloader workers and NCCL; None: no size limit
     active_deadline_seconds: int | None = None
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        if not _DNS_LABEL.match(v):
+            raise ValueError(f"namespace={v!r} is not valid: a Kubernetes namespace is a DNS label (lowercase "
+                             "letters, digits and '-', at most 63 characters)")
+        return v
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v: str) -> str:
+        if not IMAGE_REFERENCE.match(v):
+            raise ValueError(f"image={v!r} is not valid: expected an image reference such as "
+                             "'registry.example.com/team/trainer:1.0' (lowercase path, optional :tag or @sha256:...)")
+        return v
 
     @field_validator("image_pull_policy")
     @classmethod

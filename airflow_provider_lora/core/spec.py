@@ -390,6 +390,8 @@ class LoRASpec(BaseModel):
             return v
         if v != v.strip() or any(ch < " " or ch == "\x7f" for ch in v):
             raise _bad(info.field_name, v, "must not contain control characters or leading/trailing whitespace")
+        if v.startswith("s3://") and not v[len("s3://"):].split("/")[0]:
+            raise _bad(info.field_name, v, "an S3 location is s3://bucket/key-or-prefix; the bucket is missing")
         if ".." in re.split(r"[/\\]", v):
             raise _bad(info.field_name, v, "a '..' segment could reach outside the intended directory or bucket "
                        "prefix; give the path without '..'")

@@ -133,6 +133,9 @@ class LoRATrainingOperator(BaseOperator):
             setattr(self, name, spec_values.get(name, LoRASpec.model_fields[name].default))
         if launcher not in LAUNCHERS:
             raise ValueError(f"launcher={launcher!r} is not valid: accepted: {', '.join(LAUNCHERS)}")
+        for name, seconds in (("poll_interval", poll_interval), ("startup_timeout", startup_timeout)):
+            if not (isinstance(seconds, (int, float)) and seconds > 0):
+                raise ValueError(f"{name}={seconds!r} is not valid: give a number of seconds > 0")
         if on_finish_action not in ON_FINISH_ACTIONS:
             raise ValueError(f"on_finish_action={on_finish_action!r} is not valid: accepted: "
                              f"{', '.join(ON_FINISH_ACTIONS)}")
