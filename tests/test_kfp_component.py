@@ -41,11 +41,12 @@ def kfp_python() -> Path:
     return KFP_PYTHON
 
 
-def run_kfp(python: Path, script: str, *args: str, env: dict | None = None, timeout: float = 900) -> str:
-    """Run tests/kfp/<script> in .venv-kfp; fail with its output when it fails."""
+def run_kfp(python: Path, script: str, *args: str, env: dict | None = None, timeout: float = 900,
+            expect_failure: bool = False) -> str:
+    """Run tests/kfp/<script> in .venv-kfp; fail with its output when it fails (or, expecting that, succeeds)."""
     proc = subprocess.run([str(python), str(ROOT / "tests" / "kfp" / script), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
+    if (proc.returncode != 0) != expect_failure:
         pytest.fail(f"{script} exited {proc.returncode}:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return proc.stdout + proc.stderr
 
@@ -340,13 +341,16 @@ def run_env(**extra: str) -> dict:
     return {**inherited, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **extra}
 
 
-def run_pipeline(kfp_python: Path, tiny_model_dir: Path, tmp_path: Path, env: dict) -> dict:
+def run_pipeline(kfp_python: Path, tiny_model_dir: Path, tmp_path: Path, env: dict,
+                 expect_failure: bool = False) -> dict | str:
+    """The report of a pipeline run; its output when it is expected to fail."""
     from tests.trainer_helpers import arithmetic_rows, write_jsonl
 
     write_jsonl(tmp_path / "data" / "train.jsonl", arithmetic_rows(32))
     out = tmp_path / "kfp"
-    run_kfp(kfp_python, "run_pipeline.py", str(tiny_model_dir), str(tmp_path / "data"), str(out), env=env)
-    return json.loads((out / "report.json").read_text())
+    output = run_kfp(kfp_python, "run_pipeline.py", str(tiny_model_dir), str(tmp_path / "data"), str(out), env=env,
+                     expect_failure=expect_failure)
+    return output if expect_failure else json.loads((out / "report.json").read_text())
 
 
 def chart_points(html: str) -> list[list]:
@@ -397,7 +401,8 @@ def test_pipeline_trains_in_task_with_subprocess_runner(kfp_python, tiny_model_d
     assert (model / "merged" / "config.json").is_file() and report["model"]["metadata"]["merged"] is True
 
 
-def run_on_cluster(kfp_python: Path, cluster, tiny_model_dir: Path, tmp_path: Path, **launcher_env: str):
+def run_on_cluster(kfp_python: Path, cluster, tiny_model_dir: Path, tmp_path: Path, expect_failure: bool = False,
+                   **launcher_env: str):
     """Run the pipeline against the emulated cluster: the kfp venv's kubernetes client (kubernetes<31) talks HTTPS to
     the emulated API server with a token and its CA; the emulated kubelet runs the job's trainer command (`python` /
     `torchrun` of this venv). Returns the report and every pod and TrainJob as seen while they existed."""
@@ -421,7 +426,7 @@ def run_on_cluster(kfp_python: Path, cluster, tiny_model_dir: Path, tmp_path: Pa
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        report = run_pipeline(kfp_python, tiny_model_dir, tmp_path, env)
+        report = run_pipeline(kfp_python, tiny_model_dir, tmp_path, env, expect_failure)
     finally:
         done.set()
         watcher.join()
@@ -460,3 +465,15 @@ def test_pipeline_trains_in_an_emulated_trainjob_by_default(kfp_python, k8s_clus
     nodes = [o for k, o in seen.items() if k.startswith("Pod/")]
     assert len(nodes) == 1 and nodes[0]["metadata"]["labels"]["jobset.sigs.k8s.io/jobset-name"] == \
         trainjob["metadata"]["name"]
+
+
+@pytest.mark.slow
+def test_a_failed_training_pod_fails_the_task_with_its_reason_and_is_deleted(kfp_python, k8s_cluster,
+                                                                           tiny_model_dir, tmp_path):
+    k8s_cluster.set_fault("oom", pod="lora-kfp-*", after_lines=3)
+    output, seen = run_on_cluster(kfp_python, k8s_cluster, tiny_model_dir, tmp_path, expect_failure=True,
+                                  LORA_KFP_LAUNCHER="pod")
+    (name,) = [k.removeprefix("Pod/") for k in seen]
+    assert f"training pod default/{name} failed: OOMKilled (exit code 137)" in output
+    assert "last log lines:" in output
+    assert k8s_cluster.pods() == []  # deleted after the failure was read
