@@ -477,3 +477,17 @@ def test_a_failed_training_pod_fails_the_task_with_its_reason_and_is_deleted(kfp
     assert f"training pod default/{name} failed: OOMKilled (exit code 137)" in output
     assert "last log lines:" in output
     assert k8s_cluster.pods() == []  # deleted after the failure was read
+
+
+def test_docs_name_every_setting_and_every_extra_spec_field():
+    from airflow_provider_lora.kfp import cluster
+
+    text = (ROOT / "docs" / "kfp.md").read_text()
+    settings = {v for m in (runtime, cluster) for k, v in vars(m).items() if k.startswith("ENV_")}
+    assert settings >= {"LORA_KFP_LAUNCHER", "LORA_KFP_SPEC", "KUBERNETES_SERVER_URL", "LORA_KFP_POD_OPTIONS"}
+    for name in settings | {"LORA_KFP_BASE_IMAGE"}:
+        assert f"`{name}`" in text, name
+    spec_row = next(line for line in text.splitlines() if line.startswith("| `LORA_KFP_SPEC` |"))
+    for name in LoRASpec.model_fields:
+        if name not in seed_parameter_names():
+            assert f"`{name}`" in spec_row, name
