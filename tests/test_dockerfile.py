@@ -2,8 +2,9 @@
 file cannot drift from the code (no Docker engine runs here or in CI).
 
 The replay copies what the Dockerfile COPYs into a WORKDIR stand-in, creates a venv with this Python (the image's
-Python minor version), and runs every ``pip``/``python`` command of the Dockerfile's RUN steps in order, with the CPU
-constraints in place of the image's CUDA torch. Then it trains the tiny model with the installed trainer.
+Python minor version), and runs every ``pip``/``python`` command of the Dockerfile's RUN steps in order, under
+ci/constraints-kfp.txt (the CPU pins of the same stack: kfp needs kubernetes<31, so the Airflow venv's pins do not
+fit) in place of the image's CUDA torch. Then it trains the tiny model with the installed trainer.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "trainer" / "Dockerfile"
-CPU_CONSTRAINTS = REPO / "ci" / "constraints-cpu.txt"
+CONSTRAINTS = REPO / "ci" / "constraints-kfp.txt"
 
 
 def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
@@ -99,14 +100,16 @@ def test_hadolint_would_catch_a_bad_dockerfile(tmp_path):
 
 
 def test_image_requirements_are_the_trainer_extras():
-    """The image installs exactly pyproject's `train` + `unsloth` extras (less the self-reference), and no Airflow."""
+    """The image installs exactly pyproject's `kfp`, `train` and `unsloth` extras (less the self-reference), and no
+    Airflow."""
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    wanted = [r for r in _requirements(extras["train"] + extras["unsloth"]) if r.name != "airflow-provider-lora"]
+    wanted = [r for r in _requirements(extras["kfp"] + extras["train"] + extras["unsloth"])
+              if r.name != "airflow-provider-lora"]
     path = requirements_file(instructions())
     assert path == REPO / "trainer" / "requirements-image.txt"
     have = _requirements(path.read_text().splitlines())
     assert sorted(map(str, have)) == sorted(map(str, wanted))
-    assert not [r for r in have if r.name.startswith("apache-airflow") or r.name == "kfp"]
+    assert not [r for r in have if r.name.startswith("apache-airflow")]
 
 
 def test_code_goes_in_without_dependencies():
@@ -189,7 +192,7 @@ def test_dockerfile_install_steps_replayed_in_a_fresh_venv(tmp_path, tiny_model_
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(PATH=f"{env_dir / 'bin'}{os.pathsep}{env['PATH']}", VIRTUAL_ENV=str(env_dir),
                # The image gets PyPI's CUDA torch; here the same requirements resolve under the CPU pins.
-               PIP_CONSTRAINT=str(CPU_CONSTRAINTS), PIP_DISABLE_PIP_VERSION_CHECK="1")
+               PIP_CONSTRAINT=str(CONSTRAINTS), PIP_DISABLE_PIP_VERSION_CHECK="1")
 
     def sh(command: str, timeout: int = 1800) -> subprocess.CompletedProcess:
         proc = subprocess.run(["bash", "-c", command.replace(workdir, str(context))], cwd=context, env=env,
@@ -211,10 +214,10 @@ def test_dockerfile_install_steps_replayed_in_a_fresh_venv(tmp_path, tiny_model_
     proc = subprocess.run([str(env_dir / "bin" / "python"), "-c", "import airflow"], capture_output=True, text=True,
                           env=env, cwd=tmp_path)
     assert proc.returncode != 0 and "No module named 'airflow'" in proc.stderr
-    sh("python -c 'import airflow_provider_lora.core.storage, lora_trainer.data'")
+    sh("python -c 'import airflow_provider_lora.core.storage, airflow_provider_lora.kfp.component, lora_trainer.data'")
 
     # CPU only: PyPI's torchvision does not load beside the CPU torch (the image's CUDA torch and torchvision match),
-    # and unsloth trains without it; the Makefile removes it the same way.
+    # and unsloth trains without it; the Makefile removes it from its venvs the same way.
     sh("pip uninstall -q -y torchvision")
     data = tmp_path / "data.jsonl"
     data.write_text("".join('{"messages": [{"role": "user", "content": "What is %d plus %d?"}, '
