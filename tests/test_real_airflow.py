@@ -3,16 +3,26 @@ triggerer, each its own process, every port on 127.0.0.1): a deferrable LoRATrai
 model in an emulated pod (tests/k8s/emulator.py), the real triggerer imports LoRATrainingTrigger from the installed
 package and follows the pod, and the task resumes in another worker process.
 
-dag.test() cannot show this: it runs the trigger inline in the test process (FACTS.md, "Airflow")."""
+dag.test() cannot show this: it runs the trigger inline in the test process (FACTS.md, "Airflow").
+
+On the same Airflow, headless chromium (tests/browser/task_instance.mjs) opens a finished run's task instance page:
+its extra links, the "Loss chart" tab with the run's chart, and the tab on another task. ``UPDATE_SCREENSHOTS=1``
+also copies the tab's screenshot to docs/images/loss-chart-tab.png."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+from pathlib import Path
+from urllib.parse import parse_qs, quote, urlsplit
 
 import psutil
 import pytest
 
+from airflow_provider_lora.links import CHART_XCOM_KEY, TAB_URL_ROUTE
+from tests.browser_helpers import BROWSER_DIR, ROOT, needs_browser, png_size
 from tests.trainer_helpers import FAST, arithmetic_rows, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -187,3 +197,99 @@ def test_every_service_listens_on_loopback_only(airflow_services):
                 pass
     assert listening, "the api-server listens somewhere"
     assert {ip for _, _, ip, _ in listening} == {"127.0.0.1"}, listening
+
+
+# ---- the task instance page in the browser ----------------------------------------------------------------------
+
+UI_DAG_ID = "lora_ui"
+UI_STEPS = 8
+DOCS_SHOT = ROOT / "docs" / "images" / "loss-chart-tab.png"
+UI_DAG_FILE = '''\
+"""Written by tests/test_real_airflow.py."""
+import datetime
+
+from airflow.sdk import DAG, task
+
+from airflow_provider_lora.operators.lora import LoRATrainingOperator
+
+with DAG({dag_id!r}, schedule=None, start_date=datetime.datetime(2026, 1, 1), catchup=False):
+    train = LoRATrainingOperator(
+        task_id="train", launcher="local", base_model={base_model!r}, dataset={dataset!r},
+        output_uri={output!r} + "/{{{{ run_id }}}}", **{spec!r},
+    )
+
+    @task
+    def report():
+        return "a task without a loss chart"
+
+    train >> report()
+'''
+
+
+@needs_browser
+def test_the_task_instance_page_shows_the_chart_link_and_the_loss_chart_tab(airflow_services, tiny_model_dir,
+                                                                            tmp_path):
+    af = airflow_services
+    dataset = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(FAST["effective_batch_size"] * UI_STEPS))
+    (af.dags_folder / f"{UI_DAG_ID}.py").write_text(UI_DAG_FILE.format(
+        dag_id=UI_DAG_ID, base_model=str(tiny_model_dir), dataset=str(dataset), output=str(tmp_path / "out"),
+        spec={**FAST, "max_steps": UI_STEPS}))
+    af.wait_for_dag(UI_DAG_ID)
+    run_id = af.trigger_run(UI_DAG_ID)
+    state = af.wait_for_run(UI_DAG_ID, run_id, timeout=400)
+    assert state == "success", af.task_log(UI_DAG_ID, run_id, "train")[-6000:]
+
+    # The run's real loss curve: the return value's history and the chart page the worker pushed for the tab.
+    result = af.xcom(UI_DAG_ID, run_id, "train")
+    losses = [row for row in result["history"] if "loss" in row]
+    assert [row["step"] for row in losses] == list(range(1, UI_STEPS + 1))
+    page = af.xcom(UI_DAG_ID, run_id, "train", key=CHART_XCOM_KEY)
+    assert page == Path(result["artifacts"]["chart_html"]).read_text()
+    # The links as the API gives them to the UI: no URL reaches a path on the worker, so no artifacts button.
+    tab = f"/dags/{UI_DAG_ID}/runs/{quote(run_id, safe=':+')}/tasks/train/plugin/{TAB_URL_ROUTE}"
+    links = af.api("GET", f"/dags/{UI_DAG_ID}/dagRuns/{quote(run_id, safe='')}/taskInstances/train/links")
+    assert links["extra_links"] == {"LoRA artifacts": None, "Loss chart": tab}
+
+    proc = subprocess.run(["node", "task_instance.mjs", af.base_url, UI_DAG_ID, run_id, "train", "report",
+                           str(tmp_path)], cwd=BROWSER_DIR, capture_output=True, text=True, timeout=180)
+    lines = proc.stdout.strip().splitlines()
+    seen = json.loads(lines[-1]) if lines else {}
+    (tmp_path / "seen.json").write_text(json.dumps(seen, indent=2))
+    assert proc.returncode == 0 and "error" not in seen, f"{seen.get('error')}\n{proc.stderr[-3000:]}"
+
+    # Air-gapped, and no errors from any frame (the tab's chart page included).
+    assert seen["blocked"] == [] and seen["console_errors"] == [] and seen["page_errors"] == []
+    assert seen["http_errors"] == []
+    assert [f for f in seen["failed"] if not f.endswith("net::ERR_ABORTED")] == []
+
+    # Details tab: the "Loss chart" button, and the tab among the task instance's tabs.
+    assert seen["extra_links"] == [{"text": "Loss chart", "href": tab, "target": "_self"}]
+    assert "Loss chart" in seen["tabs"] and "Details" in seen["tabs"]
+    # Clicking it opens the tab, whose iframe asks the plugin for this task instance's chart.
+    assert seen["after_click"] in (tab, quote(tab, safe="/"))
+    src = urlsplit(seen["iframe_src"])
+    assert src.path == "losschart/chart"
+    assert {k: v[0] for k, v in parse_qs(src.query).items()} == {
+        "dag_id": UI_DAG_ID, "run_id": run_id, "task_id": "train", "map_index": "{MAP_INDEX}"}
+    # The chart of this run: one SVG, a point per logged step, the smoothed line, the learning rate, a table row per
+    # history row; the title names the model, r, alpha and dataset.
+    chart = seen["chart"]
+    assert chart["svg"] == 1 and chart["train_points"] == UI_STEPS
+    assert chart["smooth_line"] == 1 and chart["lr_line"] == 1
+    assert chart["table_steps"] == [str(row["step"]) for row in result["history"]]
+    assert tiny_model_dir.name in chart["heading"] and "r=16" in chart["heading"] and "train.jsonl" in chart["heading"]
+    # Hovering a point shows its values: the chart's script runs inside the tab.
+    assert chart["tip_hidden_before"] is True
+    assert seen["tooltip"][0].startswith("step 2 ")
+    assert f"training loss {losses[1]['loss']:.4f}" in seen["tooltip"]
+
+    # Another task of the run: the tab answers, without a chart.
+    assert "No loss chart for this task" in seen["other_task_text"] and seen["other_task_svg"] == 0
+
+    for shot in ("details.png", "tab.png", "no_chart.png"):
+        data = (tmp_path / shot).read_bytes()
+        width, height = png_size(data)
+        assert (width, height) == (1100, 900) and len(data) > 20_000, shot
+    if os.environ.get("UPDATE_SCREENSHOTS") == "1":
+        DOCS_SHOT.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tmp_path / "tab.png", DOCS_SHOT)
