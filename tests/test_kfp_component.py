@@ -121,6 +121,14 @@ def test_the_component_has_the_seeds_inputs_names_types_defaults_and_order(kfp_p
         else:
             assert compiled["defaultValue"] == field.default
     assert parameters["kubernetes_config"]["parameterType"] == "TASK_CONFIG"
+    # train_model_in_task: the same inputs; the task's own settings (a GPU) stay on its pod, and its environment
+    # chooses in-task training.
+    assert report["in_task_same_inputs"] is True
+    in_task, _ = report["in_task"]
+    container = in_task["deploymentSpec"]["executors"]["exec-train-model"]["container"]
+    assert container["env"] == [{"name": "LORA_KFP_LAUNCHER", "value": "in-task"}]
+    assert container["resources"]["accelerator"]["resourceCount"] == "1"
+    assert "taskConfigPassthroughs" not in in_task["components"]["comp-train-model"]
     # The task config stand-ins used below have the real dsl.TaskConfig's fields.
     assert sorted(report["task_config_fields"]) == sorted(vars(task_config()))
 
@@ -342,14 +350,14 @@ def run_env(**extra: str) -> dict:
 
 
 def run_pipeline(kfp_python: Path, tiny_model_dir: Path, tmp_path: Path, env: dict,
-                 expect_failure: bool = False) -> dict | str:
+                 expect_failure: bool = False, component: str = "train_model") -> dict | str:
     """The report of a pipeline run; its output when it is expected to fail."""
     from tests.trainer_helpers import arithmetic_rows, write_jsonl
 
     write_jsonl(tmp_path / "data" / "train.jsonl", arithmetic_rows(32))
     out = tmp_path / "kfp"
-    output = run_kfp(kfp_python, "run_pipeline.py", str(tiny_model_dir), str(tmp_path / "data"), str(out), env=env,
-                     expect_failure=expect_failure)
+    output = run_kfp(kfp_python, "run_pipeline.py", str(tiny_model_dir), str(tmp_path / "data"), str(out),
+                     component, env=env, expect_failure=expect_failure)
     return output if expect_failure else json.loads((out / "report.json").read_text())
 
 
@@ -392,9 +400,9 @@ def check_outputs(report: dict, steps: int, base_model: Path) -> dict:
 
 @pytest.mark.slow
 def test_pipeline_trains_in_task_with_subprocess_runner(kfp_python, tiny_model_dir, tmp_path):
-    env = run_env(LORA_KFP_LAUNCHER="in-task", LORA_KFP_SPEC=json.dumps({"eval_fraction": 0.25,
-                                                                          "save_merged": True}))
-    report = run_pipeline(kfp_python, tiny_model_dir, tmp_path, env)
+    """train_model_in_task: its task's environment says in-task (no LORA_KFP_LAUNCHER in ours)."""
+    env = run_env(LORA_KFP_SPEC=json.dumps({"eval_fraction": 0.25, "save_merged": True}))
+    report = run_pipeline(kfp_python, tiny_model_dir, tmp_path, env, component="train_model_in_task")
     metrics = check_outputs(report, steps=3, base_model=tiny_model_dir)  # 24 of 32 rows train, 8 per step
     assert metrics["final_eval_loss"] > 0 and metrics["eval_fraction"] == 0.25
     model = Path(report["model"]["path"])

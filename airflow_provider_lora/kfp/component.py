@@ -1,4 +1,5 @@
-"""train_model: the seed KFP component's interface (components/training/finetuning/lora) on this project's core.
+"""train_model: the seed KFP component's interface (components/training/finetuning/lora) on this project's core;
+train_model_in_task: the same component training inside its own task's pod.
 
 Inputs, types, defaults and order are the seed's (tests/test_kfp_component.py checks them against the seed's table);
 the ``training_*`` inputs are LoRASpec's fields with a prefix, and their descriptions below come from LoRASpec. The
@@ -18,6 +19,7 @@ from kfp import dsl
 
 from airflow_provider_lora.core.render import PodOptions
 from airflow_provider_lora.core.spec import LoRASpec
+from airflow_provider_lora.kfp.runtime import ENV_LAUNCHER
 
 # The training image: it holds this package, the trainer and kfp (install_kfp_package=False: nothing is installed
 # when the task starts).
@@ -104,10 +106,18 @@ def _docstring() -> str:
     return "\n".join(lines)
 
 
+def _component(function, passthroughs: list, launcher: Optional[str] = None):
+    component = dsl.component(base_image=BASE_IMAGE, packages_to_install=[], install_kfp_package=False,
+                              task_config_passthroughs=passthroughs)(function)
+    if launcher is not None:  # the task's environment chooses the launch mode; set_env_variable still overrides
+        component.component_spec.implementation.container.env = {ENV_LAUNCHER: launcher}
+    return component
+
+
 train_model.__doc__ = _docstring()
-train_model = dsl.component(
-    base_image=BASE_IMAGE,
-    packages_to_install=[],
-    install_kfp_package=False,
-    task_config_passthroughs=TASK_CONFIG_PASSTHROUGHS,
-)(train_model)
+_function = train_model
+train_model = _component(_function, TASK_CONFIG_PASSTHROUGHS)
+# The same component training inside its own task's pod (LORA_KFP_LAUNCHER=in-task). Nothing is passed through,
+# so what is set on the task (GPU and CPU limits, env, volumes) applies to its own pod, as for any KFP task; with
+# train_model's passthroughs, KFP would hand the task's resources to kubernetes_config for a launched job instead.
+train_model_in_task = _component(_function, [], launcher="in-task")

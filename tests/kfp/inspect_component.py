@@ -35,6 +35,19 @@ def spell(annotation) -> str:
     raise TypeError(f"cannot spell {annotation!r}")
 
 
+def in_task_pipeline() -> list:
+    """A pipeline giving train_model_in_task a GPU, compiled (pipeline and platform documents)."""
+    @dsl.pipeline(name="in-task", pipeline_config=dsl.PipelineConfig(workspace=dsl.WorkspaceConfig(size="10Gi")))
+    def in_task():
+        task = component.train_model_in_task(pvc_path=dsl.WORKSPACE_PATH_PLACEHOLDER, training_lora_r=8)
+        task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1).set_cpu_limit("8")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "in_task.yaml"
+        compiler.Compiler().compile(in_task, str(path))
+        return list(yaml.safe_load_all(path.read_text()))
+
+
 def main(out: str) -> None:
     signature = inspect.signature(component.train_model.python_func)
     params = [{"name": p.name, "type": spell(p.annotation),
@@ -45,7 +58,9 @@ def main(out: str) -> None:
         path = Path(tmp) / "component.yaml"
         compiler.Compiler().compile(component.train_model, str(path))
         compiled = yaml.safe_load(path.read_text())
-    report = {"params": params, "task_config_fields": [f.name for f in dataclasses.fields(dsl.TaskConfig)], "return": spell(signature.return_annotation), "compiled": compiled,
+    report = {"in_task": in_task_pipeline(), "params": params,
+              "in_task_same_inputs": (component.train_model_in_task.component_spec.inputs
+                                      == component.train_model.component_spec.inputs), "task_config_fields": [f.name for f in dataclasses.fields(dsl.TaskConfig)], "return": spell(signature.return_annotation), "compiled": compiled,
               "base_image": component.BASE_IMAGE, "description": component.train_model.description}
     Path(out).write_text(json.dumps(report, indent=1, default=str))
 
