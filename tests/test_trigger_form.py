@@ -1,9 +1,10 @@
 """The example DAG's trigger form in the real Airflow UI: a real api-server, scheduler and dag-processor
 (tests/fixtures/airflow_services.py) serve dags/lora_finetune.py, and headless chromium (tests/browser/trigger_form.mjs,
-playwright-core) opens the DAG page, clicks Trigger, reads every field of the form, changes lora_r and submits.
+playwright-core) opens the DAG page, clicks Trigger, reads every field of the form, sets the base model (the tiny test
+model: the hub is unreachable here), lora_r and max_steps, and submits.
 
-The run it creates is checked through the REST API and then marked failed; nothing trains: the default pool has no
-slots while the test runs, so the run's task stays scheduled.
+The run it creates is checked through the REST API, and then fine-tunes with the values from the form (the local
+launcher, in the real Airflow's worker): the result and the loss chart come back as XCom.
 
 Needs /usr/bin/chromium and tests/browser/node_modules (``ci/install-browser.sh``); skipped without them.
 ``UPDATE_SCREENSHOTS=1`` also copies the form (LoRA section unfolded) to docs/images/trigger-form.png.
@@ -21,6 +22,7 @@ from urllib.parse import quote
 import pytest
 
 from airflow_provider_lora.core.spec import LoRASpec
+from airflow_provider_lora.links import CHART_XCOM_KEY
 from airflow_provider_lora.params import MINIMUM
 from tests.browser_helpers import BROWSER_DIR, ROOT, needs_browser, png_size
 
@@ -30,21 +32,23 @@ DAG_FILE = ROOT / "dags" / "lora_finetune.py"
 DAG_ID = "lora_finetune"
 DOCS_SHOT = ROOT / "docs" / "images" / "trigger-form.png"
 SECTIONS = {"Model", "Data", "LoRA", "Quantisation", "Training", "Resources", "Kubernetes", "Output"}
-# What the DAG file reads from the environment when the dag-processor parses it: the same values as `make demo`.
+# What the DAG file reads from the environment when the dag-processor parses it: the same values as `make demo`
+# (runs go to a temporary directory instead of the repository's runs/).
 EXAMPLE_ENV = {
     "LORA_EXAMPLE_LAUNCHER": "local",
     "LORA_EXAMPLE_DATASET": str(ROOT / "examples" / "data" / "records_train.jsonl"),
-    "LORA_EXAMPLE_OUTPUT": str(ROOT / "runs"),
 }
+FORM_STEPS = 3
 
 
 @pytest.fixture(scope="module", autouse=True)
-def example_env():
+def example_env(tmp_path_factory):
     """Set before airflow_services starts (autouse fixtures come first in their scope): the services' environment
     is a copy of this process's, taken when they start."""
-    saved = {name: os.environ.get(name) for name in EXAMPLE_ENV}
-    os.environ.update(EXAMPLE_ENV)
-    yield
+    env = {**EXAMPLE_ENV, "LORA_EXAMPLE_OUTPUT": str(tmp_path_factory.mktemp("runs"))}
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    yield env
     for name, value in saved.items():
         if value is None:
             os.environ.pop(name, None)
@@ -69,28 +73,22 @@ def ours(message: str) -> bool:
     return bool(re.search(r"schema|\bparams?\b|" + "|".join(LoRASpec.model_fields), message, re.IGNORECASE))
 
 
-def test_trigger_form_in_the_airflow_ui(airflow_services, tmp_path):
+def test_trigger_form_in_the_airflow_ui(airflow_services, example_env, tiny_model_dir, tmp_path):
     af = airflow_services
-    assert all(af.env.get(name) == value for name, value in EXAMPLE_ENV.items())
+    assert all(af.env.get(name) == value for name, value in example_env.items())
     shutil.copyfile(DAG_FILE, af.dags_folder / DAG_FILE.name)
     af.wait_for_dag(DAG_ID)
     params = af.api("GET", f"/dags/{DAG_ID}/details")["params"]
     assert set(params) == set(LoRASpec.model_fields)  # a param for every spec field
 
-    # No task may run: no slots in the default pool (restored below).
-    af.api("PATCH", "/pools/default_pool?update_mask=slots", {"name": "default_pool", "slots": 0})
-    try:
-        proc = subprocess.run(["node", "trigger_form.mjs", af.base_url, DAG_ID, str(tmp_path), '{"lora_r": "8"}'],
-                              cwd=BROWSER_DIR, capture_output=True, text=True, timeout=150)
-        lines = proc.stdout.strip().splitlines()
-        seen = json.loads(lines[-1]) if lines else {}
-        (tmp_path / "seen.json").write_text(json.dumps(seen, indent=2))
-        assert proc.returncode == 0 and "error" not in seen, f"{seen.get('error')}\n{proc.stderr[-3000:]}"
-        run_id = (seen.get("post") or {}).get("answer", {}).get("dag_run_id")
-        if run_id:
-            af.api("PATCH", f"/dags/{DAG_ID}/dagRuns/{quote(run_id, safe='')}", {"state": "failed"})
-    finally:
-        af.api("PATCH", "/pools/default_pool?update_mask=slots", {"name": "default_pool", "slots": 128})
+    changes = {"base_model": str(tiny_model_dir), "lora_r": "8", "max_steps": str(FORM_STEPS)}
+    proc = subprocess.run(["node", "trigger_form.mjs", af.base_url, DAG_ID, str(tmp_path), json.dumps(changes)],
+                          cwd=BROWSER_DIR, capture_output=True, text=True, timeout=150)
+    lines = proc.stdout.strip().splitlines()
+    seen = json.loads(lines[-1]) if lines else {}
+    (tmp_path / "seen.json").write_text(json.dumps(seen, indent=2))
+    assert proc.returncode == 0 and "error" not in seen, f"{seen.get('error')}\n{proc.stderr[-3000:]}"
+    run_id = (seen.get("post") or {}).get("answer", {}).get("dag_run_id")
 
     # Air-gapped, and nothing logged about our form (Airflow's own errors are kept in seen.json, not failed on).
     # Requests the UI still had in flight when the browser closed end as net::ERR_ABORTED.
@@ -149,18 +147,26 @@ def test_trigger_form_in_the_airflow_ui(airflow_services, tmp_path):
     assert seen["options"]["lora_bnb_4bit_quant_type"][:2] == ["nf4", "fp4"]
     assert seen["options"]["dtype"] == ["auto", "bfloat16", "float16", "float32"]
 
-    # Submitted with lora_r changed: the UI posted the form as the run's conf, and the run has it.
+    # Submitted with three fields changed: the UI posted the form as the run's conf, and the run has it.
     assert seen["submit_enabled"] is True
     assert seen["post"]["status"] == 200 and seen["toast"] is True
-    expected = {name: param["value"] for name, param in params.items()} | {"lora_r": 8}
+    expected = {name: param["value"] for name, param in params.items()} | {
+        "base_model": str(tiny_model_dir), "lora_r": 8, "max_steps": FORM_STEPS}
     assert seen["post"]["body"]["conf"] == expected
     run = af.api("GET", f"/dags/{DAG_ID}/dagRuns/{quote(run_id, safe='')}")
     assert run["conf"] == expected and type(run["conf"]["lora_r"]) is int
     assert run["run_type"] == "manual" and run["triggered_by"] == "ui"
-    assert run["state"] == "failed"  # marked so above; its task never ran
-    ti = af.task_instance(DAG_ID, run_id, "train")
-    assert ti["pid"] is None and ti["queued_when"] is None, ti
-    assert af.task_log_files(DAG_ID, run_id, "train") == []
+
+    # The run fine-tunes with the form's values (the trainer records the spec it ran), and the loss chart comes back.
+    state = af.wait_for_run(DAG_ID, run_id, timeout=400)
+    assert state == "success", af.task_log(DAG_ID, run_id, "train")[-6000:]
+    result = af.xcom(DAG_ID, run_id, "train")
+    ran = result["summary"]["spec"]
+    assert (ran["base_model"], ran["lora_r"], ran["max_steps"]) == (str(tiny_model_dir), 8, FORM_STEPS)
+    assert ran["dataset"] == EXAMPLE_ENV["LORA_EXAMPLE_DATASET"]
+    assert result["artifacts"]["root"] == f"{example_env['LORA_EXAMPLE_OUTPUT']}/{run_id}"
+    assert [row["step"] for row in result["history"] if "loss" in row] == list(range(1, FORM_STEPS + 1))
+    assert af.xcom(DAG_ID, run_id, "train", key=CHART_XCOM_KEY).startswith("<!DOCTYPE html>")
 
     # Screenshots: the page as the form opens, and the dialog with a section unfolded.
     for shot in ("form.png", "LoRA.png", "Training.png", "Model.png"):
