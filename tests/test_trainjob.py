@@ -169,7 +169,7 @@ def test_two_nodes_train_with_ddp_and_match_a_one_process_run(cluster, airflow_d
     run = run_dag_test(dag)
     assert run.state == "success"
     result = next(t for t in run.get_task_instances() if t.task_id == "train").xcom_pull(task_ids="train")
-    assert result["summary"]["global_step"] == 4 and result["summary"]["world_size"] == 2
+    assert result["summary"]["global_step"] == 4 and result["summary"]["batch"]["world_size"] == 2
     assert (published / "_COMPLETE").exists() and (published / "adapter" / "adapter_model.safetensors").exists()
 
     # Rank 0 alone writes: one metrics line per step, and only node 0 printed the result.
@@ -178,7 +178,7 @@ def test_two_nodes_train_with_ddp_and_match_a_one_process_run(cluster, airflow_d
     assert [p["status"]["phase"] for p in pods] == ["Succeeded", "Succeeded"]
     logs = [cluster.logs("default", p["metadata"]["name"]) for p in pods]
     assert "LORA_RESULT" in logs[0] and "LORA_RESULT" not in logs[1]
-    assert all("2 process(es)" in log for log in logs)  # both joined one process group
+    assert "x 2 process(es)" in logs[0]  # one process group of two ranks
 
     # The same effective batch (8 rows a step) in one process learns the same way.
     dataset = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(32))
@@ -186,15 +186,16 @@ def test_two_nodes_train_with_ddp_and_match_a_one_process_run(cluster, airflow_d
     single = [r["loss"] for r in history(tmp_path / "single") if "loss" in r]
     ddp = [r["loss"] for r in history(published) if "loss" in r]
     # Tolerance: DistributedSampler and the one-process sampler draw the same rows per step only when their
-    # permutations agree; the loss is then averaged per rank before the mean. Measured difference: see the note.
-    assert max(abs(a - b) / b for a, b in zip(ddp, single)) < 0.15, (ddp, single)
+    # permutations agree (they do: seeded alike); measured: identical losses in float32 on CPU.
+    print("DDP vs one process, loss per step:", ddp, single)
+    assert max(abs(a - b) / b for a, b in zip(ddp, single)) < 1e-3, (ddp, single)
 
 
 @pytest.mark.slow
 def test_one_node_oomkilled_fails_the_task_with_that_nodes_reason(cluster, airflow_db, tiny_model_dir, task_output):
     from tests.fixtures.airflow import run_dag_test
 
-    cluster.set_fault("oom", pod="*-node-0-1-*", after_lines=3)
+    cluster.set_fault("oom", pod="*-node-0-1-*", after_seconds=2)  # before training starts
     dag, published = _dag("lora_tj_oom", cluster, tiny_model_dir, on_finish_action="delete_pod")
     run = run_dag_test(dag)
     assert run.state == "failed"
@@ -300,3 +301,90 @@ def task_output(caplog, capfd):
 
     caplog.set_level(logging.INFO)
     return lambda: caplog.text + "".join(capfd.readouterr())
+
+
+def _sleeping_trainjob(cluster, name: str = "lora-sleeper") -> dict:
+    """A TrainJob whose nodes only sleep: for what needs a running TrainJob but no training."""
+    spec = LoRASpec.parse(dict(base_model="m", dataset="d", output_uri="s3://b/p", resource_num_workers=2,
+                               resource_gpu_per_worker=0))
+    manifest = render_trainjob(spec, PodOptions(image="busybox:1"), IDENTITY, TrainJobOptions())
+    manifest["metadata"]["name"] = name
+    manifest["spec"]["trainer"]["command"] = ["sleep", "300"]
+    from airflow_provider_lora import kube
+    from airflow_provider_lora.kube import ClusterRef
+
+    kube.create_trainjob(kube.sync_core_api(ClusterRef(config_file=str(cluster.kubeconfig))), manifest)
+    _wait_until(lambda: [p["status"]["phase"] for p in cluster.pods()] == ["Running", "Running"],
+                "the node pods did not start")
+    return manifest
+
+
+def _wait_until(test, what: str, timeout: float = 60.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not test():
+        if time.monotonic() > deadline:
+            raise AssertionError(what)
+        time.sleep(0.1)
+
+
+def test_killing_the_deferred_task_deletes_the_trainjob_and_its_pods(cluster):
+    """Airflow 3.3+ calls the trigger's on_kill when a deferred task is killed or cleared."""
+    import asyncio
+
+    from airflow_provider_lora.kube import close_shared_clients
+    from airflow_provider_lora.triggers.lora import LoRATrainingTrigger
+
+    _sleeping_trainjob(cluster)
+    trigger = LoRATrainingTrigger(name="lora-sleeper", namespace="default", launcher="trainjob",
+                                  config_file=str(cluster.kubeconfig), kubernetes_conn_id=None)
+
+    async def kill():
+        try:
+            await trigger.on_kill()
+        finally:
+            await close_shared_clients()
+    asyncio.run(kill())
+    assert cluster.trainjobs() == []
+    _wait_until(lambda: cluster.pods() == [], "the node pods were not deleted with their TrainJob")
+
+
+def test_the_trigger_follows_rank_0_and_reports_a_running_trainjob_that_is_then_deleted(cluster):
+    """Deleted by someone else mid-run: the task ends with reason Deleted, not a hang."""
+    import asyncio
+
+    from airflow_provider_lora.kube import close_shared_clients
+    from airflow_provider_lora.triggers.lora import LoRATrainingTrigger
+
+    _sleeping_trainjob(cluster)
+    trigger = LoRATrainingTrigger(name="lora-sleeper", namespace="default", launcher="trainjob",
+                                  config_file=str(cluster.kubeconfig), kubernetes_conn_id=None, poll_interval=0.2)
+
+    async def first_event():
+        try:
+            events = trigger.run()
+            waiting = asyncio.ensure_future(events.__anext__())
+            await asyncio.sleep(1.0)
+            assert not waiting.done()  # running: no event yet
+            import subprocess
+            subprocess.run(["kubectl", "--kubeconfig", str(cluster.kubeconfig), "--cache-dir",
+                            str(cluster.root / "kubectl-cache"), "delete", "trainjobs.trainer.kubeflow.org",
+                            "lora-sleeper", "--wait=false"], check=True, capture_output=True)
+            return (await waiting).payload
+        finally:
+            await close_shared_clients()
+    event = asyncio.run(first_event())
+    assert (event["status"], event["reason"], event["launcher"]) == ("failed", "Deleted", "trainjob")
+    assert event["log_pod"].startswith("lora-sleeper-node-0-0-")
+
+
+def test_active_deadline_fails_the_task_with_deadline_exceeded(cluster, airflow_db, tiny_model_dir, task_output):
+    from tests.fixtures.airflow import run_dag_test
+
+    dag, published = _dag("lora_tj_deadline", cluster, tiny_model_dir, workers=1, active_deadline_seconds=1)
+    run = run_dag_test(dag)
+    assert run.state == "failed"
+    log = task_output()
+    assert "DeadlineExceeded" in log and "activeDeadlineSeconds of 1s" in log
+    assert not (published / "_COMPLETE").exists()
