@@ -56,3 +56,27 @@ def test_the_example_dag_has_a_form_field_for_every_spec_parameter():
     assert dag.params.get_param("lr_scheduler").schema["enum"][-1] is None  # nullable choices stay optional
     task = dag.task_dict["train"]
     assert task.lora_r == "{{ params.lora_r }}" and dag.render_template_as_native_obj is True
+
+
+def test_the_trigger_survives_the_metadata_database(airflow_db, tmp_path):
+    """What Airflow does with a deferred task's trigger (3.x and 2.11): store classpath and kwargs (encrypted) in the
+    database; the triggerer, another process, imports the class from the installed package and builds it again."""
+    from airflow.models.trigger import Trigger
+    from airflow.utils.session import create_session
+
+    trigger = LoRATrainingTrigger(name="lora-x-1", namespace="ml", kubernetes_conn_id="k8s", poll_interval=2.5)
+    with create_session() as session:
+        row = Trigger.from_object(trigger)
+        session.add(row)
+        session.flush()
+        trigger_id = row.id
+    code = ("import importlib, json; from airflow.models.trigger import Trigger; "
+            "from airflow.utils.session import create_session\n"
+            "with create_session() as session:\n"
+            f"    row = session.get(Trigger, {trigger_id})\n"
+            "    module, _, name = row.classpath.rpartition('.')\n"
+            "    print(json.dumps(getattr(importlib.import_module(module), name)(**row.kwargs).serialize()))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    classpath, kwargs = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (classpath, kwargs) == trigger.serialize()
