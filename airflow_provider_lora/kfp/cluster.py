@@ -131,7 +131,9 @@ def launch_settings(env: Mapping[str, str], task_config: Any, pvc_path: str,
     if env.get(ENV_HF_TOKEN_SECRET):
         secret_env["HF_TOKEN"] = _secret_ref(env[ENV_HF_TOKEN_SECRET], ENV_HF_TOKEN_SECRET)
 
-    launch = Launch(options=PodOptions())  # replaced below
+    envs: dict[str, str] = {}
+    pod_env: list[dict[str, Any]] = []
+    resources: dict[str, Any] = {}
     if task_config is not None:
         options["volumes"] = [*options.get("volumes", ()), *(task_config.volumes or [])]
         options["volume_mounts"] = [*options.get("volume_mounts", ()), *(task_config.volume_mounts or [])]
@@ -150,18 +152,17 @@ def launch_settings(env: Mapping[str, str], task_config: Any, pvc_path: str,
                         f"kubernetes_config env {name!r} carries a literal value and looks like a secret: it would be "
                         "written into the training job's manifest. Give it to the task from a Kubernetes Secret "
                         "(kfp.kubernetes.use_secret_as_env) so only the reference is passed on")
-                launch.envs[name] = entry["value"]
+                envs[name] = entry["value"]
             elif secret:
                 secret_env.setdefault(name, SecretRef(name=secret["name"], key=secret["key"]))
             else:
-                launch.pod_env.append(dict(entry))
-        launch.resources = dict(task_config.resources or {})
+                pod_env.append(dict(entry))
+        resources = dict(task_config.resources or {})
     if "HF_TOKEN" not in secret_env and env.get("HF_TOKEN"):
         log(f"[train_model] warning: HF_TOKEN is set in this task but is not passed to the training job (it would be "
             f"a literal in its manifest): set {ENV_HF_TOKEN_SECRET}=secret/key, or give HF_TOKEN to the task from a "
             "Secret so kubernetes_config passes the reference on")
-    launch.options = PodOptions(**options, secret_env=secret_env)
-    return launch
+    return Launch(PodOptions(**options, secret_env=secret_env), envs, pod_env, resources)
 
 
 def _pod_options(launch: Launch) -> PodOptions:
