@@ -499,3 +499,17 @@ def test_docs_name_every_setting_and_every_extra_spec_field():
     for name in LoRASpec.model_fields:
         if name not in seed_parameter_names():
             assert f"`{name}`" in spec_row, name
+
+
+def test_the_kfp_venv_holds_kfp_the_core_and_the_trainer_but_no_airflow(kfp_python):
+    code = ("import importlib.util, sys, kfp, kubernetes; "
+            "import airflow_provider_lora.core.render, airflow_provider_lora.core.results, "
+            "airflow_provider_lora.core.launchers.pod, airflow_provider_lora.core.launchers.trainjob, "
+            "airflow_provider_lora.core.launchers.local, airflow_provider_lora.kfp.component, lora_trainer.data; "
+            "print(kfp.__version__, kubernetes.__version__, importlib.util.find_spec('airflow') is None, "
+            "sorted(m for m in sys.modules if m.split('.')[0] == 'airflow'))")
+    proc = subprocess.run([str(kfp_python), "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    kfp_version, kubernetes_version, no_airflow, airflow_modules = proc.stdout.split(maxsplit=3)
+    assert kfp_version.startswith("2.") and int(kubernetes_version.split(".")[0]) < 31
+    assert no_airflow == "True" and airflow_modules.strip() == "[]"
