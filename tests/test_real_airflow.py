@@ -21,6 +21,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import psutil
 import pytest
 
+from airflow_provider_lora.core import storage
 from airflow_provider_lora.links import CHART_XCOM_KEY, TAB_URL_ROUTE
 from tests.browser_helpers import BROWSER_DIR, ROOT, needs_browser, png_size
 from tests.trainer_helpers import FAST, arithmetic_rows, write_jsonl
@@ -143,6 +144,11 @@ def test_deferred_task_resumes_in_another_process(airflow_services, k8s_cluster,
     result = af.xcom(DAG_ID, run_id, TASK_ID)
     assert result["summary"]["global_step"] == MAX_STEPS, result
     assert [r["step"] for r in result["history"]] == list(range(1, MAX_STEPS + 1))
+    # The pod published the run on the workspace PVC, marked complete (the marker lists every file and its size).
+    root = result["artifacts"]["root"]
+    assert root == f"{mount}/runs/{run_id}"
+    marker = storage.read_marker(root)
+    assert {"adapter/adapter_config.json", "metrics.jsonl", "summary.json", "loss_chart.html"} <= set(marker["files"])
 
     # The task deferred to OUR trigger, which one triggerer job ran; then the task succeeded.
     deferred = [s for s in seen if s["state"] == "deferred"]

@@ -13,6 +13,7 @@ import datetime
 import json
 import logging
 import sys
+from types import SimpleNamespace
 
 import boto3
 import pytest
@@ -87,6 +88,21 @@ def test_the_worker_reads_s3_through_the_connection(s3_connection, s3_bucket, tm
     # The artifacts link: S3 behind a custom endpoint has no AWS console page.
     assert links._s3_endpoint(operator) == s3_connection
     assert links.browsable_url(output, links._s3_endpoint(operator)) == ""
+
+
+def test_a_completed_run_at_the_output_fails_the_pod_task_before_any_pod_is_created(k8s_cluster, s3_connection,
+                                                                                   s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_K8S_EMU", json.dumps(
+        {"conn_type": "kubernetes", "extra": {"kube_config_path": str(k8s_cluster.kubeconfig)}}))
+    output = f"s3://{s3_bucket}/runs/done"
+    _completed_run(tmp_path, output, s3_connection)
+    operator = _operator(launcher="pod", kubernetes_conn_id="k8s_emu", aws_conn_id=CONN_ID, output_uri=output,
+                         resource_gpu_per_worker=0)
+    ti = SimpleNamespace(dag_id="d", task_id="train", run_id="r", map_index=-1, try_number=1,
+                         xcom_push=lambda **kw: pytest.fail(f"nothing is pushed before the check: {kw}"))
+    with pytest.raises(AirflowFailException, match=rf"train: {output} already holds a completed run"):
+        operator.execute({"ti": ti})
+    assert [r for r in k8s_cluster.request_log if r[0] == "POST"] == [] and k8s_cluster.pods() == []
 
 
 def test_aws_conn_id_without_the_amazon_provider_fails_before_launching(monkeypatch, tmp_path):
