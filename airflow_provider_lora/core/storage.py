@@ -42,6 +42,10 @@ class OutputExistsError(Exception):
     """The output location already holds a completed run and overwriting was not asked for."""
 
 
+class OutputNotWritableError(Exception):
+    """The output location cannot be written (permissions, a missing bucket, no credentials)."""
+
+
 class IncompleteRunError(Exception):
     """The location holds no completed run (no ``_COMPLETE`` marker): it is missing, running, or failed mid-copy."""
 
@@ -247,6 +251,21 @@ def check_output_available(
     """
     if not overwrite and is_complete(output_uri, client=client, endpoint_url=endpoint_url):
         raise _output_exists(output_uri)
+
+
+WRITE_PROBE = "_WRITE_PROBE"
+
+
+def check_writable(output_uri: str | os.PathLike, *, client: Any = None, endpoint_url: str | None = None) -> None:
+    """Write and delete a small probe at ``output_uri`` before training, so that a location which cannot take the
+    run fails in seconds instead of after the training."""
+    uri = join(output_uri, WRITE_PROBE)
+    try:
+        write_text(uri, "probe", client=client, endpoint_url=endpoint_url)
+        _delete(uri, client, endpoint_url)
+    except Exception as exc:  # OSError locally; botocore's ClientError / NoCredentialsError / connection errors
+        raise OutputNotWritableError(f"output_uri={os.fspath(output_uri)!r} is not writable: "
+                                     f"{type(exc).__name__}: {exc}") from exc
 
 
 def _output_exists(output_uri: str | os.PathLike) -> OutputExistsError:

@@ -63,8 +63,15 @@ def run(spec: LoRASpec, work_dir: str | Path | None = None) -> Outcome:
         raise data_lib.DataError("dataset is empty: give a local path, s3://bucket/key or a Hugging Face dataset id")
     if not spec.output_uri:
         raise ValueError("output_uri is empty: give a local/PVC directory or s3://bucket/prefix")
+    for name, value, error in (("base_model", spec.base_model, model_lib.ModelError),
+                               ("dataset", spec.dataset, data_lib.DataError)):
+        # A path (not a hub id or s3://) must exist here, where the trainer runs: say so before loading anything.
+        if value.startswith(("/", "./", "~", "file://")) and \
+                not Path(value.removeprefix("file://")).expanduser().exists():
+            raise error(f"{name}={value!r}: no such file or directory")
     resuming = spec.resume_from_checkpoint is not None
     if state.is_main_process:
+        storage.check_writable(spec.output_uri)  # first: a missing bucket or no access, said as such
         storage.check_output_available(spec.output_uri, overwrite=spec.overwrite_output)
     run_dir = _run_dir(spec, work_dir)
     dtype = model_lib.pick_dtype(spec)
@@ -287,7 +294,8 @@ def main_entry(spec: LoRASpec, work_dir: str | None = None) -> int:
     """Run and map known user errors to exit code 2 with a one-line reason (no traceback)."""
     try:
         run(spec, work_dir)
-    except (data_lib.DataError, model_lib.ModelError, storage.OutputExistsError) as exc:
+    except (data_lib.DataError, model_lib.ModelError, storage.OutputExistsError,
+            storage.OutputNotWritableError) as exc:
         print(f"[lora-trainer] error: {exc}", file=sys.stderr, flush=True)
         return 2
     return 0
