@@ -388,3 +388,30 @@ def test_active_deadline_fails_the_task_with_deadline_exceeded(cluster, airflow_
     log = task_output()
     assert "DeadlineExceeded" in log and "activeDeadlineSeconds of 1s" in log
     assert not (published / "_COMPLETE").exists()
+
+
+@pytest.mark.slow
+def test_a_retry_reattaches_to_the_trainjob_of_an_earlier_try(cluster, airflow_db, tiny_model_dir):
+    """The worker died after creating the TrainJob: the next try finds it by name and waits for it."""
+    from airflow_provider_lora import kube
+    from airflow_provider_lora.core.render import trainjob_name
+    from airflow_provider_lora.kube import ClusterRef
+    from tests.fixtures.airflow import run_dag_test
+
+    dag, published = _dag("lora_tj_reattach", cluster, tiny_model_dir, workers=1, on_finish_action="keep_pod",
+                          trainer_api_version="v2.2")
+    task = dag.get_task("train")
+    when = datetime.datetime(2026, 2, 3, tzinfo=datetime.timezone.utc)
+    identity = TaskIdentity(dag_id=dag.dag_id, task_id="train", run_id=f"manual__{when.isoformat()}",
+                            try_number=1, deployment=task.deployment)
+    api = kube.sync_core_api(ClusterRef(config_file=str(cluster.kubeconfig)))
+    kube.create_trainjob(api, render_trainjob(task._spec(), task._options(), identity, TrainJobOptions()))
+
+    run = run_dag_test(dag, logical_date=when, run_after=when)
+    assert run.state == "success"
+    creates = [r for r in cluster.request_log if r[0] == "POST" and r[1].endswith("/trainjobs")]
+    assert len(creates) == 1  # only the one "try 1" made
+    jobs = cluster.trainjobs()
+    assert [j["metadata"]["name"] for j in jobs] == [trainjob_name(identity)]
+    assert jobs[0]["metadata"]["labels"]["lora.airflow-provider/try_number"] == "1"
+    assert (published / "_COMPLETE").exists()
