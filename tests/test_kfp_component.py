@@ -513,3 +513,49 @@ def test_the_kfp_venv_holds_kfp_the_core_and_the_trainer_but_no_airflow(kfp_pyth
     kfp_version, kubernetes_version, no_airflow, airflow_modules = proc.stdout.split(maxsplit=3)
     assert kfp_version.startswith("2.") and int(kubernetes_version.split(".")[0]) < 31
     assert no_airflow == "True" and airflow_modules.strip() == "[]"
+
+
+class Recorded(SimpleNamespace):
+    """An output artifact stand-in (this venv has no kfp): path, uri, metadata, and log_metric as KFP's Metrics."""
+
+    def log_metric(self, name: str, value: float) -> None:
+        self.metadata[name] = value
+
+
+@pytest.mark.slow
+def test_a_retry_of_the_same_execution_collects_the_published_run_without_training_again(k8s_cluster, tiny_model_dir,
+                                                                                       tmp_path):
+    """The task's component body, called twice for one execution (same output artifact URIs): the second call finds
+    the run the first published and launches nothing. Runs the body here (kubernetes 36 client), not in kfp."""
+    from tests.trainer_helpers import arithmetic_rows, write_jsonl
+
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(32))
+    volume = {"volumes": [{"name": "ws", "hostPath": {"path": str(workspace)}}],
+              "volume_mounts": [{"name": "ws", "mountPath": str(workspace)}]}
+    env = {"LORA_KFP_LAUNCHER": "pod", "KUBERNETES_SERVER_URL": k8s_cluster.url,
+           "KUBERNETES_AUTH_TOKEN": k8s_cluster.token, "KUBERNETES_CA_CERT": str(k8s_cluster.ca_file),
+           "LORA_KFP_POD_OPTIONS": json.dumps(volume), "LORA_KFP_POLL_SECONDS": "0.3"}
+
+    def execute(attempt: str) -> tuple[dict, list[str]]:
+        out = tmp_path / attempt
+        outputs = {name: Recorded(path=str(out / name), uri=f"minio://mlpipeline/run-1/train-model/{name}",
+                                  metadata={}) for name in ("output_model", "output_metrics", "output_loss_chart")}
+        inputs = {**component_inputs(tmp_path), **outputs, "pvc_path": str(workspace), "dataset": artifact(data),
+                  "training_base_model": str(tiny_model_dir), "training_effective_batch_size": 8,
+                  "training_max_tokens_per_gpu": 256, "training_max_seq_len": 64, "training_num_epochs": 1,
+                  "training_learning_rate": 2e-3, "training_lr_warmup_steps": 0, "training_resource_gpu_per_worker": 0}
+        lines: list[str] = []
+        assert runtime.run_component(inputs, env=env, log=lines.append) == "training completed"
+        return outputs, lines
+
+    first, _ = execute("try-1")
+    second, lines = execute("try-2")
+    assert any("already holds this execution's completed run: collecting it" in line for line in lines)
+    creates = [r for r in k8s_cluster.request_log if r[0] == "POST" and r[1].endswith("/pods")]
+    assert len(creates) == 1 and k8s_cluster.pods() == []
+    assert second["output_metrics"].metadata == first["output_metrics"].metadata
+    assert first["output_metrics"].metadata["global_step"] == 4
+    assert (Path(second["output_model"].path) / "adapter" / "adapter_model.safetensors").is_file()
+    assert Path(second["output_loss_chart"].path).read_text() == Path(first["output_loss_chart"].path).read_text()

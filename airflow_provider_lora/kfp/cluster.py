@@ -61,8 +61,9 @@ def api_client(env: Mapping[str, str]) -> Any:
                              "(the bearer token would otherwise travel in clear)")
         configuration = client.Configuration()
         configuration.host = server.rstrip("/")
-        configuration.api_key = {"authorization": token}
-        configuration.api_key_prefix = {"authorization": "Bearer"}
+        # kubernetes <36 reads the key "authorization", 36+ "BearerToken" (and its prefix only under that name).
+        configuration.api_key = {"authorization": token, "BearerToken": token}
+        configuration.api_key_prefix = {"authorization": "Bearer", "BearerToken": "Bearer"}
         configuration.verify_ssl = True
         if env.get(ENV_CA):
             configuration.ssl_ca_cert = env[ENV_CA]
