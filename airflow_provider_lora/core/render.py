@@ -164,7 +164,14 @@ def label_selector(labels: dict[str, str]) -> str:
 def trainer_argv(spec: LoRASpec, nproc: int) -> list[str]:
     """The container command as an argv list (no shell): torchrun when a worker runs several processes."""
     launcher = ["torchrun", f"--nproc_per_node={nproc}"] if nproc > 1 else ["python"]
-    return launcher + ["-m", "lora_trainer", "--spec-json", spec.model_dump_json(), "--work-dir", WORK_DIR]
+    return launcher + ["-m", "lora_trainer", "--spec-json", spec_argument(spec), "--work-dir", WORK_DIR]
+
+
+def spec_argument(spec: LoRASpec) -> str:
+    """The spec as one command-line argument of a container. Kubernetes expands ``$(VAR)`` in a container's
+    command and args (``$$`` is a literal ``$``): a user's string such as ``dataset="$(HF_TOKEN)"`` would
+    otherwise become the secret's value, so every ``$`` is escaped."""
+    return spec.model_dump_json().replace("$", "$$")
 
 
 # ---- the pod ---------------------------------------------------------------------------------------------------
@@ -232,9 +239,11 @@ class _Workload(BaseModel):
 
     @classmethod
     def of(cls, spec: LoRASpec, options: PodOptions, identity: TaskIdentity) -> "_Workload":
-        for key in spec.labels:
-            if key.startswith(LABEL_PREFIX) or key == LABEL_MANAGED_BY:
-                raise ValueError(f"metadata_labels key {key!r} is reserved for the operator's own labels")
+        for field, keys in (("metadata_labels", spec.labels), ("metadata_annotations", spec.annotations)):
+            for key in keys:  # the operator's identity labels and log cursor annotation are not the user's
+                if key.startswith(LABEL_PREFIX) or key == LABEL_MANAGED_BY:
+                    raise ValueError(f"{field} key {key!r} is reserved for the operator's own labels and "
+                                     "annotations")
         volumes, mounts = [dict(v) for v in options.volumes], [dict(m) for m in options.volume_mounts]
         if options.pvc_claim_name:
             volumes.append({"name": "lora-workspace",
@@ -343,7 +352,7 @@ def render_trainjob(spec: LoRASpec, options: PodOptions, identity: TaskIdentity,
         raise ValueError(f"active_deadline_seconds needs Kubeflow Trainer v2.2 or later (this one: {shape})")
     workload = _Workload.of(spec, options, identity)
     argv = ["torchrun", f"--nproc_per_node={spec.procs_per_worker}", "-m", "lora_trainer",
-            "--spec-json", spec.model_dump_json(), "--work-dir", WORK_DIR]
+            "--spec-json", spec_argument(spec), "--work-dir", WORK_DIR]
     node_container = {"name": TRAINJOB_NODE_JOB, "volumeMounts": workload.mounts}
     trainer = {
         "image": options.image,

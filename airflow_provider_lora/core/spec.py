@@ -68,6 +68,9 @@ _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9
 # Words in an environment variable name that mark a secret (TOKENIZERS_PARALLELISM is fine: whole words only).
 SECRET_NAME_PARTS = {"TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS", "KEY", "APIKEY"}
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+# Variables that change which code the trainer runs (or that the launcher sets): not settable through envs.
+RESERVED_ENV_NAMES = {"LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP",
+                      "PYTHONINSPECT", "PYTHONUSERBASE", "BASH_ENV", "ENV", "LORA_TERMINATION_LOG"}
 _QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)([numkMGTPE]|Ki|Mi|Gi|Ti|Pi|Ei|[eE][+-]?[0-9]+)?\Z")
 
 
@@ -354,6 +357,9 @@ class LoRASpec(BaseModel):
         for key in names:
             if not _ENV_NAME.match(key):
                 raise ValueError(f"envs: {key!r} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
+            if key in RESERVED_ENV_NAMES:
+                raise ValueError(f"envs: {key!r} is not accepted: it changes which code the trainer runs (build "
+                                 "such settings into the training image instead)")
             if SECRET_NAME_PARTS & set(key.upper().split("_")):
                 raise ValueError(f"envs: {key!r} looks like a secret; envs values are written into the pod "
                                  "manifest in clear text. Give it from a Kubernetes Secret instead (operator: "
