@@ -419,7 +419,9 @@ def _stream_log(core: Any, pod: str, namespace: str, container: str, cursor: Log
         finally:
             response.release_conn()
     except (ApiException, urllib3.exceptions.HTTPError) as exc:
-        log(f"[train_model] log stream of {namespace}/{pod} interrupted ({type(exc).__name__}); re-reading state")
+        if cursor.timestamp:  # before the first line, the container may simply not be ready to log yet
+            log(f"[train_model] log stream of {namespace}/{pod} interrupted ({type(exc).__name__}); re-reading "
+                "state")
     return cursor
 
 

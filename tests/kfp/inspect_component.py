@@ -58,10 +58,16 @@ def main(out: str) -> None:
         path = Path(tmp) / "component.yaml"
         compiler.Compiler().compile(component.train_model, str(path))
         compiled = yaml.safe_load(path.read_text())
-    report = {"in_task": in_task_pipeline(), "params": params,
-              "in_task_same_inputs": (component.train_model_in_task.component_spec.inputs
-                                      == component.train_model.component_spec.inputs), "task_config_fields": [f.name for f in dataclasses.fields(dsl.TaskConfig)], "return": spell(signature.return_annotation), "compiled": compiled,
-              "base_image": component.BASE_IMAGE, "description": component.train_model.description}
+    report = {
+        "params": params,
+        "return": spell(signature.return_annotation),
+        "compiled": compiled,
+        "base_image": component.BASE_IMAGE,
+        "task_config_fields": [f.name for f in dataclasses.fields(dsl.TaskConfig)],
+        "in_task": in_task_pipeline(),
+        "in_task_same_inputs": (component.train_model_in_task.component_spec.inputs
+                                == component.train_model.component_spec.inputs),
+    }
     Path(out).write_text(json.dumps(report, indent=1, default=str))
 
 
