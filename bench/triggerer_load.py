@@ -124,8 +124,8 @@ async def measure(kind: str, emulator: Emulator, n: int, poll_interval: float, w
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     pending = {*tasks, sampling}
     for _ in range(20):
-        # Some KubernetesPodTrigger tasks outlive one cancel() (seen while they wait for pod start and its events
-        # task), so cancel until every task has ended.
+        # Some KubernetesPodTrigger tasks outlived one cancel() (seen with 500 on a loaded machine: the run hung in
+        # gather), so cancel until every task has ended.
         for task in pending:
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=1.0)
