@@ -60,10 +60,11 @@ test: setup $(KFP_VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 	$(MAKE) test-airflow2
 
-# The operator, trigger, links and example DAG on Airflow 2.11: the dag.test() suite (pods train the real trainer in
-# the emulated cluster). Tests of Airflow 3 features (the Loss chart tab, the API server) and of launcher="local"
-# (trains in this python) skip with their reason; the kubectl check tests the emulator, not Airflow (main suite).
-AF2_TESTS := tests/test_airflow_side.py tests/test_operator_local.py tests/test_operator_pod.py tests/test_links_and_tab.py
+# The operator, trigger, links and example DAG on Airflow 2.11: the dag.test() suite (pods and TrainJobs run the real
+# trainer in the emulated cluster). Tests of Airflow 3 features (the Loss chart tab, the API server) and tests that
+# train in this python skip with their reason; the kubectl check tests the emulator, not Airflow (main suite).
+AF2_TESTS := tests/test_airflow_side.py tests/test_operator_local.py tests/test_operator_pod.py tests/test_trainjob.py \
+	tests/test_links_and_tab.py
 test-airflow2: setup $(AF2_VENV)/.installed
 	LORA_TEST_PYTHON=$(abspath $(PY)) $(AF2_PY) -m pytest $(AF2_TESTS) -k 'not kubectl'
 

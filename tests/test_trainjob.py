@@ -18,6 +18,7 @@ from airflow_provider_lora.core.render import (
     trainjob_name,
 )
 from airflow_provider_lora.core.spec import LoRASpec
+from tests.fixtures.airflow import local_trainer
 from tests.trainer_helpers import FAST, arithmetic_rows, write_jsonl
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -161,6 +162,7 @@ def _dag(dag_id: str, cluster, model_dir, *, workers: int = 2, **kwargs):
 
 
 @pytest.mark.slow
+@local_trainer  # its one-process baseline trains in this python
 def test_two_nodes_train_with_ddp_and_match_a_one_process_run(cluster, airflow_db, tiny_model_dir, tmp_path):
     from tests.fixtures.airflow import run_dag_test
     from tests.trainer_helpers import history, train
