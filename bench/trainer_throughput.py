@@ -19,7 +19,7 @@ Runs alternate (ours, baseline, ours, baseline, ...), each in a fresh subprocess
 - peak RSS: ``ru_maxrss`` of the child, from os.wait4.
 - the loss curves side by side (table here, PNG in --out).
 
-    .venv/bin/python bench/trainer_throughput.py [--steps 40] [--alternations 2] [--out bench-out]
+    .venv/bin/python bench/trainer_throughput.py [--steps 40] [--alternations 2] [--out runs/bench]
     .venv/bin/python bench/trainer_throughput.py --quick      # 1 alternation of 3 steps (CI smoke)
 
 The last lines are the ratios ours / baseline (tokens/s: higher is better; peak RSS: lower is better).
@@ -184,7 +184,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--alternations", type=int, default=2, help="ours+baseline pairs")
     parser.add_argument("--rows", type=int, default=400)
-    parser.add_argument("--out", type=Path, default=Path("bench-out"), help="where the loss-curve PNG goes")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="where the loss-curve PNG goes")
     parser.add_argument("--quick", action="store_true", help="1 alternation of 3 steps (CI smoke)")
     parser.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
