@@ -178,9 +178,7 @@ def test_dockerfile_install_steps_replayed_in_a_fresh_venv(tmp_path, tiny_model_
     workdir = workdir_of(instrs)
     context = tmp_path / "image" / workdir.strip("/")
     for src, dest in copies(instrs):
-        target = context / dest if not dest.endswith("/") else context / dest / Path(src).name
-        if dest == "./":
-            target = context / Path(src).name
+        target = context / dest / Path(src).name if dest.endswith("/") else context / dest
         if (REPO / src).is_dir():
             shutil.copytree(REPO / src, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:

@@ -21,8 +21,8 @@ from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
 
-# (Airflow, cncf-kubernetes): the set CI uses, and an older Airflow 3 line as managed services lag behind.
-MANAGED_SETS = [("3.3.2", "10.25.0"), ("3.1.8", "10.12.4")]
+# (Airflow, cncf-kubernetes): the set CI uses, and older Airflow 3 lines, as managed services lag behind.
+MANAGED_SETS = [("3.3.2", "10.25.0"), ("3.1.8", "10.12.4"), ("3.0.6", "10.7.0")]
 HEAVY = {"torch", "transformers", "datasets", "unsloth", "unsloth-zoo", "peft", "trl", "kfp", "bitsandbytes"}
 
 
