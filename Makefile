@@ -34,15 +34,15 @@ $(KFP_VENV)/.installed: pyproject.toml ci/constraints-kfp.txt
 	$(KFP_PY) -m pip uninstall -q -y torchvision
 	touch $@
 
-# Airflow 2.11 (cncf-kubernetes 10.25.0, common-compat 1.23.0) under exact pins from ci/constraints-airflow2.txt,
-# for the dag.test() suite below. No torch here: the emulated cluster's pods and the tiny model run in the main venv's
-# python ($LORA_TEST_PYTHON).
+# Airflow 2.11 (cncf-kubernetes 10.25.0, common-compat 1.23.0, amazon 9.39.0 for aws_conn_id) under exact pins from
+# ci/constraints-airflow2.txt, for the dag.test() suite below. No torch here: the emulated cluster's pods and the tiny
+# model run in the main venv's python ($LORA_TEST_PYTHON).
 AF2_VENV := .venv-af2
 AF2_PY := $(AF2_VENV)/bin/python
 $(AF2_VENV)/.installed: pyproject.toml ci/constraints-airflow2.txt
 	$(PYTHON) -m venv $(AF2_VENV)
 	$(AF2_PY) -m pip install -q --upgrade pip
-	$(AF2_PY) -m pip install -q -c ci/constraints-airflow2.txt -e . pytest 'moto[server]' aiohttp
+	$(AF2_PY) -m pip install -q -c ci/constraints-airflow2.txt -e . apache-airflow-providers-amazon pytest 'moto[server]' aiohttp
 	touch $@
 
 # The main job: a real LoRA fine-tune of SmolLM2-135M-Instruct on CPU through the example DAG, with
@@ -64,6 +64,7 @@ test: setup $(KFP_VENV)/.installed
 # trainer in the emulated cluster). Tests of Airflow 3 features (the Loss chart tab, the API server) and tests that
 # train in this python skip with their reason; the kubectl check tests the emulator, not Airflow (main suite).
 AF2_TESTS := tests/test_airflow_side.py tests/test_operator_local.py tests/test_operator_pod.py tests/test_trainjob.py \
+	tests/test_worker_s3.py \
 	tests/test_links_and_tab.py
 test-airflow2: setup $(AF2_VENV)/.installed
 	LORA_TEST_PYTHON=$(abspath $(PY)) $(AF2_PY) -m pytest $(AF2_TESTS) -k 'not kubectl'

@@ -24,7 +24,7 @@ from airflow_provider_lora.core import storage
 from airflow_provider_lora.core.render import PodOptions, TaskIdentity, render_pod
 from airflow_provider_lora.core.spec import LoRASpec
 from airflow_provider_lora.operators.lora import LoRATrainingOperator
-from tests.fixtures.airflow import run_dag_test
+from tests.fixtures.airflow import local_trainer, run_dag_test
 from tests.trainer_helpers import FAST, arithmetic_rows, write_jsonl
 
 CONN_ID = "lora_s3"
@@ -169,10 +169,11 @@ def test_s3_endpoint_url_must_be_an_http_url(value):
 
 
 @pytest.mark.slow
+@local_trainer
 @pytest.mark.parametrize("how", ["connection", "endpoint parameter"])
 def test_a_run_publishes_to_s3_and_the_worker_reads_its_chart_back(how, s3_endpoint, s3_bucket, tiny_model_dir,
                                                                    tmp_path, monkeypatch, airflow_db):
-    from airflow.sdk import DAG
+    from airflow_provider_lora.compat import DAG
 
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     if how == "connection":
