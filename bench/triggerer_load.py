@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import gc
 import json
 import logging
 import os
@@ -84,6 +85,9 @@ def make_triggers(kind: str, names: list[str], namespace: str, poll_interval: fl
 async def measure(kind: str, emulator: Emulator, n: int, poll_interval: float, warmup: float, window: float,
                   lockstep: bool, idle_cpu_per_s: float = 0.0) -> dict:
     """One window; ``idle_cpu_per_s`` (the lag sampler's own cost, measured with no trigger) is subtracted."""
+    # Collect the garbage of the set-up and of the previous window now, so that a full collection it would cause
+    # is not billed to this window (collections caused by the triggers themselves still are).
+    gc.collect()
     triggers = make_triggers(kind, emulator.info["pods"][:n], emulator.info["namespace"], poll_interval)
     events: list = []
 
@@ -115,9 +119,21 @@ async def measure(kind: str, emulator: Emulator, n: int, poll_interval: float, w
             break
     emulator.ask("reset")
     lags.clear()
+    # Full (generation 2) garbage collections stop the loop; record them to tell them from the triggers' own work.
+    full_gcs: list[float] = []
+
+    def on_gc(phase: str, info: dict) -> None:
+        if info["generation"] == 2:
+            if phase == "start":
+                full_gcs.append(time.perf_counter())
+            elif full_gcs:
+                full_gcs[-1] = time.perf_counter() - full_gcs[-1]
+
+    gc.callbacks.append(on_gc)
     usage0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     await asyncio.sleep(window)
     usage1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - wall0
+    gc.callbacks.remove(on_gc)
     counts = json.loads(emulator.ask("count"))
     measured_lags = list(lags)
     # Cancelled mid-request, KubernetesPodTrigger's per-poll aiohttp sessions log "Unclosed client session".
@@ -151,6 +167,7 @@ async def measure(kind: str, emulator: Emulator, n: int, poll_interval: float, w
         "poll_rate": polls / wall, "nominal_rate": n / poll_interval if n else float("nan"),
         "lag_max_ms": lags_ms[-1], "lag_p99_ms": lags_ms[min(len(lags_ms) - 1, int(0.99 * len(lags_ms)))],
         "lag_share": sum(lags_ms) / 1000 / wall, "counts": counts,
+        "full_gcs": len(full_gcs), "full_gc_max_ms": 1000 * max(full_gcs, default=0.0),
     }
 
 
@@ -201,7 +218,8 @@ def main() -> None:
                       f"nominal polls/s ({result['poll_rate'] / result['nominal_rate']:.0%}); CPU "
                       f"{result['cpu_s']:.2f} s = {result['cpu_s_per_1000_polls']:.2f} s per 1,000 polls; loop lag "
                       f"max {result['lag_max_ms']:.0f} ms, p99 {result['lag_p99_ms']:.1f} ms, "
-                      f"total/wall {result['lag_share']:.1%}", flush=True)
+                      f"total/wall {result['lag_share']:.1%}; {result['full_gcs']} full GC(s), longest "
+                      f"{result['full_gc_max_ms']:.0f} ms", flush=True)
     finally:
         emulator.close()
     if args.json:
