@@ -238,6 +238,31 @@ def read_marker(output_uri: str | os.PathLike, *, client: Any = None, endpoint_u
         ) from exc
 
 
+def remove_tree(uri: str | os.PathLike, *, client: Any = None, endpoint_url: str | None = None) -> None:
+    """Delete a directory, or every object under an S3 prefix; nothing there is fine."""
+    text = _check_uri(uri)
+    if not is_s3(text):
+        shutil.rmtree(text, ignore_errors=True)
+        return
+    s3 = _client(client, endpoint_url)
+    bucket, key = _split_s3(text)
+    for obj_key in list(_list_keys(s3, bucket, _prefix(key))):
+        s3.delete_object(Bucket=bucket, Key=obj_key)
+
+
+def completed_children(uri: str | os.PathLike, *, client: Any = None, endpoint_url: str | None = None) -> list[str]:
+    """Names of the directories/prefixes directly under ``uri`` that hold a ``_COMPLETE`` marker."""
+    text = _check_uri(uri)
+    if not is_s3(text):
+        root = Path(text)
+        return sorted(p.parent.name for p in root.glob(f"*/{COMPLETE_MARKER}")) if root.is_dir() else []
+    bucket, key = _split_s3(text)
+    prefix = _prefix(key)
+    names = {k[len(prefix):].split("/")[0] for k in _list_keys(_client(client, endpoint_url), bucket, prefix)
+             if k.endswith(f"/{COMPLETE_MARKER}") and k[len(prefix):].count("/") == 1}
+    return sorted(names)
+
+
 def is_complete(output_uri: str | os.PathLike, *, client: Any = None, endpoint_url: str | None = None) -> bool:
     return exists(join(output_uri, COMPLETE_MARKER), client=client, endpoint_url=endpoint_url)
 

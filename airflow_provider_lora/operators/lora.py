@@ -286,6 +286,12 @@ class LoRATrainingOperator(BaseOperator):
             raise AirflowFailException(str(exc)) from None
         if self.aws_conn_id is not None:
             self._s3()  # a missing provider or connection fails here, before anything launches
+        try_number = getattr(context.get("ti"), "try_number", 1) or 1
+        if try_number > 1 and spec.checkpoint_at_epoch and spec.resume_from_checkpoint is None:
+            # A retry continues from the last checkpoint an earlier try left with the output (docs/reliability.md)
+            # instead of from step 0; with none there, it starts at step 0.
+            spec = spec.model_copy(update={"resume_from_checkpoint": "latest"})
+            self.log.info("try %s: resuming from the last checkpoint of an earlier try, if there is one", try_number)
         if self.launcher == "local":
             return self._execute_local(spec)
         return self._execute_on_cluster(spec, context)

@@ -142,9 +142,17 @@ def run(spec: LoRASpec, work_dir: str | Path | None = None) -> Outcome:
         ddp_find_unused_parameters=False if state.num_processes > 1 else None,
     )
     metrics_path = run_dir / "metrics.jsonl"
+    remote_checkpoints = storage.join(spec.output_uri, REMOTE_CHECKPOINTS) if storage.is_s3(spec.output_uri) else None
+    if remote_checkpoints and state.is_main_process:
+        if resuming:
+            _fetch_remote_checkpoint(remote_checkpoints, checkpoint_dir, metrics_path)
+        else:  # a fresh run: checkpoints of an earlier run at this output must not be resumed by its retries
+            storage.remove_tree(remote_checkpoints)
+    state.wait_for_everyone()
     callback = MetricsCallback(metrics_path, append=resuming)
+    callbacks = [callback] + ([CheckpointUpload(remote_checkpoints, metrics_path)] if remote_checkpoints else [])
     trainer = SFTTrainer(model=model, args=config, train_dataset=prepared.train, eval_dataset=prepared.eval,
-                         processing_class=tokenizer, callbacks=[callback])
+                         processing_class=tokenizer, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # our progress lines replace its raw dicts
     resume_from = _resume_checkpoint(spec, checkpoint_dir)
     output = trainer.train(resume_from_checkpoint=resume_from)
@@ -166,6 +174,8 @@ def run(spec: LoRASpec, work_dir: str | Path | None = None) -> Outcome:
         artifacts = export.finish(spec, run_dir, summary, callback.rows)
         log(f"done: final loss {summary['final_loss']}, {summary['global_step']} steps in "
             f"{summary['train_runtime_seconds']:.1f}s; artifacts at {spec.output_uri}")
+        if remote_checkpoints:  # the run is published: its checkpoints have served their purpose
+            storage.remove_tree(remote_checkpoints)
         result = RunResult(summary, callback.rows, artifacts)
         # One line a launcher can find in the pod log without access to the output location.
         print(RESULT_PREFIX + json.dumps(result.to_xcom()), flush=True)
@@ -216,6 +226,40 @@ def _resume_checkpoint(spec: LoRASpec, checkpoint_dir: Path) -> str | None:
         return None
     log(f"resuming from {checkpoints[-1]}")
     return str(checkpoints[-1])
+
+
+# Where checkpoints of an s3:// run are kept between tries: the pod's own disk goes away with the pod.
+REMOTE_CHECKPOINTS = "_checkpoints"
+CHECKPOINT_METRICS = "lora_metrics.jsonl"  # the loss history up to the checkpoint, kept inside it
+
+
+class CheckpointUpload(TrainerCallback):
+    """Rank 0 copies each new checkpoint (with the loss history so far) to ``{output_uri}/_checkpoints/``. Each
+    copy gets its own _COMPLETE marker last, so a copy cut short by a failure is never resumed from."""
+
+    def __init__(self, remote: str, metrics_path: Path):
+        self.remote, self.metrics_path = remote, metrics_path
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if self.metrics_path.exists():
+            shutil.copyfile(self.metrics_path, local / CHECKPOINT_METRICS)
+        storage.publish_run(local, storage.join(self.remote, local.name), overwrite=True)
+        log(f"checkpoint {local.name} copied to {self.remote}")
+
+
+def _fetch_remote_checkpoint(remote: str, checkpoint_dir: Path, metrics_path: Path) -> None:
+    """Bring the newest complete checkpoint of an earlier try (and its loss history) back for resuming."""
+    names = [n for n in storage.completed_children(remote) if n.startswith("checkpoint-")]
+    if not names or any(checkpoint_dir.glob("checkpoint-*")):
+        return
+    newest = max(names, key=lambda n: int(n.rsplit("-", 1)[-1]))
+    target = storage.download(storage.join(remote, newest), checkpoint_dir / newest)
+    if (target / CHECKPOINT_METRICS).exists():
+        shutil.copyfile(target / CHECKPOINT_METRICS, metrics_path)
+    log(f"fetched {newest} of an earlier try from {remote}")
 
 
 def _write_termination_message(result: RunResult) -> None:
