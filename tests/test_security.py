@@ -353,3 +353,35 @@ def test_a_request_outside_the_role_is_refused_and_recorded(k8s_cluster):
     with pytest.raises(client.exceptions.ApiException) as info:
         api.read_namespaced_secret("anything", "default")
     assert info.value.status == 403 and "secrets is forbidden" in info.value.body
+
+
+def test_the_trainjob_launcher_works_within_the_shipped_role(k8s_cluster):
+    """launcher="trainjob": create the TrainJob, follow it (TrainJob status, its node pods, rank 0's log), kill it:
+    all within the Role's trainjobs and pods rules."""
+    import asyncio
+
+    from airflow_provider_lora.kube import close_shared_clients
+    from airflow_provider_lora.triggers.lora import LoRATrainingTrigger
+    from tests.test_trainjob import _sleeping_trainjob
+
+    k8s_cluster.base_env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
+    k8s_cluster.rbac_rules = ROLE["rules"]
+    _sleeping_trainjob(k8s_cluster)
+    trigger = LoRATrainingTrigger(name="lora-sleeper", namespace="default", launcher="trainjob",
+                                  config_file=str(k8s_cluster.kubeconfig), kubernetes_conn_id=None, poll_interval=0.2)
+
+    async def follow_then_kill():
+        try:
+            waiting = asyncio.ensure_future(trigger.run().__anext__())
+            await asyncio.sleep(1.5)
+            assert not waiting.done()  # still running: followed without an error event
+            waiting.cancel()
+            await trigger.on_kill()
+        finally:
+            await close_shared_clients()
+    asyncio.run(follow_then_kill())
+    assert k8s_cluster.denied == []
+    methods = {(m, p.split("/")[-1] if "trainjobs" not in p else "trainjobs") for m, p, _ in k8s_cluster.request_log
+               if "/namespaces/" in p}
+    assert {("POST", "trainjobs"), ("GET", "trainjobs"), ("DELETE", "trainjobs"), ("GET", "pods")} <= methods, methods
+    assert k8s_cluster.trainjobs() == []
