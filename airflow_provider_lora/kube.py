@@ -264,22 +264,6 @@ def list_pods(core_api: Any, namespace: str, label_selector: str) -> list[dict[s
     return json.loads(response.data)["items"]
 
 
-def installed_trainer_version(core_api: Any) -> str | None:
-    """``kubeflow_trainer_version`` from Kubeflow Trainer's public ConfigMap; None when it is not there."""
-    from kubernetes.client.exceptions import ApiException
-
-    from airflow_provider_lora.core.launchers.trainjob import TRAINER_VERSION_CONFIGMAP
-
-    namespace, name, key = TRAINER_VERSION_CONFIGMAP
-    try:
-        response = core_api.read_namespaced_config_map(name, namespace, _preload_content=False)
-    except ApiException as exc:
-        if exc.status in (403, 404):
-            return None
-        raise
-    return (json.loads(response.data).get("data") or {}).get(key)
-
-
 async def async_trainjob(api_client: Any, name: str, namespace: str) -> dict[str, Any]:
     from kubernetes_asyncio.client import CustomObjectsApi
 

@@ -321,10 +321,10 @@ def test_any_label_value_is_made_valid_and_distinct(text):
 @settings(max_examples=300)
 @given(st.text(max_size=60))
 def test_operator_secret_refs_are_refs_or_errors_naming_the_parameter(text):
-    from airflow_provider_lora.operators.lora import _secret_ref
+    from airflow_provider_lora.core.render import SecretRef
 
     try:
-        ref = _secret_ref(text, "hf_token_secret")
+        ref = SecretRef.parse(text, "hf_token_secret")
     except ValueError as exc:
         assert str(exc).startswith(f"hf_token_secret={text!r}")
         return

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from airflow_provider_lora.core.launchers.pod import FAILED, PENDING, RUNNING, SUCCEEDED
-from airflow_provider_lora.core.launchers.trainjob import classify_trainjob, rank0_pod
+from airflow_provider_lora.core.launchers.trainjob import classify_trainjob, installed_trainer_version, rank0_pod
 from airflow_provider_lora.core.render import (
     MAX_TRAINJOB_NAME, PodOptions, SecretRef, TaskIdentity, TrainJobOptions, render_trainjob, trainer_api_shape,
     trainjob_name,
@@ -244,7 +244,7 @@ def test_the_installed_version_is_detected(tmp_path, monkeypatch):
 
     with Cluster(tmp_path / "k8s", trainer_version="v2.0.1") as old:
         api = kube.sync_core_api(ClusterRef(config_file=str(old.kubeconfig)))
-        assert kube.installed_trainer_version(api) == "v2.0.1"
+        assert installed_trainer_version(api) == "v2.0.1"
         spec = LoRASpec.parse(dict(base_model="m", dataset="d", output_uri="s3://b/p", resource_num_workers=2,
                                    resource_gpu_per_worker=0))
         manifest = render_trainjob(spec, PodOptions(image="busybox:1"), IDENTITY,
@@ -253,7 +253,7 @@ def test_the_installed_version_is_detected(tmp_path, monkeypatch):
         stored = old.trainjobs()[0]
         assert stored["spec"]["podSpecOverrides"][0]["targetJobs"] == [{"name": "node"}]
     with Cluster(tmp_path / "k8s2", trainer_version=None) as bare:
-        assert kube.installed_trainer_version(kube.sync_core_api(ClusterRef(config_file=str(bare.kubeconfig)))) \
+        assert installed_trainer_version(kube.sync_core_api(ClusterRef(config_file=str(bare.kubeconfig)))) \
             is None
 
 

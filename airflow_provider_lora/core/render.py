@@ -44,6 +44,20 @@ class SecretRef(BaseModel):
     name: str
     key: str
 
+    @classmethod
+    def parse(cls, value: Any, parameter: str) -> "SecretRef":
+        """``"secret/key"``, ``{"name": ..., "key": ...}`` or a SecretRef, as users write it; ``parameter`` names
+        the setting in the error."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            return cls(**value)
+        if isinstance(value, str) and value.count("/") == 1 and all(value.split("/")):
+            secret, key = value.split("/")
+            return cls(name=secret, key=key)
+        raise ValueError(f"{parameter}={value!r} is not valid: give 'secret-name/key' or "
+                         "{'name': ..., 'key': ...}")
+
 
 class TaskIdentity(BaseModel):
     """Who launches the pod. ``deployment`` tells apart Airflow deployments that share a namespace."""

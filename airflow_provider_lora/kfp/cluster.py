@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 from airflow_provider_lora.core import storage
 from airflow_provider_lora.core.launchers.pod import (FAILED, PENDING, SUCCEEDED, LogCursor, PodState, classify_pod,
                                                       find_result, new_log_lines, seconds_since)
-from airflow_provider_lora.core.launchers.trainjob import (TRAINER_VERSION_CONFIGMAP, classify_trainjob, failed_nodes,
+from airflow_provider_lora.core.launchers.trainjob import (classify_trainjob, failed_nodes, installed_trainer_version,
                                                            node_pod_selector, rank0_pod)
 from airflow_provider_lora.core.render import (TRAINER_CONTAINER, TRAINJOB_GROUP, TRAINJOB_NODE_JOB, TRAINJOB_PLURAL,
                                                TRAINJOB_VERSION, PodOptions, SecretRef, TaskIdentity,
@@ -88,15 +88,6 @@ class Launch:
     resources: dict[str, Any] = field(default_factory=dict)  # the task's resources under the spec's: a Pod only
 
 
-def _secret_ref(value: Any, name: str) -> SecretRef:
-    if isinstance(value, dict):
-        return SecretRef(**value)
-    if isinstance(value, str) and value.count("/") == 1 and all(value.split("/")):
-        secret, key = value.split("/")
-        return SecretRef(name=secret, key=key)
-    raise ValueError(f"{name}={value!r} is not valid: give 'secret-name/key' or {{'name': ..., 'key': ...}}")
-
-
 def _namespace(options: dict[str, Any]) -> str:
     if options.get("namespace"):
         return options["namespace"]
@@ -127,10 +118,10 @@ def launch_settings(env: Mapping[str, str], task_config: Any, pvc_path: str,
     options["namespace"] = _namespace(options)
     if options.get("pvc_claim_name") and not options.get("pvc_mount_path"):
         options["pvc_mount_path"] = pvc_path  # the launched pods see the workspace where the task does
-    secret_env = {k: _secret_ref(v, f"{ENV_POD_OPTIONS} secret_env[{k!r}]")
+    secret_env = {k: SecretRef.parse(v, f"{ENV_POD_OPTIONS} secret_env[{k!r}]")
                   for k, v in (options.pop("secret_env", None) or {}).items()}
     if env.get(ENV_HF_TOKEN_SECRET):
-        secret_env["HF_TOKEN"] = _secret_ref(env[ENV_HF_TOKEN_SECRET], ENV_HF_TOKEN_SECRET)
+        secret_env["HF_TOKEN"] = SecretRef.parse(env[ENV_HF_TOKEN_SECRET], ENV_HF_TOKEN_SECRET)
 
     envs: dict[str, str] = {}
     pod_env: list[dict[str, Any]] = []
@@ -184,7 +175,7 @@ def _trainjob_options(env: Mapping[str, str], core: Any, log: Callable[[str], No
     kind, _, name = runtime.rpartition("/") if "/" in runtime else ("", "", runtime)
     shape = env.get(ENV_TRAINER_API, "").strip()
     if not shape:
-        version = _installed_trainer_version(core)
+        version = installed_trainer_version(core)
         if version is None:
             raise RuntimeError("LORA_KFP_LAUNCHER=trainjob but the cluster has no readable Kubeflow Trainer version "
                                "(ConfigMap kubeflow-system/kubeflow-trainer-public): is Kubeflow Trainer installed? "
@@ -194,19 +185,6 @@ def _trainjob_options(env: Mapping[str, str], core: Any, log: Callable[[str], No
         log(f"[train_model] Kubeflow Trainer {version} installed: rendering the TrainJob for the {shape} API")
     values = {"api_shape": shape} | ({"runtime_name": name} if name else {}) | ({"runtime_kind": kind} if kind else {})
     return TrainJobOptions(**values)
-
-
-def _installed_trainer_version(core: Any) -> str | None:
-    from kubernetes.client.exceptions import ApiException
-
-    namespace, name, key = TRAINER_VERSION_CONFIGMAP
-    try:
-        response = core.read_namespaced_config_map(name, namespace, _preload_content=False)
-    except ApiException as exc:
-        if exc.status in (403, 404):
-            return None
-        raise
-    return (json.loads(response.data).get("data") or {}).get(key)
 
 
 # ---- one launched job, pod or TrainJob, behind the same few calls ------------------------------------------------

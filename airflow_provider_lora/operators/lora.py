@@ -18,7 +18,9 @@ from typing import Any, Sequence
 
 from airflow_provider_lora.compat import AirflowException, AirflowFailException, BaseOperator, Context, conf
 from airflow_provider_lora.core.launchers.pod import FAILED, classify_pod, find_result
-from airflow_provider_lora.core.launchers.trainjob import classify_trainjob, failed_nodes, node_pod_selector
+from airflow_provider_lora.core.launchers.trainjob import (
+    classify_trainjob, failed_nodes, installed_trainer_version, node_pod_selector,
+)
 from airflow_provider_lora.core.render import (
     LABEL_PREFIX, PodOptions, SecretRef, TaskIdentity, TrainJobOptions, render_pod, render_trainjob, trainer_api_shape,
 )
@@ -31,18 +33,6 @@ ON_FINISH_ACTIONS = ("delete_pod", "delete_succeeded_pod", "keep_pod")
 LAST_LOG_LINES = 30
 RESULT_LOG_TAIL = 20  # lines read back to find the trainer's result line
 XCOM_LAUNCHED = "launched"  # {"kind": "Pod" | "TrainJob", "name", "namespace"}
-
-
-def _secret_ref(value: Any, name: str) -> SecretRef:
-    """``"secret/key"``, ``{"name": ..., "key": ...}`` or a SecretRef."""
-    if isinstance(value, SecretRef):
-        return value
-    if isinstance(value, dict):
-        return SecretRef(**value)
-    if isinstance(value, str) and value.count("/") == 1 and all(value.split("/")):
-        secret, key = value.split("/")
-        return SecretRef(name=secret, key=key)
-    raise ValueError(f"{name}={value!r} is not valid: give 'secret-name/key' or {{'name': ..., 'key': ...}}")
 
 
 class LoRATrainingOperator(BaseOperator):
@@ -157,9 +147,9 @@ class LoRATrainingOperator(BaseOperator):
         self.pvc_claim_name = pvc_claim_name
         self.pvc_mount_path = pvc_mount_path
         self.pod_template = pod_template
-        self.secret_env = {name: _secret_ref(v, f"secret_env[{name!r}]") for name, v in (secret_env or {}).items()}
+        self.secret_env = {name: SecretRef.parse(v, f"secret_env[{name!r}]") for name, v in (secret_env or {}).items()}
         if hf_token_secret is not None:
-            self.secret_env["HF_TOKEN"] = _secret_ref(hf_token_secret, "hf_token_secret")
+            self.secret_env["HF_TOKEN"] = SecretRef.parse(hf_token_secret, "hf_token_secret")
         self.deployment = deployment or conf.get("lora", "deployment", fallback="default")
         self.deferrable = deferrable
         self.poll_interval = poll_interval
@@ -218,7 +208,7 @@ class LoRATrainingOperator(BaseOperator):
 
         shape = self.trainer_api_version
         if shape is None:
-            version = kube.installed_trainer_version(api)
+            version = installed_trainer_version(api)
             if version is None:
                 raise AirflowFailException(
                     f"{self.task_id}: launcher='trainjob' but the cluster has no readable Kubeflow Trainer version "

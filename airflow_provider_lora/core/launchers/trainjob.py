@@ -8,6 +8,7 @@ launcher, everything here works on plain dicts (the API's JSON).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from airflow_provider_lora.core.launchers.pod import FAILED, PENDING, RUNNING, SUCCEEDED, PodState, classify_pod
@@ -75,3 +76,18 @@ def classify_trainjob(trainjob: dict[str, Any], pods: list[dict[str, Any]]) -> P
     if waiting:
         return PodState(PENDING, waiting.reason, waiting.message, stuck=waiting.stuck)
     return PodState(PENDING, "" if pods else "NoPods", "" if pods else "no node pods yet")
+
+
+def installed_trainer_version(core_api: Any) -> str | None:
+    """``kubeflow_trainer_version`` from Kubeflow Trainer's public ConfigMap (a ready CoreV1Api of the
+    ``kubernetes`` client); None when it is not there or not readable."""
+    from kubernetes.client.exceptions import ApiException
+
+    namespace, name, key = TRAINER_VERSION_CONFIGMAP
+    try:
+        response = core_api.read_namespaced_config_map(name, namespace, _preload_content=False)
+    except ApiException as exc:
+        if exc.status in (403, 404):
+            return None
+        raise
+    return (json.loads(response.data).get("data") or {}).get(key)
