@@ -70,4 +70,4 @@ test-airflow2: setup $(AF2_VENV)/.installed
 	LORA_TEST_PYTHON=$(abspath $(PY)) $(AF2_PY) -m pytest $(AF2_TESTS) -k 'not kubectl'
 
 clean:
-	rm -rf $(VENV) .cache
+	rm -rf $(VENV) $(KFP_VENV) $(AF2_VENV) .cache
