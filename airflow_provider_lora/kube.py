@@ -134,22 +134,42 @@ def delete_pod(api: Any, name: str, namespace: str) -> bool:
 
 _shared_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[ClusterRef, Any]]" = (
     weakref.WeakKeyDictionary())
+# Who uses each shared client (trigger ids): the last one to let go closes it, so no connection outlives its users
+# (a dag.test() or a worker's asyncio.run ends its loop right after the one trigger it ran).
+_holders: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[ClusterRef, set[int]]]" = (
+    weakref.WeakKeyDictionary())
 
 
-async def shared_async_client(cluster: ClusterRef) -> Any:
-    """One kubernetes_asyncio ApiClient per cluster and event loop, reused by every trigger in the process."""
+async def shared_async_client(cluster: ClusterRef, holder: object | None = None) -> Any:
+    """One kubernetes_asyncio ApiClient per cluster and event loop, reused by every trigger in the process;
+    ``holder`` (a trigger) keeps it open until it calls release_async_client."""
     loop = asyncio.get_running_loop()
     clients = _shared_clients.setdefault(loop, {})
     if cluster not in clients:
         from kubernetes_asyncio import client as async_client
 
         clients[cluster] = async_client.ApiClient(configuration=await _async_configuration(cluster))
+    if holder is not None:
+        _holders.setdefault(loop, {}).setdefault(cluster, set()).add(id(holder))
     return clients[cluster]
+
+
+async def release_async_client(cluster: ClusterRef, holder: object) -> None:
+    """``holder`` is done with the shared client; the last holder closes it."""
+    loop = asyncio.get_running_loop()
+    holders = _holders.get(loop, {}).get(cluster)
+    if holders is None or id(holder) not in holders:
+        return
+    holders.discard(id(holder))
+    if not holders and cluster in _shared_clients.get(loop, {}):
+        await _shared_clients[loop].pop(cluster).close()
 
 
 async def close_shared_clients() -> None:
     """Close the clients of the running loop; for callers whose loop ends (a worker's asyncio.run, tests)."""
-    for client in _shared_clients.pop(asyncio.get_running_loop(), {}).values():
+    loop = asyncio.get_running_loop()
+    _holders.pop(loop, None)
+    for client in _shared_clients.pop(loop, {}).values():
         await client.close()
 
 

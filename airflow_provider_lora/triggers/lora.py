@@ -23,7 +23,8 @@ from airflow_provider_lora.core.launchers.pod import (
 )
 from airflow_provider_lora.core.launchers.trainjob import classify_trainjob, node_pod_selector, rank0_pod
 from airflow_provider_lora.kube import (
-    ClusterRef, async_delete_trainjob, async_json, async_pod_log, async_trainjob, shared_async_client,
+    ClusterRef, async_delete_trainjob, async_json, async_pod_log, async_trainjob, release_async_client,
+    shared_async_client,
 )
 
 # Consecutive failed API calls tolerated (with backoff) before the trigger gives up with an error event.
@@ -88,12 +89,19 @@ class LoRATrainingTrigger(BaseTrigger):
         return classify_trainjob(trainjob, pods), trainjob, rank0_pod(pods)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        try:
+            async for event in self._follow():
+                yield event
+        finally:  # also on cancellation, and when the caller stops after the first event
+            await release_async_client(self.cluster, self)
+
+    async def _follow(self) -> AsyncIterator[TriggerEvent]:
         identity = {"name": self.name, "namespace": self.namespace, "launcher": self.launcher}
         failures = 0
         cursor, log_pod_name = LogCursor(), None
         while True:
             try:
-                api = CoreV1Api(await shared_async_client(self.cluster))
+                api = CoreV1Api(await shared_async_client(self.cluster, holder=self))
                 state, launched, log_pod = await self._observe(api)
                 failures = 0
             except asyncio.CancelledError:
