@@ -200,7 +200,7 @@ def test_the_operators_own_labels_and_annotations_cannot_be_set_by_the_user(valu
 @pytest.mark.parametrize("envs, fragment", [
     ("LD_PRELOAD=/mnt/lora/evil.so", "changes which code the trainer runs"),
     ("PYTHONPATH=/mnt/lora/evil", "changes which code the trainer runs"),
-    ("LORA_TERMINATION_LOG=/dev/null", "changes which code the trainer runs"),
+    ("PYTHONSTARTUP=/mnt/lora/evil.py", "changes which code the trainer runs"),
     ("A=1,B;rm=2", "not an environment variable name"),
     ("GITHUB_TOKEN=x", "looks like a secret"),
 ])

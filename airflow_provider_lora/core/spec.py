@@ -68,9 +68,9 @@ _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9
 # Words in an environment variable name that mark a secret (TOKENIZERS_PARALLELISM is fine: whole words only).
 SECRET_NAME_PARTS = {"TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS", "KEY", "APIKEY"}
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
-# Variables that change which code the trainer runs (or that the launcher sets): not settable through envs.
+# Variables that change which code the trainer runs: not settable through envs.
 RESERVED_ENV_NAMES = {"LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP",
-                      "PYTHONINSPECT", "PYTHONUSERBASE", "BASH_ENV", "ENV", "LORA_TERMINATION_LOG"}
+                      "PYTHONINSPECT", "PYTHONUSERBASE", "BASH_ENV", "ENV"}
 _QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)([numkMGTPE]|Ki|Mi|Gi|Ti|Pi|Ei|[eE][+-]?[0-9]+)?\Z")
 
 
