@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from contextlib import redirect_stderr
 
 import pytest

@@ -19,7 +19,6 @@ from airflow_provider_lora.core import render
 from airflow_provider_lora.core.launchers import pod as pod_launcher
 from airflow_provider_lora.kube import close_shared_clients
 from airflow_provider_lora.operators.lora import LoRATrainingOperator
-from airflow_provider_lora.triggers.lora import LoRATrainingTrigger
 from tests.test_pod_launcher import cheap_pod, create, first_event, trigger
 
 WORKING = "import time\nfor i in range(400):\n    print('working', i, flush=True)\n    time.sleep(0.05)"

@@ -14,7 +14,6 @@ import datetime
 import json
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
