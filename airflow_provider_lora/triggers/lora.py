@@ -181,7 +181,10 @@ class LoRATrainingTrigger(BaseTrigger):
 
     async def on_kill(self) -> None:
         """Airflow 3.3+: the user killed, cleared or marked the deferred task: stop the training."""
-        client = await shared_async_client(self.cluster)
+        # Held under its own token: run(), cancelled at the same moment, releases the trigger's hold and would
+        # otherwise close the client under this call.
+        token = object()
+        client = await shared_async_client(self.cluster, holder=token)
         try:
             if self.launcher == "pod":
                 await CoreV1Api(client).delete_namespaced_pod(self.name, self.namespace, grace_period_seconds=30)
@@ -191,6 +194,8 @@ class LoRATrainingTrigger(BaseTrigger):
         except Exception as exc:
             if _status(exc) != 404:
                 raise
+        finally:
+            await release_async_client(self.cluster, token)
 
 
 def _status(exc: Exception) -> int | None:
