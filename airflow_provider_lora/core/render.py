@@ -175,9 +175,10 @@ def label_selector(labels: dict[str, str]) -> str:
 
 # ---- the trainer's command ------------------------------------------------------------------------------------------
 
-def trainer_argv(spec: LoRASpec, nproc: int) -> list[str]:
-    """The container command as an argv list (no shell): torchrun when a worker runs several processes."""
-    launcher = ["torchrun", f"--nproc_per_node={nproc}"] if nproc > 1 else ["python"]
+def trainer_argv(spec: LoRASpec, nproc: int, torchrun: bool = False) -> list[str]:
+    """The container command as an argv list (no shell): torchrun when a worker runs several processes, or when
+    asked (a TrainJob's nodes must rendezvous even with one process each)."""
+    launcher = ["torchrun", f"--nproc_per_node={nproc}"] if nproc > 1 or torchrun else ["python"]
     return launcher + ["-m", "lora_trainer", "--spec-json", spec_argument(spec), "--work-dir", WORK_DIR]
 
 
@@ -365,12 +366,10 @@ def render_trainjob(spec: LoRASpec, options: PodOptions, identity: TaskIdentity,
     if options.active_deadline_seconds is not None and shape != "v2.2":
         raise ValueError(f"active_deadline_seconds needs Kubeflow Trainer v2.2 or later (this one: {shape})")
     workload = _Workload.of(spec, options, identity)
-    argv = ["torchrun", f"--nproc_per_node={spec.procs_per_worker}", "-m", "lora_trainer",
-            "--spec-json", spec_argument(spec), "--work-dir", WORK_DIR]
     node_container = {"name": TRAINJOB_NODE_JOB, "volumeMounts": workload.mounts}
     trainer = {
         "image": options.image,
-        "command": argv,
+        "command": trainer_argv(spec, spec.procs_per_worker, torchrun=True),
         "env": workload.env,
         "numNodes": spec.resource_num_workers,
         # Always explicit: "auto" on a node without GPUs means one process per CPU core in the torch runtime.
