@@ -197,7 +197,7 @@ def test_two_nodes_train_with_ddp_and_match_a_one_process_run(cluster, airflow_d
 def test_one_node_oomkilled_fails_the_task_with_that_nodes_reason(cluster, airflow_db, tiny_model_dir, task_output):
     from tests.fixtures.airflow import run_dag_test
 
-    cluster.set_fault("oom", pod="*-node-0-1-*", after_seconds=2)  # before training starts
+    cluster.set_fault("oom", pod="*-node-0-1-*", after_seconds=0)  # at its start: node 0 cannot train alone
     dag, published = _dag("lora_tj_oom", cluster, tiny_model_dir, on_finish_action="delete_pod")
     run = run_dag_test(dag)
     assert run.state == "failed"
