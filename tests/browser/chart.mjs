@@ -2,27 +2,18 @@
 // Used by tests/test_chart_browser.py:  node chart.mjs PAGE.html SHOT.png HOVERS_JSON
 //   HOVERS_JSON: [{"selector": "#train-points use", "index": 40}, ...]; each element is hovered at its centre, in
 //   order, and the tooltip's text read; the screenshot is taken while the last one is hovered.
-import { chromium } from "playwright-core";
+import { guardedContext, launchChromium } from "./common.mjs";
 import { pathToFileURL } from "node:url";
 
 const [page_path, shot_path, hovers_json] = process.argv.slice(2);
 const url = pathToFileURL(page_path).href;
 const result = { console_errors: [], requests: [], blocked: [], failed: [] };
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"],
-});
+const browser = await launchChromium();
 try {
-  const context = await browser.newContext({ viewport: { width: 1000, height: 720 }, deviceScaleFactor: 1 });
   // Anything but the page itself is recorded and refused: the chart must work air-gapped.
-  await context.route("**/*", (route) => {
-    const wanted = route.request().url();
-    if (wanted === url) return route.continue();
-    result.blocked.push(wanted);
-    return route.abort();
-  });
+  const context = await guardedContext(browser, { width: 1000, height: 720 }, (wanted) => wanted === url,
+                                       result.blocked);
   const page = await context.newPage();
   page.on("console", (msg) => { if (msg.type() === "error") result.console_errors.push(msg.text()); });
   page.on("pageerror", (err) => result.console_errors.push(String(err)));

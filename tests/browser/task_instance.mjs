@@ -4,7 +4,7 @@
 //   node task_instance.mjs BASE_URL DAG_ID RUN_ID TASK_ID OTHER_TASK_ID SHOT_DIR
 // Screenshots in SHOT_DIR: details.png (the Details tab), tab.png (the Loss chart tab, hovering step 2),
 // no_chart.png (the tab on the other task).
-import { chromium } from "playwright-core";
+import { guardedContext, launchChromium } from "./common.mjs";
 
 const [base_url, dag_id, run_id, task_id, other_task_id, shot_dir] = process.argv.slice(2);
 const TAB_TITLE = "Loss chart";
@@ -12,20 +12,12 @@ const enc = encodeURIComponent;
 const ti_path = (task) => `/dags/${enc(dag_id)}/runs/${enc(run_id)}/tasks/${enc(task)}`;
 const result = { console_errors: [], page_errors: [], failed: [], http_errors: [], blocked: [] };
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"],
-});
+const browser = await launchChromium();
 try {
-  const context = await browser.newContext({ viewport: { width: 1100, height: 900 }, deviceScaleFactor: 1 });
   // Only the Airflow under test: anything else (fonts, telemetry, CDNs) is refused and recorded.
-  await context.route("**/*", (route) => {
-    const wanted = route.request().url();
-    if (wanted.startsWith(base_url + "/") || /^(data|blob|about):/.test(wanted)) return route.continue();
-    result.blocked.push(wanted);
-    return route.abort();
-  });
+  const context = await guardedContext(
+    browser, { width: 1100, height: 900 },
+    (url) => url.startsWith(base_url + "/") || /^(data|blob|about):/.test(url), result.blocked);
   const page = await context.newPage();
   // Console messages of every frame (the tab's iframe included) arrive here.
   page.on("console", (msg) => { if (msg.type() === "error") result.console_errors.push(msg.text()); });

@@ -4,7 +4,7 @@
 //   CHANGES_JSON: {"lora_r": "8", ...}: text typed into each field (replacing its value) before submitting.
 // Screenshots in SHOT_DIR: form.png (the page as the form opens, every section folded) and <section>.png (the
 // dialog with that section unfolded; the form's accordion unfolds one section at a time).
-import { chromium } from "playwright-core";
+import { guardedContext, launchChromium } from "./common.mjs";
 
 const [base_url, dag_id, shot_dir, changes_json] = process.argv.slice(2);
 const changes = JSON.parse(changes_json || "{}");
@@ -14,20 +14,12 @@ const result = { console_errors: [], page_errors: [], failed: [], http_errors: [
 const t0 = Date.now();
 const mark = (name) => { result.timings[name] = (Date.now() - t0) / 1000; };
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"],
-});
+const browser = await launchChromium();
 try {
-  const context = await browser.newContext({ viewport: { width: 1100, height: 900 }, deviceScaleFactor: 1 });
   // Only the Airflow under test: anything else (fonts, telemetry, CDNs) is refused and recorded.
-  await context.route("**/*", (route) => {
-    const wanted = route.request().url();
-    if (wanted.startsWith(base_url + "/") || /^(data|blob):/.test(wanted)) return route.continue();
-    result.blocked.push(wanted);
-    return route.abort();
-  });
+  const context = await guardedContext(
+    browser, { width: 1100, height: 900 },
+    (url) => url.startsWith(base_url + "/") || /^(data|blob):/.test(url), result.blocked);
   const page = await context.newPage();
   page.on("console", (msg) => { if (msg.type() === "error") result.console_errors.push(msg.text()); });
   page.on("pageerror", (err) => result.page_errors.push(String(err)));
