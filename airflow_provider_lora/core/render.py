@@ -20,6 +20,9 @@ TRAINER_CONTAINER = "trainer"
 LABEL_PREFIX = "lora.airflow-provider/"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "airflow-provider-lora"
+# Who owns our TrainJob runtime patch. Kubeflow Trainer's webhook (v2.2.0 and later) requires a domain-prefixed
+# path (validation.IsDomainPrefixedPath in pkg/runtime/framework/plugins/jobset/jobset.go), such as "acme.io/foo".
+RUNTIME_PATCH_MANAGER = "lora.airflow-provider/operator"
 IDENTITY_KEYS = ("dag_id", "task_id", "run_id", "map_index", "try_number")
 SHM_VOLUME = "lora-dshm"
 # Where a pod's trainer stages an s3:// run (an emptyDir; local/PVC output is written in place).
@@ -158,15 +161,19 @@ def safe_label_value(value: Any) -> str:
 
 
 def identity_labels(identity: TaskIdentity) -> dict[str, str]:
-    """Labels that find this task instance's pod (try_number excluded: a retry reattaches)."""
-    return {
+    """Labels that find this task instance's pod (try_number excluded: a retry reattaches). An unmapped task
+    (map_index -1) gets no map_index label, as with KubernetesPodOperator: a label value must begin and end with
+    an alphanumeric character, so the API server refuses "-1"."""
+    labels = {
         LABEL_MANAGED_BY: MANAGED_BY,
         LABEL_PREFIX + "deployment": safe_label_value(identity.deployment),
         LABEL_PREFIX + "dag_id": safe_label_value(identity.dag_id),
         LABEL_PREFIX + "task_id": safe_label_value(identity.task_id),
         LABEL_PREFIX + "run_id": safe_label_value(identity.run_id),
-        LABEL_PREFIX + "map_index": str(identity.map_index),
     }
+    if identity.map_index >= 0:
+        labels[LABEL_PREFIX + "map_index"] = str(identity.map_index)
+    return labels
 
 
 def label_selector(labels: dict[str, str]) -> str:
@@ -221,6 +228,9 @@ def render_pod(spec: LoRASpec, options: PodOptions, identity: TaskIdentity) -> d
         container["imagePullPolicy"] = options.image_pull_policy
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        # The trainer never calls the Kubernetes API: no service-account token in the pod (a pod_template that
+        # sets automountServiceAccountToken keeps its own value).
+        "automountServiceAccountToken": False,
         "securityContext": copy.deepcopy(RESTRICTED_POD_SECURITY),
         "containers": [container],
         "volumes": workload.volumes,
@@ -236,6 +246,9 @@ def render_pod(spec: LoRASpec, options: PodOptions, identity: TaskIdentity) -> d
         "spec": pod_spec,
     }
     if options.pod_template:
+        template_spec = options.pod_template.get("spec") or {}
+        if "automountServiceAccountToken" in template_spec:
+            pod_spec["automountServiceAccountToken"] = template_spec["automountServiceAccountToken"]
         pod = merge_under(options.pod_template, pod)
     return pod
 
@@ -394,7 +407,7 @@ def render_trainjob(spec: LoRASpec, options: PodOptions, identity: TaskIdentity,
         pod_spec = {**pod_overrides, "securityContext": copy.deepcopy(RESTRICTED_POD_SECURITY),
                     "containers": [{**node_container,
                                     "securityContext": copy.deepcopy(RESTRICTED_CONTAINER_SECURITY)}]}
-        body["runtimePatches"] = [{"manager": MANAGED_BY, "trainingRuntimeSpec": {"template": {"spec": {
+        body["runtimePatches"] = [{"manager": RUNTIME_PATCH_MANAGER, "trainingRuntimeSpec": {"template": {"spec": {
             "replicatedJobs": [{"name": TRAINJOB_NODE_JOB, "template": {"spec": {"template": {
                 "metadata": pod_metadata, "spec": pod_spec}}}}]}}}}]
         if options.active_deadline_seconds is not None:
