@@ -414,3 +414,66 @@ def load_run_result(output_uri: str | os.PathLike, *, client: Any = None,
         history=read_metrics(metrics_text) if metrics_text is not None else [],
         artifacts=storage.artifact_uris(output_uri, files),
     )
+
+
+# ---- the result on its way back to the launcher -------------------------------------------------------------------
+
+XCOM_HISTORY_POINTS = 500  # the most loss-history rows a result carries through a trigger event or XCom
+# Kubernetes keeps the first 4096 bytes of a container's termination message; text past that is cut, so the trainer
+# writes what fits, whole.
+TERMINATION_MESSAGE_BYTES = 4096
+TERMINATION_SUMMARY_KEYS = ("final_loss", "min_loss", "final_eval_loss", "global_step", "train_runtime_seconds",
+                            "tokens_per_second")
+TASK_ENV = "LORA_TASK"  # the launching task instance (JSON), recorded in summary.json as "task"
+
+
+def bounded_result(result: Any) -> dict | None:
+    """A result line's JSON as a launcher may carry it (a trigger event, XCom): the summary, at most
+    XCOM_HISTORY_POINTS history rows, the artifacts; None when it is no result."""
+    if not isinstance(result, dict) or not isinstance(result.get("summary"), dict):
+        return None
+    history = [row for row in result.get("history") or [] if isinstance(row, dict)]
+    return _json_safe({"summary": result["summary"], "history": downsample(history, XCOM_HISTORY_POINTS),
+                       "artifacts": dict(result.get("artifacts") or {})})
+
+
+def termination_message(result: dict, limit: int = TERMINATION_MESSAGE_BYTES) -> str:
+    """The headline result as JSON of at most ``limit`` bytes. A long output URI makes the artifact URIs too long:
+    then only the root goes, then none (the launcher knows the output URI); the text itself is never cut, so it
+    always parses."""
+    summary = {k: (result.get("summary") or {}).get(k) for k in TERMINATION_SUMMARY_KEYS}
+    artifacts = dict(result.get("artifacts") or {})
+    candidates = [{"summary": summary, "artifacts": artifacts}]
+    if "root" in artifacts:
+        candidates.append({"summary": summary, "artifacts": {"root": artifacts["root"]}})
+    candidates.append({"summary": summary})
+    for candidate in candidates:
+        text = json.dumps(_json_safe(candidate))  # ASCII: one byte per character
+        if len(text) <= limit:
+            return text
+    return json.dumps({"summary": {}})
+
+
+def redacted_spec(spec: Any) -> dict:
+    """The spec as recorded in artifacts: env values may be secrets, so only their names are kept."""
+    from airflow_provider_lora.core.spec import format_key_values
+
+    values = spec.model_dump()
+    values["envs"] = format_key_values({k: "<redacted>" for k in spec.env_vars})
+    return values
+
+
+# Fields that may differ between two tries of one task without making their runs different: a retry resumes from
+# the checkpoint of an earlier one.
+_TRY_FIELDS = ("resume_from_checkpoint", "overwrite_output")
+
+
+def is_own_run(summary: dict, spec: Any, task: dict) -> bool:
+    """Whether a published run's summary says it was trained from ``spec`` for the task instance ``task`` (any of
+    its tries): a retry may return it instead of refusing the output it already published."""
+    recorded = summary.get("spec")
+    if not isinstance(recorded, dict) or summary.get("task") != task:
+        return False
+    ours = json.loads(json.dumps(redacted_spec(spec), default=str))  # as summary.json holds it
+    keys = (set(recorded) | set(ours)) - set(_TRY_FIELDS)
+    return all(recorded.get(k) == ours.get(k) for k in keys)

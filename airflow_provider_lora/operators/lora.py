@@ -10,6 +10,7 @@ is spelled out by hand here.
 
 from __future__ import annotations
 
+import datetime
 import inspect
 import json
 import time
@@ -17,10 +18,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from airflow_provider_lora.compat import AirflowException, AirflowFailException, BaseOperator, Context, conf
-from airflow_provider_lora.core.launchers.pod import FAILED, classify_pod, find_result
+from airflow_provider_lora.core.launchers.pod import FAILED, classify_pod, fails_again, find_result
 from airflow_provider_lora.core.launchers.trainjob import (
     classify_trainjob, failed_nodes, installed_trainer_version, node_pod_selector,
 )
+from airflow_provider_lora.core.limits import check_manifest
 from airflow_provider_lora.core.render import (
     LABEL_PREFIX, PodOptions, SecretRef, TaskIdentity, TrainJobOptions, render_pod, render_trainjob, trainer_api_shape,
 )
@@ -31,7 +33,11 @@ SPEC_FIELDS = tuple(LoRASpec.model_fields)
 LAUNCHERS = ("pod", "local", "trainjob")
 ON_FINISH_ACTIONS = ("delete_pod", "delete_succeeded_pod", "keep_pod")
 LAST_LOG_LINES = 30
-RESULT_LOG_TAIL = 20  # lines read back to find the trainer's result line
+RESULT_LOG_TAIL = 200  # lines read back to find the trainer's result line when the trigger did not carry it
+# Fields a run cannot do without: a template that renders a missing value gives the string 'None'.
+REQUIRED_FIELDS = ("base_model", "dataset", "output_uri")
+# defer(timeout=) past the trigger's own deadline: a backstop for a trigger that cannot fire its timeout event.
+DEFER_TIMEOUT_PADDING = datetime.timedelta(minutes=5)
 XCOM_LAUNCHED = "launched"  # {"kind": "Pod" | "TrainJob", "name", "namespace"}
 
 
@@ -181,6 +187,9 @@ class LoRATrainingOperator(BaseOperator):
                 continue  # checked once rendered
             if isinstance(value, str) and value == "None" and LoRASpec.model_fields[name].default is None:
                 value = None  # a Jinja-rendered None
+            elif value == "None" and name in REQUIRED_FIELDS:
+                raise ValueError(f"{self.task_id}: {name}='None' is not valid: a template rendered to None (a "
+                                 f"missing dag_run.conf or params key?): {name} needs a real value")
             values[name] = value
         try:
             return LoRASpec.parse(values)
@@ -248,24 +257,58 @@ class LoRATrainingOperator(BaseOperator):
                                        verify=hook.verify))
         return self._s3_client
 
-    def _check_output_free(self, spec: LoRASpec) -> None:
+    def _check_output_free(self, spec: LoRASpec, task: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """Before launching: refuse an output location that already holds a completed run (unless
-        ``overwrite_output``), as the trainer would, but without spending a pod on it. A path output is checked
-        by the trainer alone: only a local run's paths are visible from the worker."""
+        ``overwrite_output``), as the trainer would, but without spending a pod on it; unless that run is this
+        task instance's own (same spec, same task: an earlier try published it and then failed, say, while
+        collecting), which is returned instead. A path output is checked by the trainer alone: only a local run's
+        paths are visible from the worker."""
         from airflow_provider_lora.core import storage
 
         if spec.overwrite_output or not (storage.is_s3(spec.output_uri) or self.launcher == "local"):
-            return
+            return None
         try:
             storage.check_output_available(spec.output_uri, False,
                                            client=self._s3() if storage.is_s3(spec.output_uri) else None)
         except storage.OutputExistsError as exc:
+            own = self._own_published_run(spec, task) if task is not None else None
+            if own is not None:
+                self.log.info("%s already holds this task's own run (same spec and task instance: an earlier try "
+                              "published it); returning it instead of training again", spec.output_uri)
+                return own
             raise AirflowFailException(f"{self.task_id}: {exc}") from None
         except Exception as exc:  # credentials, network: botocore's errors share no base class with ClientError
             if self.aws_conn_id is not None:  # asked for worker access: it must work
                 raise AirflowException(f"aws_conn_id={self.aws_conn_id!r}: could not read {spec.output_uri}: "
                                        f"{exc}") from exc
             self.log.warning("could not check %s from the worker (%s); the trainer checks it", spec.output_uri, exc)
+        return None
+
+    def _own_published_run(self, spec: LoRASpec, task: dict[str, Any]) -> dict[str, Any] | None:
+        from airflow_provider_lora.core import storage
+        from airflow_provider_lora.core.results import is_own_run, load_run_result
+
+        try:
+            run = load_run_result(spec.output_uri, client=self._s3() if storage.is_s3(spec.output_uri) else None)
+        except Exception as exc:  # unreadable: not recognisably ours, so the usual refusal stands
+            self.log.warning("could not read the run at %s: %s", spec.output_uri, exc)
+            return None
+        return run.to_xcom() if is_own_run(run.summary, spec, task) else None
+
+    def _published_result(self, spec: LoRASpec) -> dict[str, Any] | None:
+        """The run the training published at ``output_uri``, when the worker can read it (S3 through its own
+        client; a path only where the worker sees it, as with the local launcher or a shared mount)."""
+        from airflow_provider_lora.core import storage
+        from airflow_provider_lora.core.results import load_run_result
+
+        s3 = storage.is_s3(spec.output_uri)
+        if not spec.output_uri or not s3 and not Path(spec.output_uri, storage.COMPLETE_MARKER).exists():
+            return None
+        try:
+            return load_run_result(spec.output_uri, client=self._s3() if s3 else None).to_xcom()
+        except Exception as exc:  # missing marker, credentials, network: the next source may still have it
+            self.log.warning("could not read the published run at %s: %s", spec.output_uri, exc)
+            return None
 
     # ---- execution ----------------------------------------------------------------------------------------------
 
@@ -283,14 +326,20 @@ class LoRATrainingOperator(BaseOperator):
             spec = spec.model_copy(update={"resume_from_checkpoint": "latest"})
             self.log.info("try %s: resuming from the last checkpoint of an earlier try, if there is one", try_number)
         if self.launcher == "local":
-            return self._execute_local(spec)
+            return self._execute_local(spec, context)
         return self._execute_on_cluster(spec, context)
 
-    def _execute_local(self, spec: LoRASpec) -> dict[str, Any]:
+    def _execute_local(self, spec: LoRASpec, context: Context) -> dict[str, Any]:
         from airflow_provider_lora.core.launchers.local import TrainingFailed, run_local
+        from airflow_provider_lora.core.results import TASK_ENV
 
-        self._check_output_free(spec)
-        env = {"AWS_ENDPOINT_URL": self.s3_endpoint_url} if self.s3_endpoint_url else None
+        task = _task_of(context.get("ti"), self.deployment)
+        own = self._check_output_free(spec, task)
+        if own is not None:
+            return self._return_value(own)
+        env = {"AWS_ENDPOINT_URL": self.s3_endpoint_url} if self.s3_endpoint_url else {}
+        if task is not None:
+            env[TASK_ENV] = json.dumps(task, sort_keys=True)
         try:
             result = run_local(spec, on_line=self.log.info, env=env,
                                client=self._s3() if spec.output_uri.startswith("s3://") else None)
@@ -305,29 +354,50 @@ class LoRATrainingOperator(BaseOperator):
         identity = TaskIdentity(dag_id=ti.dag_id, task_id=ti.task_id, run_id=ti.run_id,
                                 map_index=getattr(ti, "map_index", -1), try_number=ti.try_number,
                                 deployment=self.deployment)
+        task = _task_of(ti, self.deployment)
         api = kube.sync_core_api(self._cluster)
         try:
             if self.launcher == "trainjob":
                 manifest = render_trainjob(spec, self._options(), identity, self._trainjob_options(api))
             else:
                 manifest = render_pod(spec, self._options(), identity)
+            _add_task_env(manifest, task)
+            check_manifest(manifest, spec)
         except ValueError as exc:
             raise AirflowFailException(f"{self.task_id}: {exc}") from None
         name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
         self._launched = (name, namespace)
-        self._create_or_reattach(api, manifest)
+        own = self._create_or_reattach(api, manifest, task)
+        if own is not None:
+            self._launched = None
+            return self._return_value(own)
         ti.xcom_push(key=XCOM_LAUNCHED, value={"kind": manifest["kind"], "name": name, "namespace": namespace})
+        deadline = self._deadline(ti)
         if self.deferrable:
-            self.defer(trigger=self._trigger(name, namespace), method_name="execute_complete")
-        return self.execute_complete(context, self._wait_in_worker(name, namespace))
+            # The trigger fires a timeout event at the deadline; the deferral's own timeout is only a backstop
+            # (when it ends the deferral, the task fails without deleting the run).
+            timeout = (None if deadline is None else
+                       datetime.timedelta(seconds=max(0.0, deadline - time.time())) + DEFER_TIMEOUT_PADDING)
+            self.defer(trigger=self._trigger(name, namespace, deadline), method_name="execute_complete",
+                       timeout=timeout)
+        return self.execute_complete(context, self._wait_in_worker(name, namespace, deadline))
 
-    def _trigger(self, name: str, namespace: str) -> Any:
+    def _deadline(self, ti: Any) -> float | None:
+        """Epoch seconds when this try's execution_timeout runs out (its start + execution_timeout): Airflow does
+        not enforce execution_timeout while a task is deferred, so the trigger does."""
+        if not self.execution_timeout:
+            return None
+        started = getattr(ti, "start_date", None)
+        start = started.timestamp() if isinstance(started, datetime.datetime) else time.time()
+        return start + self.execution_timeout.total_seconds()
+
+    def _trigger(self, name: str, namespace: str, deadline: float | None = None) -> Any:
         from airflow_provider_lora.triggers.lora import LoRATrainingTrigger
 
         return LoRATrainingTrigger(
             name=name, namespace=namespace, launcher=self.launcher, kubernetes_conn_id=self.kubernetes_conn_id,
             config_file=self.config_file, cluster_context=self.cluster_context, in_cluster=self.in_cluster,
-            poll_interval=self.poll_interval, startup_timeout=self.startup_timeout,
+            poll_interval=self.poll_interval, startup_timeout=self.startup_timeout, deadline=deadline,
         )
 
     # One small protocol over the two cluster launchers: read, state, create, delete.
@@ -373,9 +443,11 @@ class LoRATrainingOperator(BaseOperator):
                                            f"{kube.describe_api_error(exc)}") from None
             raise
 
-    def _create_or_reattach(self, api: Any, manifest: dict[str, Any]) -> None:
+    def _create_or_reattach(self, api: Any, manifest: dict[str, Any],
+                            task: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """Create the pod or TrainJob, unless this task instance already has one: a running or succeeded one (say,
-        from a try whose worker died) is reattached, never duplicated; a failed one is replaced."""
+        from a try whose worker died) is reattached, never duplicated; a failed one is replaced. Returns the
+        result instead when the output already holds this task's own published run."""
         name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
         existing = self._read(api, name, namespace)
         if existing is not None:
@@ -384,17 +456,20 @@ class LoRATrainingOperator(BaseOperator):
             if state.phase != FAILED:
                 self.log.info("reattaching to %s %s/%s (%s), created by try %s", self._kind, namespace, name,
                               state.phase, made_by)
-                return
+                return None
             self.log.info("%s %s/%s from try %s failed (%s): replacing it", self._kind, namespace, name, made_by,
                           state.describe())
             self._delete(api, name, namespace)
             self._wait_until_gone(api, name, namespace)
-        self._check_output_free(self._spec())
+        own = self._check_output_free(self._spec(), task)
+        if own is not None:
+            return own
         if not self._create(api, manifest):
             self.log.info("%s %s/%s was created meanwhile (by another try of this task): reattaching", self._kind,
                           namespace, name)
-            return
+            return None
         self.log.info("created %s %s/%s", self._kind, namespace, name)
+        return None
 
     def _wait_until_gone(self, api: Any, name: str, namespace: str, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
@@ -403,7 +478,7 @@ class LoRATrainingOperator(BaseOperator):
                 raise AirflowException(f"{self._kind} {namespace}/{name} was not deleted within {timeout:.0f}s")
             time.sleep(1)
 
-    def _wait_in_worker(self, name: str, namespace: str) -> dict[str, Any]:
+    def _wait_in_worker(self, name: str, namespace: str, deadline: float | None = None) -> dict[str, Any]:
         """deferrable=False: run the trigger's own loop here, in the worker (same events, same log following)."""
         import asyncio
 
@@ -411,7 +486,7 @@ class LoRATrainingOperator(BaseOperator):
 
         async def first_event() -> dict[str, Any]:
             try:
-                async for event in self._trigger(name, namespace).run():
+                async for event in self._trigger(name, namespace, deadline).run():
                     return event.payload
                 raise AirflowException("the trigger ended without an event")
             finally:
@@ -427,27 +502,66 @@ class LoRATrainingOperator(BaseOperator):
         name, namespace, log_pod = event["name"], event["namespace"], event.get("log_pod")
         self._launched = (name, namespace)
         api = kube.sync_core_api(self._cluster)
-        succeeded = event["status"] == "success"
+        status = event["status"]
+        succeeded = status == "success"
         try:
             if succeeded:
-                log_tail = kube.read_log_tail(api, log_pod, namespace, RESULT_LOG_TAIL) if log_pod else ""
-                result = find_result(log_tail) or (self._termination_result(api, log_pod, namespace)
-                                                   if log_pod else None)
-                if result is None:
-                    raise AirflowException(f"{self._kind} {namespace}/{name} succeeded but neither the log nor the "
-                                           f"termination message of {log_pod} holds the result; last "
-                                           f"lines:\n{log_tail}")
-                return self._return_value(result)
-            raise AirflowException(f"training {self._kind} {namespace}/{name} {event['status']}: "
-                                   f"{event['description']}\n{self._failure_logs(api, namespace, log_pod)}")
+                return self._return_value(self._collect(api, event))
+            message = (f"training {self._kind} {namespace}/{name} {status}: {event['description']}\n"
+                       f"{self._failure_logs(api, event)}")
+            if status == "timeout":
+                raise _task_timeout(message)
+            if fails_again(event.get("reason"), event.get("description") or ""):
+                # A new pod from the same manifest fails the same way: spend no retry on it.
+                raise AirflowFailException(message + "\n(not retried: a new pod would fail the same way)")
+            raise AirflowException(message)
         finally:
-            self._clean_up(api, name, namespace, succeeded, stuck=event["status"] == "stuck")
+            # A run that never started could start later, and one past its deadline is still running: both are
+            # deleted whatever on_finish_action says.
+            self._clean_up(api, name, namespace, succeeded, stop=status in ("stuck", "timeout"))
 
-    def _failure_logs(self, api: Any, namespace: str, log_pod: str | None) -> str:
+    def _collect(self, api: Any, event: dict[str, Any]) -> dict[str, Any]:
+        """The result of a succeeded run, from the first source that has it: the trigger's event (the result line
+        it saw in the log), the log's tail, the run published at output_uri, the termination message. The pod
+        may be gone by now (garbage-collected, a drained node, another worker of this try deleted it)."""
+        from airflow_provider_lora.core.results import bounded_result
+
+        name, namespace, log_pod = event["name"], event["namespace"], event.get("log_pod")
+        result = bounded_result(event.get("result"))
+        tried = ["the trigger's event"]
+        if result is None and log_pod:
+            tried.append(f"the log of {log_pod}")
+            result = self._logged_result(api, log_pod, namespace)
+        if result is None:
+            spec = self._spec()
+            tried.append(f"the published run at {spec.output_uri}")
+            result = self._published_result(spec)
+            if result is not None:
+                self.log.info("the result comes from the run published at %s", spec.output_uri)
+        if result is None and log_pod:
+            tried.append(f"the termination message of {log_pod}")
+            result = self._termination_result(api, log_pod, namespace)
+        if result is None:
+            raise AirflowException(f"{self._kind} {namespace}/{name} succeeded but none of these holds its result: "
+                                   f"{'; '.join(tried)}")
+        return result
+
+    def _logged_result(self, api: Any, log_pod: str, namespace: str) -> dict[str, Any] | None:
+        from airflow_provider_lora import kube
+        from airflow_provider_lora.core.results import bounded_result
+
+        try:
+            return bounded_result(find_result(kube.read_log_tail(api, log_pod, namespace, RESULT_LOG_TAIL)))
+        except Exception as exc:  # gone (404) or unreadable: the next source may still have the result
+            self.log.info("could not read the log of %s: %s", log_pod, kube.describe_api_error(exc))
+            return None
+
+    def _failure_logs(self, api: Any, event: dict[str, Any]) -> str:
         """The last log lines of the pod, or of every failed node of a TrainJob (rank 0 if none failed): the
         error is often on another rank than 0."""
         from airflow_provider_lora import kube
 
+        namespace, log_pod = event["namespace"], event.get("log_pod")
         pods = [log_pod] if log_pod else []
         if self.launcher == "trainjob" and self._launched:
             try:
@@ -455,22 +569,37 @@ class LoRATrainingOperator(BaseOperator):
                 pods = [pod_name for _, pod_name, _ in failed_nodes(nodes)] or pods
             except Exception as exc:  # the logs are a courtesy on a path that already fails
                 return f"(could not list the node pods: {exc})"
+        if not pods:
+            if event.get("reason") == "Deleted":
+                return f"(no log: the {self._kind} was deleted before its log was read)"
+            return "(no log: no pod of it had started)"
         return "\n".join(f"last {LAST_LOG_LINES} log lines of {pod}:\n{_safe_tail(api, pod, namespace)}"
-                         for pod in pods) or "(no pod ever started)"
+                         for pod in pods)
 
     def _termination_result(self, api: Any, name: str, namespace: str) -> dict[str, Any] | None:
         """The headline result the trainer wrote to its termination message (4 KiB: no loss history), for when
-        the log no longer has the result line (rotated, or the node's log was lost)."""
+        neither the log nor the published run has it."""
         from airflow_provider_lora import kube
+        from airflow_provider_lora.core import storage
 
-        pod = kube.read_pod(api, name, namespace)
+        try:
+            pod = kube.read_pod(api, name, namespace)
+        except Exception as exc:  # the last source: the caller says none had the result
+            self.log.info("could not read %s: %s", name, kube.describe_api_error(exc))
+            return None
         message = classify_pod(pod).termination_message if pod else ""
         try:
             result = json.loads(message)
         except ValueError:
             return None
-        self.log.warning("the pod log has no result line; using the termination message (no loss history)")
-        return {"summary": result.get("summary", {}), "history": [], "artifacts": result.get("artifacts", {})}
+        if not isinstance(result, dict) or not isinstance(result.get("summary"), dict):
+            return None
+        self.log.warning("the result comes from the termination message of %s (no loss history)", name)
+        artifacts = result.get("artifacts") or {}
+        output_uri = self._spec(final=False).output_uri
+        if not artifacts and output_uri:  # left out to fit 4 KiB: the URIs follow from the output location
+            artifacts = storage.artifact_uris(output_uri, [])
+        return {"summary": result["summary"], "history": [], "artifacts": artifacts}
 
     def _return_value(self, result: dict[str, Any]) -> dict[str, Any]:
         summary = result.get("summary", {})
@@ -480,17 +609,17 @@ class LoRATrainingOperator(BaseOperator):
         push_loss_chart(result, self.log, s3=self._s3)  # XCom loss_chart_html, for the Loss chart tab
         return result
 
-    def _clean_up(self, api: Any, name: str, namespace: str, succeeded: bool, stuck: bool = False) -> None:
-        from airflow_provider_lora import kube
-
-        if stuck:  # a run that never started is deleted whatever on_finish_action says: it could start later
-            self._delete(api, name, namespace)
-            self.log.info("deleted %s %s/%s: it never started, and must not start later unwatched", self._kind,
-                          namespace, name)
+    def _clean_up(self, api: Any, name: str, namespace: str, succeeded: bool, stop: bool = False) -> None:
+        if stop:
+            why = "it must not run on unwatched"
         elif self.on_finish_action == "delete_pod" or (self.on_finish_action == "delete_succeeded_pod" and succeeded):
-            self._delete(api, name, namespace)
-            self.log.info("deleted %s %s/%s (on_finish_action=%s)", self._kind, namespace, name,
-                          self.on_finish_action)
+            why = f"on_finish_action={self.on_finish_action}"
+        else:
+            return
+        if self._delete(api, name, namespace):
+            self.log.info("deleted %s %s/%s (%s)", self._kind, namespace, name, why)
+        else:
+            self.log.info("%s %s/%s is already gone: nothing to delete", self._kind, namespace, name)
 
     def on_kill(self) -> None:
         if self._launched is None:
@@ -500,6 +629,38 @@ class LoRATrainingOperator(BaseOperator):
         name, namespace = self._launched
         if self._delete(kube.sync_core_api(self._cluster), name, namespace):
             self.log.info("deleted %s %s/%s (task killed)", self._kind, namespace, name)
+
+
+def _task_of(ti: Any, deployment: str) -> dict[str, Any] | None:
+    """The task instance, every try alike, as a published run records it (summary.json "task")."""
+    if ti is None:
+        return None
+    return {"dag_id": ti.dag_id, "task_id": ti.task_id, "run_id": ti.run_id,
+            "map_index": getattr(ti, "map_index", -1), "deployment": deployment}
+
+
+def _add_task_env(manifest: dict[str, Any], task: dict[str, Any] | None) -> None:
+    """Tell the trainer which task instance launches it (it records it with the run). '$' is doubled: Kubernetes
+    expands $(VAR) in env values, and a run id is the user's text."""
+    from airflow_provider_lora.core.render import TRAINER_CONTAINER
+    from airflow_provider_lora.core.results import TASK_ENV
+
+    if task is None:
+        return
+    item = {"name": TASK_ENV, "value": json.dumps(task, sort_keys=True).replace("$", "$$")}
+    body = manifest["spec"]
+    holders = ([body["trainer"]] if manifest["kind"] == "TrainJob" else
+               [c for c in body["containers"] if c.get("name") == TRAINER_CONTAINER])
+    for holder in holders:
+        holder["env"] = [*(e for e in holder.get("env") or [] if e.get("name") != TASK_ENV), item]
+
+
+def _task_timeout(message: str) -> Exception:
+    try:
+        from airflow.sdk.exceptions import AirflowTaskTimeout
+    except ImportError:  # Airflow 2
+        from airflow.exceptions import AirflowTaskTimeout
+    return AirflowTaskTimeout(message)
 
 
 def _safe_tail(api: Any, name: str, namespace: str) -> str:

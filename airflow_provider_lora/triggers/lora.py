@@ -10,6 +10,8 @@ is shown twice and none is skipped.
 from __future__ import annotations
 
 import asyncio
+import time
+from datetime import datetime, timezone
 from typing import Any, AsyncIterator
 
 # Imported here, not in run(): the triggerer loads this module once, while an import inside run() would block its
@@ -18,13 +20,14 @@ from kubernetes_asyncio.client import CoreV1Api
 
 from airflow_provider_lora.compat import BaseTrigger, TriggerEvent
 from airflow_provider_lora.core.launchers.pod import (
-    LOG_CURSOR_ANNOTATION, PENDING, STUCK_WAITING_REASONS, SUCCEEDED, LogCursor, PodState, classify_pod,
-    new_log_lines, seconds_since,
+    LOG_CURSOR_ANNOTATION, PENDING, RESULT_PREFIX, STUCK_WAITING_REASONS, SUCCEEDED, LogCursor, PodState,
+    classify_pod, find_result, new_log_lines, seconds_since,
 )
 from airflow_provider_lora.core.launchers.trainjob import classify_trainjob, node_pod_selector, rank0_pod
+from airflow_provider_lora.core.results import bounded_result
 from airflow_provider_lora.kube import (
-    ClusterRef, async_delete_trainjob, async_json, async_pod_log, async_trainjob, release_async_client,
-    shared_async_client,
+    ClusterRef, async_delete_trainjob, async_json, async_pod_log, async_trainjob, call_with_fresh_credentials,
+    refresh_credentials, release_async_client, shared_async_client,
 )
 
 # Consecutive failed API calls tolerated (with backoff) before the trigger gives up with an error event.
@@ -40,13 +43,16 @@ class LoRATrainingTrigger(BaseTrigger):
     ``stuck`` when the run is still not running ``startup_timeout`` seconds after its creation (sooner for a reason
     waiting does not clear, such as InvalidImageName: see STUCK_WAITING_REASONS), with the reason and the events;
     ``error`` when the API failed (or did not answer within API_TIMEOUT_SECONDS) ``MAX_API_FAILURES`` times in a
-    row. Every event carries ``name``, ``namespace``, ``launcher`` and ``log_pod`` (the pod whose log holds the
-    result, when there is one).
+    row; ``timeout`` when ``deadline`` (epoch seconds: the try's start + execution_timeout) passes first. Every
+    event carries ``name``, ``namespace``, ``launcher`` and ``log_pod`` (the pod whose log holds the result, when
+    there is one); ``success`` also carries ``result``, the trainer's result line as this trigger saw it in the log
+    (history at most 500 rows), or None when it did not see it (a restarted triggerer, stream_logs=False).
     """
 
     def __init__(self, *, name: str, namespace: str, launcher: str = "pod", kubernetes_conn_id: str | None = None,
                  config_file: str | None = None, cluster_context: str | None = None, in_cluster: bool | None = None,
-                 poll_interval: float = 10.0, startup_timeout: float = 600.0, stream_logs: bool = True):
+                 poll_interval: float = 10.0, startup_timeout: float = 600.0, stream_logs: bool = True,
+                 deadline: float | None = None):
         super().__init__()
         if launcher not in LAUNCHERS:
             raise ValueError(f"launcher={launcher!r} is not valid: accepted: {', '.join(LAUNCHERS)}")
@@ -60,6 +66,9 @@ class LoRATrainingTrigger(BaseTrigger):
         self.poll_interval = poll_interval
         self.startup_timeout = startup_timeout
         self.stream_logs = stream_logs
+        self.deadline = deadline
+        self._result: dict[str, Any] | None = None  # the result line seen in the log
+        self._fired = False  # an event went out: the task resumes with it, so on_kill must not delete
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (f"{type(self).__module__}.{type(self).__qualname__}", {
@@ -67,7 +76,7 @@ class LoRATrainingTrigger(BaseTrigger):
             "kubernetes_conn_id": self.kubernetes_conn_id, "config_file": self.config_file,
             "cluster_context": self.cluster_context, "in_cluster": self.in_cluster,
             "poll_interval": self.poll_interval, "startup_timeout": self.startup_timeout,
-            "stream_logs": self.stream_logs,
+            "stream_logs": self.stream_logs, "deadline": self.deadline,
         })
 
     @property
@@ -91,6 +100,7 @@ class LoRATrainingTrigger(BaseTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         try:
             async for event in self._follow():
+                self._fired = True  # before the yield: the triggerer may cancel us while it stores the event
                 yield event
         finally:  # also on cancellation, and when the caller stops after the first event
             await release_async_client(self.cluster, self)
@@ -99,9 +109,12 @@ class LoRATrainingTrigger(BaseTrigger):
         identity = {"name": self.name, "namespace": self.namespace, "launcher": self.launcher}
         failures = 0
         cursor, log_pod_name = LogCursor(), None
+        client = None
         while True:
+            started = time.monotonic()
             try:
-                api = CoreV1Api(await shared_async_client(self.cluster, holder=self))
+                client = await shared_async_client(self.cluster, holder=self)
+                api = CoreV1Api(client)
                 state, launched, log_pod = await self._observe(api)
                 failures = 0
             except asyncio.CancelledError:
@@ -119,6 +132,10 @@ class LoRATrainingTrigger(BaseTrigger):
                                                        f"last: {type(exc).__name__}: {exc or 'no answer'}"})
                     return
                 self.log.warning("Kubernetes API call failed (%s/%s): %s", failures, MAX_API_FAILURES, exc)
+                if _status(exc) == 401 and client is not None:
+                    # The token expired or rotated before its stated expiry: reload it and ask again at once.
+                    await refresh_credentials(client, since=started)
+                    continue
                 await asyncio.sleep(max(_retry_after(exc), min(self.poll_interval, 2 ** failures)))
                 continue
 
@@ -129,8 +146,18 @@ class LoRATrainingTrigger(BaseTrigger):
                 cursor = await self._copy_new_log_lines(api, log_pod_name, cursor)
             if state.terminal:
                 status = "success" if state.phase == SUCCEEDED else "failed"
+                # The result travels with the event: the pod (and its log) may be gone when the task resumes.
+                extra = {"result": self._result} if status == "success" else {}
                 yield TriggerEvent({**identity, "log_pod": log_pod_name, "status": status, "reason": state.reason,
-                                    "description": state.describe(), "exit_code": state.exit_code})
+                                    "description": state.describe(), "exit_code": state.exit_code, **extra})
+                return
+            if self.deadline is not None and time.time() >= self.deadline:
+                # Airflow does not enforce execution_timeout while a task is deferred: this trigger does.
+                at = datetime.fromtimestamp(self.deadline, timezone.utc).isoformat(timespec="seconds")
+                yield TriggerEvent({**identity, "log_pod": log_pod_name, "status": "timeout",
+                                    "reason": "ExecutionTimeout",
+                                    "description": f"execution_timeout: still {state.phase} at the try's deadline "
+                                                   f"{at} (its start + execution_timeout)"})
                 return
             if state.phase == PENDING:
                 waited = seconds_since(launched["metadata"].get("creationTimestamp"))
@@ -147,7 +174,10 @@ class LoRATrainingTrigger(BaseTrigger):
                                         "description": f"not running {waited:.0f}s after creation ({why}): "
                                                        f"{state.describe()}; events: {events}"})
                     return
-            await asyncio.sleep(self.poll_interval)
+            wait = self.poll_interval
+            if self.deadline is not None:
+                wait = max(0.0, min(wait, self.deadline - time.time()))
+            await asyncio.sleep(wait)
 
     async def _copy_new_log_lines(self, api: Any, pod_name: str, cursor: LogCursor) -> LogCursor:
         """Copy the log lines after ``cursor`` into the task log and save the new cursor on the pod. Logs are a
@@ -160,6 +190,8 @@ class LoRATrainingTrigger(BaseTrigger):
         new = new_log_lines(text, cursor)
         for line in new.lines:
             self.log.info("[%s] %s", pod_name, line)
+            if line.startswith(RESULT_PREFIX):
+                self._result = bounded_result(find_result(line)) or self._result
         if new.lines:
             try:
                 await api.patch_namespaced_pod(pod_name, self.namespace, {
@@ -180,22 +212,62 @@ class LoRATrainingTrigger(BaseTrigger):
         return "; ".join(messages) or "none"
 
     async def on_kill(self) -> None:
-        """Airflow 3.3+: the user killed, cleared or marked the deferred task: stop the training."""
+        """Airflow 3.3+: the triggerer cancelled this trigger as for a user's action (kill, clear, mark failed or
+        success). It does the same for a trigger it merely no longer owns (its heartbeat lapsed; another triggerer
+        takes the trigger over), so the training is stopped only when the task really ended: not after this
+        trigger fired its event (the task resumes with it), and not while the task is still deferred."""
+        if self._fired:
+            self.log.info("not deleting %s %s/%s: this trigger already fired its event", self.kind, self.namespace,
+                          self.name)
+            return
+        ended, why = await self._task_ended()
+        if not ended:
+            self.log.warning("not deleting %s %s/%s: %s", self.kind, self.namespace, self.name, why)
+            return
         # Held under its own token: run(), cancelled at the same moment, releases the trigger's hold and would
         # otherwise close the client under this call.
         token = object()
         client = await shared_async_client(self.cluster, holder=token)
         try:
             if self.launcher == "pod":
-                await CoreV1Api(client).delete_namespaced_pod(self.name, self.namespace, grace_period_seconds=30)
+                await call_with_fresh_credentials(client, CoreV1Api(client).delete_namespaced_pod, self.name,
+                                                  self.namespace, grace_period_seconds=30)
             else:
-                await async_delete_trainjob(client, self.name, self.namespace)
-            self.log.info("deleted %s %s/%s", self.kind, self.namespace, self.name)
+                await call_with_fresh_credentials(client, async_delete_trainjob, client, self.name, self.namespace)
+            self.log.info("deleted %s %s/%s (%s)", self.kind, self.namespace, self.name, why)
         except Exception as exc:
             if _status(exc) != 404:
                 raise
         finally:
             await release_async_client(self.cluster, token)
+
+    async def _task_ended(self) -> tuple[bool, str]:
+        """(whether the task instance is no longer deferred, why), from its state in Airflow's database."""
+        ti = getattr(self, "task_instance", None)
+        if ti is None:  # not run by a triggerer (a worker's own wait): the caller is the task itself
+            return True, "the task was killed"
+        try:
+            state = await task_state(ti)
+        except Exception as exc:  # keeping a training that should stop beats deleting one that should not
+            return False, (f"could not read the state of task instance {ti.dag_id}/{ti.run_id}/{ti.task_id} "
+                           f"({type(exc).__name__}: {exc}); it keeps running: delete it by hand if the task ended")
+        if state == "deferred":
+            return False, ("the task is still deferred: this triggerer gave the trigger up (another triggerer "
+                           "follows it)")
+        return True, f"the task is now {state or 'cleared'}"
+
+
+async def task_state(ti: Any) -> str | None:
+    """The current state of the task instance ``ti`` (the triggerer's own), through the task SDK's execution API
+    (Airflow 3; only 3.3+ triggerers call on_kill)."""
+    from airflow.sdk.execution_time.comms import GetTaskStates
+    from airflow.sdk.execution_time.task_runner import SUPERVISOR_COMMS
+
+    response = await SUPERVISOR_COMMS.asend(GetTaskStates(dag_id=ti.dag_id, task_ids=[ti.task_id],
+                                                          run_ids=[ti.run_id], map_index=ti.map_index))
+    # The answer keys a mapped task instance as "<task_id>_<map_index>".
+    key = f"{ti.task_id}_{ti.map_index}" if ti.map_index is not None and ti.map_index >= 0 else ti.task_id
+    return response.task_states[ti.run_id][key]
 
 
 def _status(exc: Exception) -> int | None:

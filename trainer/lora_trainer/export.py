@@ -6,6 +6,7 @@ Called on rank 0 only.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 from importlib import metadata
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_provider_lora.core import results, storage
-from airflow_provider_lora.core.spec import LoRASpec, format_key_values
+from airflow_provider_lora.core.spec import LoRASpec
 
 VERSIONED_PACKAGES = ("torch", "transformers", "peft", "trl", "unsloth", "datasets", "bitsandbytes")
 
@@ -64,14 +65,21 @@ def summarize(spec: LoRASpec, *, run_dir: Path, train_output: Any, history: list
         "data": data_stats,
         "versions": _versions(),
         "spec": redacted_spec(spec),
+        "task": _task(),
     }
 
 
-def redacted_spec(spec: LoRASpec) -> dict[str, Any]:
-    """The spec as recorded in artifacts: env values may be secrets, so only their names are kept."""
-    values = spec.model_dump()
-    values["envs"] = format_key_values({k: "<redacted>" for k in spec.env_vars})
-    return values
+redacted_spec = results.redacted_spec
+
+
+def _task() -> dict[str, Any] | None:
+    """The task instance that launched this run (the launcher sets TASK_ENV), so that a retry of that task
+    recognises the run as its own instead of refusing the output it already published."""
+    try:
+        task = json.loads(os.environ.get(results.TASK_ENV) or "null")
+    except ValueError:
+        return None
+    return task if isinstance(task, dict) else None
 
 
 def _quantisation(spec: LoRASpec) -> dict[str, Any] | None:

@@ -27,7 +27,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from airflow_provider_lora.core import storage
 from airflow_provider_lora.core.launchers.pod import RESULT_PREFIX
-from airflow_provider_lora.core.results import RunResult
+from airflow_provider_lora.core.results import RunResult, termination_message
 from airflow_provider_lora.core.spec import LoRASpec, plan_batches
 from lora_trainer import data as data_lib
 from lora_trainer import export
@@ -266,15 +266,12 @@ def _fetch_remote_checkpoint(remote: str, checkpoint_dir: Path, metrics_path: Pa
 
 def _write_termination_message(result: RunResult) -> None:
     """In a Kubernetes pod, a short result in the termination message lets the operator read it without
-    pods/exec or log RBAC (the message is capped at 4 KiB, so only headline figures go there)."""
+    pods/exec or log RBAC (Kubernetes keeps 4 KiB of it, so only headline figures go there, as whole JSON)."""
     path = Path(os.environ.get("LORA_TERMINATION_LOG", "/dev/termination-log"))
     if not path.parent.exists() or not os.access(path.parent, os.W_OK):
         return
-    keys = ("final_loss", "min_loss", "final_eval_loss", "global_step", "train_runtime_seconds",
-            "tokens_per_second")
-    short = {"summary": {k: result.summary.get(k) for k in keys}, "artifacts": result.artifacts}
     try:
-        path.write_text(json.dumps(short)[:4000])
+        path.write_text(termination_message(result.to_xcom()))
     except OSError:
         pass
 

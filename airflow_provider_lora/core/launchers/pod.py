@@ -28,6 +28,19 @@ NODE_LOST_REASONS = {"DeletionByTaintManager", "DeletionByPodGC", "NodeLost"}
 
 RUNNING, PENDING, SUCCEEDED, FAILED = "running", "pending", "succeeded", "failed"
 
+# Terminated reasons of a container whose process never started (the runtime could not exec it).
+NEVER_RAN_REASONS = {"StartError", "ContainerCannotRun"}
+# What a new pod from the same manifest would fail with again: the command line or environment is too large for
+# the kernel, the command is not in the image, or the image reference is invalid. Retrying those only repeats them.
+_REPEATS = re.compile(r"argument list too long|executable file not found|no such file or directory", re.I)
+
+
+def fails_again(reason: str | None, description: str) -> bool:
+    """Whether a pod that failed with ``reason`` (and ``description``) would fail the same way if retried."""
+    if reason == "InvalidImageName":
+        return True
+    return reason in NEVER_RAN_REASONS and bool(_REPEATS.search(description))
+
 
 @dataclass
 class PodState:
@@ -70,7 +83,11 @@ def classify_pod(pod: dict[str, Any]) -> PodState:
     if phase == "failed" or (terminated and terminated.get("exitCode", 0) != 0):
         # The pod's own reason (Evicted, DeadlineExceeded) says more than the container's (Error, OOMKilled).
         reason = status.get("reason") or (terminated or {}).get("reason") or "Error"
-        return PodState(FAILED, reason, status.get("message") or "", (terminated or {}).get("exitCode"),
+        message = status.get("message") or ""
+        if not message and (terminated or {}).get("reason") in NEVER_RAN_REASONS:
+            # The container never ran, so it has no log: the runtime's message is the only cause there is.
+            message = terminated.get("message") or ""
+        return PodState(FAILED, reason, message, (terminated or {}).get("exitCode"),
                         (terminated or {}).get("message") or "")
     if phase == "succeeded":
         return PodState(SUCCEEDED, "Completed", "", (terminated or {}).get("exitCode", 0),
