@@ -133,9 +133,11 @@ class LoRATrainingTrigger(BaseTrigger):
                     return
                 self.log.warning("Kubernetes API call failed (%s/%s): %s", failures, MAX_API_FAILURES, exc)
                 if _status(exc) == 401 and client is not None:
-                    # The token expired or rotated before its stated expiry: reload it and ask again at once.
+                    # The token expired or rotated before its stated expiry: reload it and ask again, at once the
+                    # first time (a token refused again waits as any other failure).
                     await refresh_credentials(client, since=started)
-                    continue
+                    if failures == 1:
+                        continue
                 await asyncio.sleep(max(_retry_after(exc), min(self.poll_interval, 2 ** failures)))
                 continue
 

@@ -24,6 +24,10 @@ How a pod runs (differences from a cluster, on purpose):
 - An image that is no valid reference waits with InvalidImageName (and events), as the kubelet leaves it.
 - RBAC (opt-in): `cluster.rbac_rules = role["rules"]` checks every API request against a Role's rules and answers
   403 Forbidden outside them; `cluster.denied` lists the refused requests.
+- Short-lived tokens (opt-in): `Cluster(token_lifetime=SECONDS)` writes a kubeconfig whose user is a kubeconfig
+  `exec` credential plugin (exec_credential.py, like `aws eks get-token`) issuing tokens valid that long; the server
+  then accepts only unexpired tokens that plugin issued and answers 401 Unauthorized (a Status, as kube-apiserver)
+  to anything else. `token_expiry_in_credential=False` leaves expirationTimestamp out of the ExecCredential.
 
 Faults (`Cluster.set_fault(kind, pod="glob", times=1, **params)`; `times=None` means every time):
 - oom (after_seconds | after_lines, container): SIGKILL, terminated reason OOMKilled, exit 137, phase Failed.
@@ -56,6 +60,7 @@ import json
 import os
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -64,6 +69,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
+from tests.k8s.exec_credential import verify as verify_token
 from tests.k8s.kubelet import Kubelet, _PodRun
 from tests.k8s.trainer_controller import TrainerController
 from tests.k8s.util import (FAULTS, HOST_IP, KINDS, RUNTIME_FAULTS, ApiError, _age, _flag, _int, _json, _make_tls,
@@ -76,13 +82,19 @@ class Cluster(TrainerController, Kubelet):
     """One emulated cluster: API server + scheduler + kubelet of one node. Start on construction; `stop()` ends it."""
 
     def __init__(self, root: str | os.PathLike, *, schedule_delay: float = 0.1, base_env: dict | None = None,
-                 token: str | None = None, trainer_version: str | None = "v2.2.0"):
+                 token: str | None = None, trainer_version: str | None = "v2.2.0",
+                 token_lifetime: float | None = None, token_expiry_in_credential: bool = True):
         self.root = Path(root).resolve()
         self.trainer_version = trainer_version  # Kubeflow Trainer installed (trainer_controller.py); None: not
         self.root.mkdir(parents=True, exist_ok=True)
         self.schedule_delay = schedule_delay
         self.base_env = dict(os.environ if base_env is None else base_env)
         self.token = token or uuid.uuid4().hex
+        # Opt-in short-lived tokens (`token_lifetime` seconds): the kubeconfig gets them from an exec credential
+        # plugin (exec_credential.py), as EKS and GKE kubeconfigs do, instead of the fixed `token`, which is then
+        # refused. `auth_log` records each authentication: (token, "ok" | "expired" | "invalid").
+        self.token_lifetime = token_lifetime
+        self.auth_log: list[tuple[str, str]] = []
         self.request_log: list[tuple[str, str, dict]] = []
         # Opt-in RBAC: set to a Role's `rules` and every API request is checked against them (403 otherwise, as
         # the API server answers); `denied` records each refused (verb, group, resource, namespace).
@@ -100,13 +112,25 @@ class Cluster(TrainerController, Kubelet):
         self.port = self._sock.getsockname()[1]
         self.url = f"https://127.0.0.1:{self.port}"
         self.kubeconfig = self.root / "kubeconfig"
-        self.kubeconfig.write_text(
-            f"apiVersion: v1\nkind: Config\ncurrent-context: emulator\n"
-            f"clusters:\n- name: emulator\n  cluster:\n    server: {self.url}\n"
-            f"    certificate-authority: {self.ca_file}\n"
-            f"users:\n- name: emulator\n  user:\n    token: {self.token}\n"
-            f"contexts:\n- name: emulator\n  context:\n    cluster: emulator\n    user: emulator\n"
-            f"    namespace: default\n")
+        user = {"token": self.token}
+        if token_lifetime is not None:
+            self._token_key = os.urandom(32)
+            key_file = self.root / "token-signing.key"
+            key_file.write_bytes(self._token_key)
+            key_file.chmod(0o600)
+            self.issued_tokens_file = self.root / "issued-tokens.log"  # one line per token the plugin issued
+            args = [str(Path(__file__).with_name("exec_credential.py")), "--key-file", str(key_file),
+                    "--lifetime", str(token_lifetime), "--log", str(self.issued_tokens_file)]
+            user = {"exec": {"apiVersion": "client.authentication.k8s.io/v1", "command": sys.executable,
+                             "args": args + ([] if token_expiry_in_credential else ["--no-expiration-timestamp"]),
+                             "interactiveMode": "Never"}}
+        self.kubeconfig.write_text(json.dumps({  # JSON is YAML
+            "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+            "clusters": [{"name": "emulator", "cluster": {"server": self.url,
+                                                         "certificate-authority": str(self.ca_file)}}],
+            "users": [{"name": "emulator", "user": user}],
+            "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "emulator",
+                                                         "namespace": "default"}}]}, indent=1))
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="k8s-emulator", daemon=True)
         self._thread.start()
@@ -238,8 +262,7 @@ class Cluster(TrainerController, Kubelet):
     async def _middleware(self, request: web.Request, handler):
         self.request_log.append((request.method, request.path, dict(request.query)))
         try:
-            if request.headers.get("Authorization") != f"Bearer {self.token}":
-                raise ApiError(401, "Unauthorized")
+            self._authenticate(request)
             if self.rbac_rules is not None:
                 self._authorize(request)
             fault = self._take_fault(("api_error", "api_timeout"), request=request)
@@ -257,6 +280,19 @@ class Cluster(TrainerController, Kubelet):
             return ApiError(404, "the server could not find the requested resource").response()
         except web.HTTPMethodNotAllowed:
             return ApiError(405, "the server does not allow this method on the requested resource").response()
+
+    def _authenticate(self, request: web.Request):
+        """The bearer token must be the fixed token or, with `token_lifetime`, an unexpired one the exec plugin
+        issued; otherwise 401 with the body kube-apiserver sends (it never says why)."""
+        header = request.headers.get("Authorization", "")
+        token = header[len("Bearer "):] if header.startswith("Bearer ") else ""
+        if self.token_lifetime is None:
+            verdict = "ok" if token == self.token else "invalid"
+        else:
+            verdict = verify_token(self._token_key, token)
+            self.auth_log.append((token, verdict))
+        if verdict != "ok":
+            raise ApiError(401, "Unauthorized")
 
     _RESOURCE_PATH = re.compile(r"^/(?:api/v1|apis/(?P<group>[^/]+)/[^/]+)(?:/namespaces/(?P<ns>[^/]+))?"
                                 r"/(?P<res>[^/]+)(?:/(?P<name>[^/]+)(?:/(?P<sub>[^/]+))?)?$")
