@@ -1,8 +1,10 @@
 """An emulated Kubernetes API server (core/v1) whose kubelet runs containers as local processes.
 
 No kube-apiserver can run on these machines, so tests point the REAL clients (`kubernetes`, `kubernetes_asyncio`,
-`kubectl`) at this server: HTTPS with its own CA, a bearer token, a kubeconfig. It runs in a background thread with
-its own event loop, so sync and async tests can both use it. Each request costs a dict look-up, no history scan.
+`kubectl`) at this server: HTTPS with its own CA, a bearer token, a kubeconfig. It refuses what a real API server
+(1.33) refuses, with the real status codes and messages: schemas, names, labels, quantities, fieldValidation,
+Pod Security admission (validation.py), and Kubeflow Trainer's CRDs and webhook (trainer_controller.py). It runs
+in a background thread with its own event loop, so sync and async tests can both use it. Each request costs a dict look-up, no history scan.
 
 How a pod runs (differences from a cluster, on purpose):
 - Every container's `command` + `args` is run as a local process, argv exactly as given (no shell), after
@@ -74,8 +76,9 @@ from tests.k8s.kubelet import Kubelet, _PodRun
 from tests.k8s.trainer_controller import TrainerController
 from tests.k8s.util import (FAULTS, HOST_IP, KINDS, RUNTIME_FAULTS, ApiError, _age, _flag, _int, _json, _make_tls,
                             _merge_patch, _nano, _now_s, field_selector, label_selector)
+from tests.k8s.validation import (check_pod_security, invalid, metadata_errors, unknown_field_warnings,
+                                  validate_core)
 
-_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 
 
 class Cluster(TrainerController, Kubelet):
@@ -103,6 +106,7 @@ class Cluster(TrainerController, Kubelet):
         self._store: dict[str, dict[str, dict[str, dict]]] = {r: {} for r in KINDS}  # resource -> ns -> name -> obj
         self._runs: dict[tuple[str, str], _PodRun] = {}
         self._faults: list[dict] = []
+        self._namespace_labels: dict[str, dict[str, str]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._pumps: set[asyncio.Task] = set()  # output readers: let them finish on stop
         self._rv, self._rv_now, self._ips, self._event_ns = itertools.count(1), 0, itertools.count(2), 0
@@ -368,7 +372,7 @@ class Cluster(TrainerController, Kubelet):
     # ----- discovery -----
 
     async def _version(self, request):
-        return _json({"major": "1", "minor": "32", "gitVersion": "v1.32.0-emulator", "gitCommit": "emulator",
+        return _json({"major": "1", "minor": "33", "gitVersion": "v1.33.0-emulator", "gitCommit": "emulator",
                       "gitTreeState": "clean", "buildDate": "2025-01-01T00:00:00Z", "goVersion": "go1.23.4",
                       "compiler": "gc", "platform": "linux/amd64"})
 
@@ -390,9 +394,18 @@ class Cluster(TrainerController, Kubelet):
             res("configmaps", "ConfigMap", crud, ["cm"]),
             res("namespaces", "Namespace", ["get", "list"], ["ns"], namespaced=False)]})
 
+    def namespace_labels(self, ns: str) -> dict[str, str]:
+        """Every namespace exists; its labels (Pod Security admission reads them) are set by `label_namespace`."""
+        return {"kubernetes.io/metadata.name": ns, **self._namespace_labels.get(ns, {})}
+
+    def label_namespace(self, ns: str, labels: dict[str, str]) -> None:
+        """Test helper: e.g. {"pod-security.kubernetes.io/enforce": "restricted"} makes admission enforce it."""
+        self._call(lambda: self._namespace_labels.setdefault(ns, {}).update(labels))
+
     def _namespace_obj(self, ns: str) -> dict:
-        return {"kind": "Namespace", "apiVersion": "v1", "metadata": {"name": ns, "uid": str(uuid.uuid5(
-            uuid.NAMESPACE_DNS, ns)), "creationTimestamp": "2025-01-01T00:00:00Z"}, "status": {"phase": "Active"}}
+        return {"kind": "Namespace", "apiVersion": "v1", "metadata": {
+            "name": ns, "uid": str(uuid.uuid5(uuid.NAMESPACE_DNS, ns)), "creationTimestamp": "2025-01-01T00:00:00Z",
+            "labels": self.namespace_labels(ns)}, "status": {"phase": "Active"}}
 
     async def _namespaces(self, request):
         names = {"default", "kube-system"}.union(*(s.keys() for s in self._store.values()))
@@ -462,14 +475,13 @@ class Cluster(TrainerController, Kubelet):
                                 "request")
         if not md.get("name") and md.get("generateName"):
             md["name"] = md["generateName"] + uuid.uuid4().hex[:5]
-        name = md.get("name") or ""
-        if not name or not _NAME.fullmatch(name):
-            raise ApiError(422, f'{kind} "{name}" is invalid: metadata.name: Invalid value: "{name}": a lowercase '
-                                f"RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.'",
-                           name=name, kind=res)
+        obj.update(kind=kind, apiVersion="v1")
+        dropped = validate_core(obj, request.query.get("fieldValidation"))
+        name = md["name"]
+        if res == "pods":
+            check_pod_security(obj, self.namespace_labels(ns))
         if name in self._store[res].get(ns, {}):
             raise ApiError(409, f'{res} "{name}" already exists', name=name, kind=res)
-        obj.update(kind=kind, apiVersion="v1")
         md.update(namespace=ns, uid=str(uuid.uuid4()), creationTimestamp=_now_s())
         if res == "pods":
             self._pod_defaults(obj)
@@ -478,11 +490,11 @@ class Cluster(TrainerController, Kubelet):
             for k, v in (obj.pop("stringData", None) or {}).items():
                 obj.setdefault("data", {})[k] = base64.b64encode(v.encode()).decode()
         if request.query.get("dryRun"):
-            return _json(obj, 201)
+            return _json(obj, 201, unknown_field_warnings(dropped))
         self._put(res, obj)
         if res == "pods":
             self._start_pod(obj)
-        return _json(obj, 201)
+        return _json(obj, 201, unknown_field_warnings(dropped))
 
     def _start_pod(self, pod: dict):
         """Hand a stored pod to the kubelet (API creates and controllers' creates alike)."""
@@ -492,20 +504,9 @@ class Cluster(TrainerController, Kubelet):
         self._spawn(self._run_pod(run))
 
     def _pod_defaults(self, pod: dict):
-        """What the API server's defaulting and admission add, and the validation a test is likely to trip."""
-        spec, name = pod.setdefault("spec", {}), pod["metadata"]["name"]
-        volumes = {v.get("name") for v in spec.get("volumes") or []}
-        if not spec.get("containers"):
-            raise ApiError(422, f'Pod "{name}" is invalid: spec.containers: Required value', name=name, kind="pods")
-        for i, c in enumerate(spec["containers"]):
-            for field in ("name", "image"):
-                if not c.get(field):
-                    raise ApiError(422, f'Pod "{name}" is invalid: spec.containers[{i}].{field}: Required value',
-                                   name=name, kind="pods")
-            for j, m in enumerate(c.get("volumeMounts") or []):
-                if m.get("name") not in volumes:
-                    raise ApiError(422, f'Pod "{name}" is invalid: spec.containers[{i}].volumeMounts[{j}].name: '
-                                        f'Not found: "{m.get("name")}"', name=name, kind="pods")
+        """What the API server's defaulting and admission add (validation.py has already checked the pod)."""
+        spec = pod.setdefault("spec", {})
+        for c in spec["containers"]:
             c.setdefault("terminationMessagePath", "/dev/termination-log")
             c.setdefault("terminationMessagePolicy", "File")
             c.setdefault("imagePullPolicy", "Always" if ":" not in c["image"].rsplit("/", 1)[-1] or
@@ -578,6 +579,11 @@ class Cluster(TrainerController, Kubelet):
                                   if k in ("labels", "annotations")}}
         else:
             patch.pop("metadata", None)
+        patched = json.loads(json.dumps(obj))
+        _merge_patch(patched, patch)
+        errors = metadata_errors(patched["metadata"])
+        if errors:
+            raise invalid(KINDS[res], name, errors, resource=res)
         _merge_patch(obj, patch)
         self._bump(obj)
         return _json(obj)

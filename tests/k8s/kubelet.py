@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -227,7 +228,7 @@ class Kubelet:
         c.term_file = run.dir / f"{c.name}.termination-log"
         c.term_file.parent.mkdir(parents=True, exist_ok=True)
         c.term_file.write_bytes(b"")
-        full = {**self.base_env, "HOSTNAME": run.pod["metadata"]["name"], "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+        full = {**self.base_env, "HOSTNAME": run.pod["spec"].get("hostname") or run.pod["metadata"]["name"], "KUBERNETES_SERVICE_HOST": "127.0.0.1",
                 "KUBERNETES_SERVICE_PORT": str(self.port), **env, "EMULATOR_MOUNT_MAP": json.dumps(mounts),
                 "LORA_TERMINATION_LOG": str(c.term_file)}
         argv = [self._expand(a, env) for a in (spec.get("command") or []) + (spec.get("args") or [])]
@@ -292,6 +293,10 @@ class Kubelet:
         try:
             if not argv:
                 raise FileNotFoundError("no command specified (the emulator has no image entrypoint)")
+            if run.pod["spec"].get("subdomain"):
+                if not shutil.which(argv[0]):
+                    raise FileNotFoundError(2, "No such file or directory")
+                argv = self._with_pod_hosts(run, argv)
             c.proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, env=env, cwd=cwd, start_new_session=True)
@@ -311,6 +316,20 @@ class Kubelet:
         self._event(run.pod, "Normal", "Started", f"Started container {c.name}", field_path=fp)
         self._cstatus(run, c, {"running": {"startedAt": started}}, ready=True, started=True)
         self._pumps.add(self._spawn(self._pump(run, c, started)))
+
+    def _with_pod_hosts(self, run: _PodRun, argv: list[str]) -> list[str]:
+        """Cluster DNS for a pod with a hostname and subdomain (a JobSet's pods, behind its headless service):
+        `<hostname>.<subdomain>[.<ns>.svc.cluster.local]` of every such pod in the namespace resolves (to this
+        machine, where every emulated node runs), as the cluster's DNS answers it, and nothing else new does. The
+        process gets its own /etc/hosts in a private mount namespace, so nothing outside the pod changes."""
+        ns = run.pod["metadata"]["namespace"]
+        names = [f"{s['hostname']}.{s['subdomain']}" for p in self._store["pods"].get(ns, {}).values()
+                 if (s := p["spec"]).get("hostname") and s.get("subdomain")]
+        hosts = run.dir / "etc-hosts"
+        hosts.write_text(Path("/etc/hosts").read_text() + "".join(
+            f"127.0.0.1 {n} {n}.{ns}.svc.cluster.local\n" for n in sorted(set(names))))
+        return ["unshare", "--mount", "--", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts),
+                *argv]
 
     async def _pump(self, run: _PodRun, c: _Container, started: str):
         """Collect the container's output as timestamped log lines; on exit, report its terminated state."""
