@@ -2,7 +2,8 @@
 
 Defaults fine-tune SmolLM2-135M-Instruct on the example "records -> JSON" data on CPU in a few minutes
 (``make demo``). Set ``LORA_EXAMPLE_LAUNCHER=pod`` (and a ``kubernetes_default`` connection) to train in a GPU pod
-instead; every value in the form still applies.
+instead, with ``LORA_EXAMPLE_IMAGE`` (or ``[lora] image``) naming your build of trainer/Dockerfile; every value in the
+form still applies.
 """
 
 from __future__ import annotations
@@ -45,5 +46,6 @@ with DAG(
     LoRATrainingOperator(
         task_id="train",
         launcher=LAUNCHER,
+        image=os.environ.get("LORA_EXAMPLE_IMAGE"),  # None: [lora] image; "local" needs none
         **{**templated_spec_kwargs(), "output_uri": "{{ params.output_uri }}/{{ run_id }}"},
     )

@@ -12,6 +12,9 @@ import tempfile  # noqa: E402
 
 os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="lora-airflow-home-")
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+# [lora] image: the training image of every pod and TrainJob task here that passes no image= (the operator requires
+# one; the emulated kubelet runs the container's command, whatever the image).
+os.environ.setdefault("AIRFLOW__LORA__IMAGE", "registry.example/lora-trainer:0.1.0")
 
 # unsloth patches transformers, peft and trl when imported and must come before them (the trainer does the same).
 # The Airflow 2.11 venv (make test-airflow2) has no ML stack: its tests train in the main venv's python.

@@ -163,11 +163,13 @@ def test_labels_carry_versions():
             assert ":" in args.split()[0] and not args.split()[0].endswith(":latest"), args
 
 
-def test_image_default_in_render_matches_the_version():
+def test_no_default_image_names_one_nobody_publishes():
+    """The image is the user's own build: PodOptions has no default, so nothing launches an image that does not
+    exist and waits the whole startup_timeout on ImagePullBackOff."""
     from airflow_provider_lora.core.render import PodOptions
 
-    pyproject_version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-    assert PodOptions.model_fields["image"].default.endswith(f"/trainer:{pyproject_version}")
+    assert PodOptions.model_fields["image"].is_required()
+    assert "ghcr.io/airflow-provider-lora" not in DOCKERFILE.read_text()
 
 
 # ---- the replay (minutes: a 3 GB venv from the pip cache) -------------------------------------------------------------

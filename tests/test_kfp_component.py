@@ -24,6 +24,7 @@ from airflow_provider_lora.kfp.cluster import _pod_options, launch_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 KFP_PYTHON = ROOT / ".venv-kfp" / "bin" / "python"
+KFP_IMAGE = "registry.example/lora-trainer:0.1.0"  # LORA_KFP_BASE_IMAGE of the compiled components
 SEED_MD = ROOT / "tests" / "data" / "seed-lora-training-component.md"
 EXAMPLE = ROOT / "tests" / "data" / "seed_example_pipeline.py"
 SEED_IMPORT = "from components.training.lora import train_model"
@@ -43,7 +44,9 @@ def kfp_python() -> Path:
 
 def run_kfp(python: Path, script: str, *args: str, env: dict | None = None, timeout: float = 900,
             expect_failure: bool = False) -> str:
-    """Run tests/kfp/<script> in .venv-kfp; fail with its output when it fails (or, expecting that, succeeds)."""
+    """Run tests/kfp/<script> in .venv-kfp; fail with its output when it fails (or, expecting that, succeeds). The
+    component needs LORA_KFP_BASE_IMAGE when it is compiled: KFP_IMAGE unless ``env`` says otherwise."""
+    env = {"LORA_KFP_BASE_IMAGE": KFP_IMAGE, **(os.environ if env is None else env)}
     proc = subprocess.run([str(python), str(ROOT / "tests" / "kfp" / script), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if (proc.returncode != 0) != expect_failure:
@@ -104,7 +107,7 @@ def test_the_component_has_the_seeds_inputs_names_types_defaults_and_order(kfp_p
             assert not param["required"] and param["default"] == expected, param["name"]
             assert type(param["default"]) is type(expected), param["name"]  # 128, not 128.0
     assert report["return"] == "str"
-    assert report["base_image"] == "ghcr.io/airflow-provider-lora/trainer:0.1.0"  # PodOptions' training image
+    assert report["base_image"] == KFP_IMAGE  # LORA_KFP_BASE_IMAGE when compiled
 
     # As KFP compiled it: the defaults in the component YAML, descriptions from LoRASpec.
     parameters = report["compiled"]["root"]["inputDefinitions"]["parameters"]
@@ -126,7 +129,8 @@ def test_the_component_has_the_seeds_inputs_names_types_defaults_and_order(kfp_p
     assert report["in_task_same_inputs"] is True
     in_task, _ = report["in_task"]
     container = in_task["deploymentSpec"]["executors"]["exec-train-model"]["container"]
-    assert container["env"] == [{"name": "LORA_KFP_LAUNCHER", "value": "in-task"}]
+    assert container["env"] == [{"name": "LORA_KFP_TRAINING_IMAGE", "value": KFP_IMAGE},
+                                {"name": "LORA_KFP_LAUNCHER", "value": "in-task"}]
     assert container["resources"]["accelerator"]["resourceCount"] == "1"
     assert "taskConfigPassthroughs" not in in_task["components"]["comp-train-model"]
     # The task config stand-ins used below have the real dsl.TaskConfig's fields.
@@ -183,7 +187,9 @@ def test_seed_example_compiles_to_yaml(kfp_python, tmp_path):
                      "training_num_epochs": 3, "training_effective_batch_size": 128, "training_max_seq_len": 8192,
                      "training_lora_r": 16, "training_lora_alpha": 32}
     container = pipeline["deploymentSpec"]["executors"]["exec-train-model"]["container"]
-    assert container["image"] == "ghcr.io/airflow-provider-lora/trainer:0.1.0"
+    assert container["image"] == KFP_IMAGE
+    # Launched pods and TrainJobs run the same image (LORA_KFP_POD_OPTIONS may name another).
+    assert container["env"] == [{"name": "LORA_KFP_TRAINING_IMAGE", "value": KFP_IMAGE}]
     assert not any("pip install" in part for part in container["command"])  # the image holds everything
     component = pipeline["components"]["comp-train-model"]
     assert component["taskConfigPassthroughs"] == [
@@ -233,6 +239,9 @@ def component_inputs(tmp_path: Path, **overrides) -> dict:
      r"KUBERNETES_SERVER_URL='http://10.0.0.1:6443' is not valid: the API server must be reached over https://"),
     ({"LORA_KFP_LAUNCHER": "pod", "LORA_KFP_POD_OPTIONS": '{"imagee": "x"}'}, {},
      r"LORA_KFP_POD_OPTIONS sets imagee: not PodOptions fields; accepted: namespace, image"),
+    ({"LORA_KFP_LAUNCHER": "pod", "KUBERNETES_SERVER_URL": "https://127.0.0.1:1", "KUBERNETES_AUTH_TOKEN": "t",
+      "LORA_KFP_TRAINING_IMAGE": ""}, {},
+     r"LORA_KFP_POD_OPTIONS has no image and LORA_KFP_TRAINING_IMAGE is not set .*=\{\"image\": "),
     ({"LORA_KFP_LAUNCHER": "pod", "KUBERNETES_SERVER_URL": "https://127.0.0.1:1", "KUBERNETES_AUTH_TOKEN": "t"}, {},
      r"output_uri=.* is not on a mounted volume.*\n\(KFP: the training job must see pvc_path"),
     ({"LORA_KFP_LAUNCHER": "k8s"}, {}, r"LORA_KFP_LAUNCHER='k8s' is not valid: accepted: trainjob, pod, in-task"),
@@ -248,6 +257,7 @@ def component_inputs(tmp_path: Path, **overrides) -> dict:
     ({"LORA_KFP_LAUNCHER": "in-task"}, {"pvc_path": "/no/such/dir"}, r"pvc_path='/no/such/dir' is not a directory"),
 ])
 def test_bad_input_fails_before_anything_launches_naming_the_input(tmp_path, env, overrides, message):
+    env = {"LORA_KFP_TRAINING_IMAGE": KFP_IMAGE, **env}  # what the compiled component sets
     with pytest.raises((ValueError, RuntimeError), match=message):
         runtime.run_component(component_inputs(tmp_path, **overrides), env=env, log=lambda line: None)
     assert not (tmp_path / "ws" / runtime.RUNS_DIR).exists()  # nothing trained
@@ -287,7 +297,9 @@ def test_task_config_passes_through_to_the_training_pod_and_secrets_stay_referen
              {"name": "KUBERNETES_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "k", "key": "t"}}},
              {"name": "WANDB_MODE", "value": "offline"}],
         resources={"limits": {"cpu": "1", "ephemeral-storage": "50Gi"}})
-    launch = launch_settings({"LORA_KFP_POD_OPTIONS": '{"namespace": "team-a"}'}, config, "/kfp-workspace")
+    launch = launch_settings({"LORA_KFP_POD_OPTIONS": '{"namespace": "team-a"}', "LORA_KFP_TRAINING_IMAGE": KFP_IMAGE},
+                             config, "/kfp-workspace")
+    assert launch.options.image == KFP_IMAGE  # the task's own image, as the component sets it
     assert launch.envs == {"WANDB_MODE": "offline"}  # literal values join the spec's envs
     spec = LoRASpec(base_model="m", dataset="/kfp-workspace/d.jsonl", output_uri="/kfp-workspace/lora-runs/k",
                     resource_cpu_per_worker="8", envs="WANDB_MODE=offline")
@@ -315,10 +327,10 @@ def test_a_literal_secret_in_the_task_env_is_refused_and_hf_token_goes_by_refere
         launch_settings({}, leaked, "/ws")
     assert "hf_literal" not in str(err.value)
     warnings: list[str] = []
-    launch = launch_settings({"HF_TOKEN": "hf_value", "LORA_KFP_HF_TOKEN_SECRET": "hf/token"}, None, "/ws",
-                             warnings.append)
+    launch = launch_settings({"HF_TOKEN": "hf_value", "LORA_KFP_HF_TOKEN_SECRET": "hf/token",
+                              "LORA_KFP_TRAINING_IMAGE": KFP_IMAGE}, None, "/ws", warnings.append)
     assert launch.options.secret_env["HF_TOKEN"].name == "hf" and not warnings
-    launch_settings({"HF_TOKEN": "hf_value"}, None, "/ws", warnings.append)
+    launch_settings({"HF_TOKEN": "hf_value", "LORA_KFP_TRAINING_IMAGE": KFP_IMAGE}, None, "/ws", warnings.append)
     assert "HF_TOKEN is set in this task but is not passed" in warnings[0] and "hf_value" not in warnings[0]
 
 
@@ -328,7 +340,9 @@ def test_a_trainjob_carries_the_same_workload_from_the_task():
     config = task_config(volumes=[{"name": "ws", "persistentVolumeClaim": {"claimName": "run-ws"}}],
                          volume_mounts=[{"name": "ws", "mountPath": "/kfp-workspace"}],
                          env=[{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}])
-    launch = launch_settings({}, config, "/kfp-workspace")
+    launch = launch_settings({"LORA_KFP_POD_OPTIONS": '{"image": "registry.example/other:2"}'}, config,
+                             "/kfp-workspace")
+    assert launch.options.image == "registry.example/other:2"  # LORA_KFP_POD_OPTIONS names another image
     spec = LoRASpec(base_model="m", dataset="/kfp-workspace/d.jsonl", output_uri="/kfp-workspace/lora-runs/k",
                     resource_num_workers=2, resource_gpu_per_worker=4)
     job = render_trainjob(spec, launch.options, TaskIdentity(dag_id="kfp", task_id="train_model", run_id="k"),
@@ -455,6 +469,7 @@ def test_pipeline_trains_in_an_emulated_pod_and_deletes_it(kfp_python, k8s_clust
     (pod,) = seen.values()
     assert pod["metadata"]["name"].startswith("lora-kfp-train-model-")
     container = pod["spec"]["containers"][0]
+    assert container["image"] == KFP_IMAGE  # the component's own image
     assert HF_TOKEN_REF in container["env"]
     assert container["command"][:3] == ["python", "-m", "lora_trainer"]
 
@@ -501,6 +516,19 @@ def test_docs_name_every_setting_and_every_extra_spec_field():
             assert f"`{name}`" in spec_row, name
 
 
+@pytest.mark.parametrize("image", [None, "", "Registry.Example/Team/Trainer"])
+def test_the_component_refuses_to_compile_without_a_valid_image(kfp_python, image):
+    """No published image to fall back on: without LORA_KFP_BASE_IMAGE the import fails, naming the setting."""
+    env = {k: v for k, v in os.environ.items() if k != "LORA_KFP_BASE_IMAGE"}
+    if image is not None:
+        env["LORA_KFP_BASE_IMAGE"] = image
+    proc = subprocess.run([str(kfp_python), "-c", "import airflow_provider_lora.kfp.component"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert f"LORA_KFP_BASE_IMAGE={image or ''!r} is not valid: set it, when compiling the pipeline" in proc.stderr
+    assert "registry.example.com/team/lora-trainer:0.1.0" in proc.stderr
+
+
 def test_the_kfp_venv_holds_kfp_the_core_and_the_trainer_but_no_airflow(kfp_python):
     code = ("import importlib.util, sys, kfp, kubernetes; "
             "import airflow_provider_lora.core.render, airflow_provider_lora.core.results, "
@@ -508,7 +536,8 @@ def test_the_kfp_venv_holds_kfp_the_core_and_the_trainer_but_no_airflow(kfp_pyth
             "airflow_provider_lora.core.launchers.local, airflow_provider_lora.kfp.component, lora_trainer.data; "
             "print(kfp.__version__, kubernetes.__version__, importlib.util.find_spec('airflow') is None, "
             "sorted(m for m in sys.modules if m.split('.')[0] == 'airflow'))")
-    proc = subprocess.run([str(kfp_python), "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([str(kfp_python), "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "LORA_KFP_BASE_IMAGE": KFP_IMAGE})
     assert proc.returncode == 0, proc.stderr
     kfp_version, kubernetes_version, no_airflow, airflow_modules = proc.stdout.split(maxsplit=3)
     assert kfp_version.startswith("2.") and int(kubernetes_version.split(".")[0]) < 31
@@ -536,7 +565,8 @@ def test_a_retry_of_the_same_execution_collects_the_published_run_without_traini
               "volume_mounts": [{"name": "ws", "mountPath": str(workspace)}]}
     env = {"LORA_KFP_LAUNCHER": "pod", "KUBERNETES_SERVER_URL": k8s_cluster.url,
            "KUBERNETES_AUTH_TOKEN": k8s_cluster.token, "KUBERNETES_CA_CERT": str(k8s_cluster.ca_file),
-           "LORA_KFP_POD_OPTIONS": json.dumps(volume), "LORA_KFP_POLL_SECONDS": "0.3"}
+           "LORA_KFP_POD_OPTIONS": json.dumps(volume), "LORA_KFP_POLL_SECONDS": "0.3",
+           "LORA_KFP_TRAINING_IMAGE": KFP_IMAGE}
 
     def execute(attempt: str) -> tuple[dict, list[str]]:
         out = tmp_path / attempt

@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 
 import pytest
 
@@ -84,17 +85,36 @@ def test_each_way_a_running_pod_dies_has_its_reason(k8s_cluster, fault, params, 
     assert event["status"] == "failed" and event["reason"] == reason, event
 
 
-@pytest.mark.parametrize("fault, reason, event_text", [
-    ("unschedulable", "Unschedulable", "Insufficient nvidia.com/gpu"),
-    ("image_pull_backoff", "ImagePullBackOff", "Back-off pulling image"),
+# A registry that does not answer: the pull may succeed later, unlike one of an image that does not exist.
+REGISTRY_DOWN = ('rpc error: code = Unknown desc = failed to pull and unpack image "registry.example/trainer:1": '
+                 'failed to resolve reference "registry.example/trainer:1": failed to do request: Head '
+                 '"https://registry.example/v2/trainer/manifests/1": dial tcp 10.0.0.7:443: i/o timeout')
+
+
+@pytest.mark.parametrize("fault, params, reason, event_text", [
+    ("unschedulable", {}, "Unschedulable", "Insufficient nvidia.com/gpu"),
+    ("image_pull_backoff", {"message": REGISTRY_DOWN}, "ImagePullBackOff", "Back-off pulling image"),
 ])
-def test_a_pod_stuck_pending_past_startup_timeout_names_the_reason_and_events(k8s_cluster, fault, reason,
+def test_a_pod_stuck_pending_past_startup_timeout_names_the_reason_and_events(k8s_cluster, fault, params, reason,
                                                                                event_text):
-    k8s_cluster.set_fault(fault, pod="stuck", times=None)
+    k8s_cluster.set_fault(fault, pod="stuck", times=None, **params)
     create(k8s_cluster, cheap_pod("stuck", "print('never')"))
     event = first_event(trigger(k8s_cluster, "stuck", startup_timeout=1.5))
     assert event["status"] == "stuck" and reason in event["reason"] + event["description"], event
     assert event_text in event["description"]
+
+
+def test_an_image_the_registry_does_not_have_fails_at_once_instead_of_waiting_the_startup_timeout(k8s_cluster):
+    """The kubelet's pull was answered "not found" (the emulator words it as containerd does): no waiting helps, so
+    the trigger reports it on the poll that sees it, not after startup_timeout (an hour here)."""
+    k8s_cluster.set_fault("image_pull_backoff", pod="missing", times=None, backoff_after=30)
+    create(k8s_cluster, cheap_pod("missing", "print('never')"))
+    started = time.monotonic()
+    event = first_event(trigger(k8s_cluster, "missing", startup_timeout=3600), timeout=30)
+    assert time.monotonic() - started < 10
+    assert event["status"] == "stuck" and event["reason"] == "ImageNotFound", event
+    assert "ErrImagePull" in event["description"] and ": not found" in event["description"]
+    assert "does not clear by waiting" in event["description"]
 
 
 def test_api_errors_are_retried_then_reported(k8s_cluster):

@@ -60,6 +60,23 @@ def test_pod_status_reasons():
     assert classify_pod(_pod("Running", deleting=True)).reason == "Deleted"
     pull = classify_pod(_pod("Pending", container={"waiting": {"reason": "ImagePullBackOff"}}))
     assert (pull.phase, pull.reason, pull.stuck) == ("pending", "ImagePullBackOff", False)  # may clear: waits
+    for reason, message in [  # the registry says the image or tag does not exist: waiting does not help
+        ("ErrImagePull", 'rpc error: code = NotFound desc = failed to pull and unpack image "r.example/t:9": '
+                         'failed to resolve reference "r.example/t:9": r.example/t:9: not found'),
+        ("ImagePullBackOff", 'Back-off pulling image "quay.io/t/t:9": ErrImagePull: reading manifest 9 in '
+                             "quay.io/t/t: manifest unknown"),
+    ]:
+        missing = classify_pod(_pod("Pending", container={"waiting": {"reason": reason, "message": message}}))
+        assert (missing.reason, missing.stuck) == ("ImageNotFound", True), message
+        assert missing.message == f"{reason}: {message}"
+    for message in [  # may clear: a pull secret added, the registry back
+        'rpc error: code = Unknown desc = failed to pull and unpack image "r.example/t:9": failed to authorize: '
+        "failed to fetch anonymous token: unexpected status: 401 Unauthorized",
+        'Error response from daemon: pull access denied for t, repository does not exist or may require '
+        "authorization",
+        "dial tcp 10.0.0.7:443: i/o timeout"]:
+        denied = classify_pod(_pod("Pending", container={"waiting": {"reason": "ErrImagePull", "message": message}}))
+        assert (denied.reason, denied.stuck) == ("ErrImagePull", False), message
     bad = classify_pod(_pod("Pending", container={"waiting": {"reason": "InvalidImageName"}}))
     assert (bad.reason, bad.stuck) == ("InvalidImageName", True)
     unscheduled = classify_pod(_pod("Pending", conditions=[{"type": "PodScheduled", "status": "False",

@@ -19,7 +19,7 @@ from airflow_provider_lora.core import render
 from airflow_provider_lora.core.launchers import pod as pod_launcher
 from airflow_provider_lora.kube import close_shared_clients
 from airflow_provider_lora.operators.lora import LoRATrainingOperator
-from tests.test_pod_launcher import cheap_pod, create, first_event, trigger
+from tests.test_pod_launcher import REGISTRY_DOWN, cheap_pod, create, first_event, trigger
 
 WORKING = "import time\nfor i in range(400):\n    print('working', i, flush=True)\n    time.sleep(0.05)"
 RESULT = 'print("step 1"); print("LORA_RESULT " + __import__("json").dumps({"summary": {"global_step": 1}}))'
@@ -48,8 +48,8 @@ def stand_in(monkeypatch, s3_endpoint):
 
 def operator(cluster, **kwargs) -> LoRATrainingOperator:
     settings = dict(
-        task_id="train", launcher="pod", kubernetes_conn_id=None, config_file=str(cluster.kubeconfig),
-        poll_interval=0.2, startup_timeout=60, deferrable=False, base_model="org/model", dataset="org/data",
+        task_id="train", launcher="pod", image="registry.example/lora-trainer:0.1.0", kubernetes_conn_id=None,
+        config_file=str(cluster.kubeconfig), poll_interval=0.2, startup_timeout=60, deferrable=False, base_model="org/model", dataset="org/data",
         output_uri="s3://reliability/out", resource_gpu_per_worker=0, resource_cpu_per_worker="1",
         resource_memory_per_worker="1Gi")
     return LoRATrainingOperator(**{**settings, **kwargs})
@@ -93,14 +93,15 @@ def test_a_pod_that_dies_fails_the_task_with_its_reason_and_last_lines(k8s_clust
 
 # ---- a pod that never starts ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fault, expected", [
-    ("unschedulable", ["Unschedulable", "Insufficient nvidia.com/gpu", "startup_timeout=2s"]),
-    ("image_pull_backoff", ["ImagePullBackOff", "Back-off pulling image", "startup_timeout=2s"]),
+@pytest.mark.parametrize("fault, params, expected", [
+    ("unschedulable", {}, ["Unschedulable", "Insufficient nvidia.com/gpu", "startup_timeout=2s"]),
+    ("image_pull_backoff", {"message": REGISTRY_DOWN}, ["ImagePullBackOff", "Back-off pulling image",
+                                                        "startup_timeout=2s"]),
 ])
-def test_a_pod_pending_past_startup_timeout_fails_and_is_deleted(k8s_cluster, stand_in, fault, expected):
+def test_a_pod_pending_past_startup_timeout_fails_and_is_deleted(k8s_cluster, stand_in, fault, params, expected):
     """Transient reasons (an autoscaler may add a node; a registry may come back) wait the whole startup_timeout.
     Then the pod is deleted whatever on_finish_action says: kept, it could start later with nobody watching."""
-    k8s_cluster.set_fault(fault, pod="lora-*", times=None)
+    k8s_cluster.set_fault(fault, pod="lora-*", times=None, **params)
     message = fail_with(k8s_cluster, operator(k8s_cluster, startup_timeout=2, on_finish_action="keep_pod"))
     for text in expected:
         assert text in message, message
@@ -116,6 +117,23 @@ def test_an_invalid_image_fails_at_once_instead_of_waiting_the_startup_timeout(k
     event = first_event(trigger(k8s_cluster, "badimage", startup_timeout=3600), timeout=30)
     assert event["status"] == "stuck" and event["reason"] == "InvalidImageName", event
     assert "does not clear by waiting" in event["description"] and "invalid reference format" in event["description"]
+
+
+def test_an_image_the_registry_does_not_have_fails_the_task_at_once_and_is_not_retried(k8s_cluster, stand_in):
+    """ErrImagePull "not found" (a tag nobody pushed): the task fails on the first poll that sees it, not after
+    startup_timeout (an hour here), spends no retry, and the pod is deleted."""
+    from airflow_provider_lora.compat import AirflowFailException
+
+    k8s_cluster.set_fault("image_pull_backoff", pod="lora-*", times=None, backoff_after=30)
+    started = time.monotonic()
+    with pytest.raises(AirflowFailException) as info:
+        operator(k8s_cluster, startup_timeout=3600, image="registry.example/lora-trainer:no-such-tag").execute(
+            {"ti": StandInTI()})
+    assert time.monotonic() - started < 20
+    message = str(info.value)
+    assert "ImageNotFound" in message and "registry.example/lora-trainer:no-such-tag: not found" in message, message
+    assert "not retried" in message
+    assert k8s_cluster.pods() == []
 
 
 def test_a_missing_secret_fails_after_a_short_grace_not_the_startup_timeout(k8s_cluster, stand_in, monkeypatch):

@@ -15,22 +15,26 @@ from airflow_provider_lora.core.render import (
 from airflow_provider_lora.core.spec import LoRASpec
 
 GOLDEN = Path(__file__).parent / "golden"
+IMAGE = "registry.example/lora-trainer:0.1.0"
 IDENTITY = TaskIdentity(dag_id="fine_tune", task_id="train", run_id="manual__2026-11-28T10:00:00+00:00",
                         try_number=2, deployment="prod")
 BASE = dict(base_model="Qwen/Qwen2.5-1.5B-Instruct", dataset="s3://data/chats.jsonl", output_uri="s3://out/run-1")
 
 CASES = {
-    "gpu": (dict(BASE), PodOptions(namespace="ml", secret_env={"HF_TOKEN": SecretRef(name="hf", key="token")})),
+    "gpu": (dict(BASE), PodOptions(image=IMAGE, namespace="ml",
+                                   secret_env={"HF_TOKEN": SecretRef(name="hf", key="token")})),
     "multi_proc": (dict(BASE, resource_gpu_per_worker=4, resource_cpu_per_worker="16",
                         resource_memory_per_worker="128Gi", metadata_labels="team=nlp",
                         metadata_annotations="owner=ml@example.com"),
-                   PodOptions(namespace="ml", image_pull_secrets=("regcred",), service_account_name="trainer",
+                   PodOptions(image=IMAGE, namespace="ml", image_pull_secrets=("regcred",),
+                              service_account_name="trainer",
                               node_selector={"nvidia.com/gpu.product": "NVIDIA-H200"},
                               tolerations=({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},))),
     "pvc_output": (dict(BASE, dataset="/data/chats.jsonl", output_uri="/data/runs/run-1", envs="HF_HUB_OFFLINE=1"),
-                   PodOptions(volumes=({"name": "data", "persistentVolumeClaim": {"claimName": "training-data"}},),
+                   PodOptions(image=IMAGE,
+                              volumes=({"name": "data", "persistentVolumeClaim": {"claimName": "training-data"}},),
                               volume_mounts=({"name": "data", "mountPath": "/data"},))),
-    "pod_template": (dict(BASE), PodOptions(pod_template={
+    "pod_template": (dict(BASE), PodOptions(image=IMAGE, pod_template={
         "metadata": {"labels": {"cost-center": "research"}},
         "spec": {"priorityClassName": "training", "containers": [
             {"name": "trainer", "env": [{"name": "NCCL_DEBUG", "value": "INFO"}]},
@@ -108,19 +112,20 @@ def test_label_values_are_valid_and_distinct_values_stay_distinct(value):
 
 def test_reserved_labels_and_env_clashes_are_rejected():
     with pytest.raises(ValueError, match="reserved"):
-        render_pod(LoRASpec.parse(dict(BASE, metadata_labels="lora.airflow-provider/dag_id=x")), PodOptions(),
+        render_pod(LoRASpec.parse(dict(BASE, metadata_labels="lora.airflow-provider/dag_id=x")),
+                   PodOptions(image=IMAGE),
                    IDENTITY)
     with pytest.raises(ValueError, match="HF_HOME.*secret"):
         render_pod(LoRASpec.parse(dict(BASE, envs="HF_HOME=/x")),
-                   PodOptions(secret_env={"HF_HOME": SecretRef(name="s", key="k")}), IDENTITY)
+                   PodOptions(image=IMAGE, secret_env={"HF_HOME": SecretRef(name="s", key="k")}), IDENTITY)
     with pytest.raises(ValueError, match="TrainJob|trainjob"):
-        render_pod(LoRASpec.parse(dict(BASE, resource_num_workers=2)), PodOptions(), IDENTITY)
+        render_pod(LoRASpec.parse(dict(BASE, resource_num_workers=2)), PodOptions(image=IMAGE), IDENTITY)
 
 
 def test_a_workspace_pvc_is_mounted_and_path_outputs_must_live_on_a_volume():
     spec = LoRASpec.parse(dict(BASE, dataset="/mnt/lora/data.jsonl", output_uri="/mnt/lora/runs/1"))
-    pod = render_pod(spec, PodOptions(pvc_claim_name="workspace"), IDENTITY)
+    pod = render_pod(spec, PodOptions(image=IMAGE, pvc_claim_name="workspace"), IDENTITY)
     assert {"name": "lora-workspace", "persistentVolumeClaim": {"claimName": "workspace"}} in pod["spec"]["volumes"]
     assert {"name": "lora-workspace", "mountPath": "/mnt/lora"} in pod["spec"]["containers"][0]["volumeMounts"]
     with pytest.raises(ValueError, match=r"output_uri='/mnt/lora/runs/1' is not on a mounted volume.*pvc_claim_name"):
-        render_pod(spec, PodOptions(), IDENTITY)
+        render_pod(spec, PodOptions(image=IMAGE), IDENTITY)

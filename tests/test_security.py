@@ -110,7 +110,9 @@ def pss_restricted_violations(pod: dict) -> list[str]:
 SPEC = LoRASpec.parse(dict(base_model="org/model", dataset="/mnt/lora/data/train.jsonl",
                            output_uri="/mnt/lora/runs/r1", envs="NCCL_DEBUG=INFO", metadata_labels="team=nlp"))
 IDENTITY = TaskIdentity(dag_id="finetune", task_id="train", run_id="manual__2026-01-01")
-OPTIONS = PodOptions(pvc_claim_name="workspace", secret_env={"HF_TOKEN": SecretRef(name="hf", key="token")},
+IMAGE = "registry.example/lora-trainer:0.1.0"
+OPTIONS = PodOptions(image=IMAGE, pvc_claim_name="workspace",
+                     secret_env={"HF_TOKEN": SecretRef(name="hf", key="token")},
                      image_pull_secrets=("registry",))
 
 
@@ -164,7 +166,7 @@ def test_hostile_strings_stay_inside_one_argv_element():
     spec = LoRASpec.parse(dict(base_model="org/model", dataset=f"s3://b/{hostile.replace(chr(10), ' ')}",
                                output_uri="s3://b/out", envs=f"NOTE={hostile.replace(',', ' ')}",
                                metadata_annotations=f"example.com/note={hostile.replace(',', ' ')}"))
-    pod = render_pod(spec, PodOptions(), IDENTITY)
+    pod = render_pod(spec, PodOptions(image=IMAGE), IDENTITY)
     command = pod["spec"]["containers"][0]["command"]
     assert command[:3] == ["python", "-m", "lora_trainer"] and "args" not in pod["spec"]["containers"][0]
     assert command[3] == "--spec-json" and len(command) == 7  # the whole spec is one argument
@@ -193,7 +195,7 @@ def test_the_operators_own_labels_and_annotations_cannot_be_set_by_the_user(valu
     identity key would make another task's retry adopt this pod."""
     spec = LoRASpec.parse(dict(base_model="org/model", dataset="d", output_uri="s3://b/o", **values))
     with pytest.raises(ValueError, match=message):
-        render_pod(spec, PodOptions(), IDENTITY)
+        render_pod(spec, PodOptions(image=IMAGE), IDENTITY)
 
 
 @pytest.mark.parametrize("envs, fragment", [
@@ -217,7 +219,7 @@ def test_a_dollar_variable_in_a_spec_string_is_not_expanded_by_kubernetes(k8s_cl
     mount = str(k8s_cluster.root / "mnt" / "lora")
     spec = LoRASpec.parse(dict(base_model="org/model", dataset=f"{mount}/$(HF_TOKEN).jsonl",
                                output_uri=f"{mount}/out", envs="HF_HUB_OFFLINE=1,HF_DATASETS_OFFLINE=1"))
-    pod = render_pod(spec, PodOptions(pvc_claim_name="ws", pvc_mount_path=mount,
+    pod = render_pod(spec, PodOptions(image=IMAGE, pvc_claim_name="ws", pvc_mount_path=mount,
                                       secret_env={"HF_TOKEN": SecretRef(name="hf", key="token")}),
                      TaskIdentity(dag_id="d", task_id="t", run_id="r"))
     from tests.test_pod_launcher import create

@@ -27,7 +27,8 @@ IDENTITY = TaskIdentity(dag_id="finetune", task_id="train", run_id="manual__2026
 SPEC = LoRASpec.parse(dict(base_model="Qwen/Qwen2.5-1.5B-Instruct", dataset="s3://data/chats.jsonl",
                            output_uri="s3://runs/finetune/run-1", resource_num_workers=2, resource_gpu_per_worker=4,
                            envs="NCCL_DEBUG=INFO", metadata_labels="team=nlp"))
-OPTIONS = PodOptions(namespace="ml", image="registry.example/lora-trainer:0.1.0",
+IMAGE = "registry.example/lora-trainer:0.1.0"
+OPTIONS = PodOptions(namespace="ml", image=IMAGE,
                      secret_env={"HF_TOKEN": SecretRef(name="hf", key="token")},
                      node_selector={"gpu": "h200"}, tolerations=({"key": "nvidia.com/gpu", "operator": "Exists"},),
                      pvc_claim_name="workspace")
@@ -71,9 +72,10 @@ def test_installed_version_picks_the_shape(version, shape):
 
 
 @pytest.mark.parametrize("options, shape, message", [
-    (PodOptions(pod_template={"spec": {}}), "v2.2", "pod_template applies to launcher='pod' only"),
-    (PodOptions(affinity={"nodeAffinity": {}}), "v2.0", "affinity and image_pull_secrets cannot be set"),
-    (PodOptions(active_deadline_seconds=60), "v2.1", "active_deadline_seconds needs Kubeflow Trainer v2.2"),
+    (PodOptions(image=IMAGE, pod_template={"spec": {}}), "v2.2", "pod_template applies to launcher='pod' only"),
+    (PodOptions(image=IMAGE, affinity={"nodeAffinity": {}}), "v2.0", "affinity and image_pull_secrets cannot be set"),
+    (PodOptions(image=IMAGE, active_deadline_seconds=60), "v2.1",
+     "active_deadline_seconds needs Kubeflow Trainer v2.2"),
 ])
 def test_what_a_generation_cannot_carry_is_refused(options, shape, message):
     spec = LoRASpec.parse(dict(base_model="m", dataset="d", output_uri="s3://b/p"))

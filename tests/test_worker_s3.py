@@ -27,6 +27,8 @@ from airflow_provider_lora.operators.lora import LoRATrainingOperator
 from tests.fixtures.airflow import local_trainer, run_dag_test
 from tests.trainer_helpers import FAST, arithmetic_rows, write_jsonl
 
+IMAGE = "registry.example/lora-trainer:0.1.0"
+
 CONN_ID = "lora_s3"
 PAGE = "<!DOCTYPE html><html><body><svg></svg>a chart</body></html>"
 
@@ -151,12 +153,12 @@ def test_s3_endpoint_url_reaches_the_pod_as_aws_endpoint_url():
     env = render_pod(spec, operator._options(), identity)["spec"]["containers"][0]["env"]
     assert {"name": "AWS_ENDPOINT_URL", "value": "http://minio.minio:9000"} in env
     # Not set: boto3 in the pod keeps its own default.
-    env = render_pod(spec, PodOptions(), identity)["spec"]["containers"][0]["env"]
+    env = render_pod(spec, PodOptions(image=IMAGE), identity)["spec"]["containers"][0]["env"]
     assert "AWS_ENDPOINT_URL" not in {e["name"] for e in env}
     # Set in two places: refused, rather than one silently winning.
     clash = spec.model_copy(update={"envs": "AWS_ENDPOINT_URL=http://other:9000"})
     with pytest.raises(ValueError, match="s3_endpoint_url and envs/secret_env both set AWS_ENDPOINT_URL"):
-        render_pod(clash, PodOptions(s3_endpoint_url="http://minio.minio:9000"), identity)
+        render_pod(clash, PodOptions(image=IMAGE, s3_endpoint_url="http://minio.minio:9000"), identity)
 
 
 @pytest.mark.parametrize("value", ["minio:9000", "ftp://minio:9000", "http://"])

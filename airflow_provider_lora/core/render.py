@@ -80,7 +80,7 @@ class PodOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     namespace: str = "default"
-    image: str = "ghcr.io/airflow-provider-lora/trainer:0.1.0"
+    image: str  # no default: this project publishes no image, and a name nobody can pull only waits for a timeout
     image_pull_policy: str | None = None
     image_pull_secrets: tuple[str, ...] = ()
     service_account_name: str | None = None

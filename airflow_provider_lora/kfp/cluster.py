@@ -35,10 +35,12 @@ ENV_TRAINER_RUNTIME = "LORA_KFP_TRAINER_RUNTIME"  # ClusterTrainingRuntime name,
 ENV_TRAINER_API = "LORA_KFP_TRAINER_API_VERSION"  # v2.0 | v2.1 | v2.2 (default: read from the cluster)
 ENV_POLL = "LORA_KFP_POLL_SECONDS"
 ENV_STARTUP_TIMEOUT = "LORA_KFP_STARTUP_TIMEOUT"
+ENV_TRAINING_IMAGE = "LORA_KFP_TRAINING_IMAGE"  # set by the component: LORA_KFP_BASE_IMAGE when it was compiled
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 # Task environment variables that never go to the launched job: the launcher's own settings and credentials.
 NOT_FORWARDED = {ENV_SERVER, ENV_TOKEN, ENV_CA, ENV_POD_OPTIONS, ENV_HF_TOKEN_SECRET, ENV_TRAINER_RUNTIME,
-                 ENV_TRAINER_API, ENV_POLL, ENV_STARTUP_TIMEOUT, "LORA_KFP_LAUNCHER", "LORA_KFP_SPEC"}
+                 ENV_TRAINER_API, ENV_POLL, ENV_STARTUP_TIMEOUT, ENV_TRAINING_IMAGE, "LORA_KFP_LAUNCHER",
+                 "LORA_KFP_SPEC"}
 LAST_LINES = 30
 RESULT_TAIL = 20
 LOG_READ_TIMEOUT = 120  # seconds without a log byte before the stream is re-opened (the job's state is checked)
@@ -154,6 +156,11 @@ def launch_settings(env: Mapping[str, str], task_config: Any, pvc_path: str,
         log(f"[train_model] warning: HF_TOKEN is set in this task but is not passed to the training job (it would be "
             f"a literal in its manifest): set {ENV_HF_TOKEN_SECRET}=secret/key, or give HF_TOKEN to the task from a "
             "Secret so kubernetes_config passes the reference on")
+    options.setdefault("image", env.get(ENV_TRAINING_IMAGE))
+    if not options["image"]:
+        raise ValueError(f"{ENV_POD_OPTIONS} has no image and {ENV_TRAINING_IMAGE} is not set (the component sets it "
+                         f"to LORA_KFP_BASE_IMAGE): give the training image, such as {ENV_POD_OPTIONS}="
+                         '{"image": "registry.example.com/team/lora-trainer:0.1.0"}')
     return Launch(PodOptions(**options, secret_env=secret_env), envs, pod_env, resources)
 
 

@@ -8,7 +8,8 @@ image holds, so nothing is pip-installed when the task starts (a KFP lightweight
 
 Settings the seed has no input for (launch mode, extra LoRASpec fields, pod options) come from the task's
 environment; docs/kfp.md lists them. The image is chosen when this module is imported (compile time):
-``LORA_KFP_BASE_IMAGE`` or the training image of PodOptions.
+``LORA_KFP_BASE_IMAGE``, required (this project publishes no image); launched pods and TrainJobs run it too, unless
+LORA_KFP_POD_OPTIONS names another.
 """
 
 # No `from __future__ import annotations`: KFP reads the real annotation objects of train_model.
@@ -17,13 +18,20 @@ from typing import Optional
 
 from kfp import dsl
 
-from airflow_provider_lora.core.render import PodOptions
+from airflow_provider_lora.core.render import IMAGE_REFERENCE
 from airflow_provider_lora.core.spec import LoRASpec
+from airflow_provider_lora.kfp.cluster import ENV_TRAINING_IMAGE
 from airflow_provider_lora.kfp.runtime import ENV_LAUNCHER
 
+ENV_BASE_IMAGE = "LORA_KFP_BASE_IMAGE"
 # The training image: it holds this package, the trainer and kfp (install_kfp_package=False: nothing is installed
 # when the task starts).
-BASE_IMAGE = os.environ.get("LORA_KFP_BASE_IMAGE") or PodOptions.model_fields["image"].default
+BASE_IMAGE = os.environ.get(ENV_BASE_IMAGE, "").strip()
+if not IMAGE_REFERENCE.match(BASE_IMAGE):
+    raise RuntimeError(
+        f"{ENV_BASE_IMAGE}={BASE_IMAGE!r} is not valid: set it, when compiling the pipeline, to the training image you "
+        "built from trainer/Dockerfile and pushed, such as 'registry.example.com/team/lora-trainer:0.1.0' (this "
+        "project publishes no image)")
 
 # As the seed: what is set on the task (resources, tolerations, node selector, affinity) goes to the launched job;
 # env and volumes apply to the task's own pod too (it stages data on the workspace and reads the results back).
@@ -109,8 +117,12 @@ def _docstring() -> str:
 def _component(function, passthroughs: list, launcher: Optional[str] = None):
     component = dsl.component(base_image=BASE_IMAGE, packages_to_install=[], install_kfp_package=False,
                               task_config_passthroughs=passthroughs)(function)
-    if launcher is not None:  # the task's environment chooses the launch mode; set_env_variable still overrides
-        component.component_spec.implementation.container.env = {ENV_LAUNCHER: launcher}
+    # The task's environment names the image of launched jobs and, for in-task training, the launch mode;
+    # set_env_variable still overrides either.
+    env = {ENV_TRAINING_IMAGE: BASE_IMAGE}
+    if launcher is not None:
+        env[ENV_LAUNCHER] = launcher
+    component.component_spec.implementation.container.env = env
     return component
 
 

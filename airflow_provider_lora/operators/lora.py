@@ -24,7 +24,8 @@ from airflow_provider_lora.core.launchers.trainjob import (
 )
 from airflow_provider_lora.core.limits import check_manifest
 from airflow_provider_lora.core.render import (
-    LABEL_PREFIX, PodOptions, SecretRef, TaskIdentity, TrainJobOptions, render_pod, render_trainjob, trainer_api_shape,
+    IMAGE_REFERENCE, LABEL_PREFIX, PodOptions, SecretRef, TaskIdentity, TrainJobOptions, render_pod, render_trainjob,
+    trainer_api_shape,
 )
 from airflow_provider_lora.core.spec import LoRASpec, SpecError
 from airflow_provider_lora.links import LoRAArtifactsLink, LossChartLink, push_loss_chart
@@ -59,7 +60,10 @@ class LoRATrainingOperator(BaseOperator):
         a TrainJob's needs Trainer v2.2+).
     :param kubernetes_conn_id: the cncf-kubernetes connection, as KubernetesPodOperator uses it.
     :param config_file, cluster_context, in_cluster: override the connection, as in KubernetesHook.
-    :param namespace, image, image_pull_policy, image_pull_secrets, service_account_name, node_selector,
+    :param image: the training image (built from trainer/Dockerfile and pushed where the cluster pulls from), for
+        ``launcher="pod"`` and ``"trainjob"``; default: ``[lora] image`` of the Airflow configuration. Required with
+        those launchers: this project publishes no image.
+    :param namespace, image_pull_policy, image_pull_secrets, service_account_name, node_selector,
         tolerations, affinity, volumes, volume_mounts: the pod's settings, spelled as in Kubernetes.
     :param pvc_claim_name, pvc_mount_path: a PVC mounted as the workspace (default path /mnt/lora); put
         ``dataset``, ``output_uri`` and ``data_output_dir`` under the mount path. A path ``output_uri`` must be on
@@ -96,7 +100,7 @@ class LoRATrainingOperator(BaseOperator):
         cluster_context: str | None = None,
         in_cluster: bool | None = None,
         namespace: str = "default",
-        image: str = PodOptions.model_fields["image"].default,
+        image: str | None = None,
         image_pull_policy: str | None = None,
         image_pull_secrets: Sequence[str] = (),
         service_account_name: str | None = None,
@@ -132,6 +136,9 @@ class LoRATrainingOperator(BaseOperator):
         for name, seconds in (("poll_interval", poll_interval), ("startup_timeout", startup_timeout)):
             if not (isinstance(seconds, (int, float)) and seconds > 0):
                 raise ValueError(f"{name}={seconds!r} is not valid: give a number of seconds > 0")
+        image = image or conf.get("lora", "image", fallback=None) or None
+        if launcher != "local":
+            _check_image(image, launcher)
         if on_finish_action not in ON_FINISH_ACTIONS:
             raise ValueError(f"on_finish_action={on_finish_action!r} is not valid: accepted: "
                              f"{', '.join(ON_FINISH_ACTIONS)}")
@@ -671,6 +678,20 @@ def _safe_tail(api: Any, name: str, namespace: str) -> str:
     except Exception as exc:  # the log is a courtesy on a path that already fails
         return f"(could not read the log: {kube.describe_api_error(exc)})"
     return "\n".join(line.partition(" ")[2] for line in text.splitlines())
+
+
+def _check_image(image: str | None, launcher: str) -> None:
+    """At DAG parse: the pod and TrainJob launchers need an image that can exist (templated ones are checked once
+    rendered, by PodOptions)."""
+    example = "'registry.example.com/team/lora-trainer:0.1.0'"
+    if not image:
+        raise ValueError(f"image=None is not valid with launcher={launcher!r}: give the training image you built from "
+                         f"trainer/Dockerfile and pushed, such as image={example}, or set it for every task as "
+                         "[lora] image in the Airflow configuration (AIRFLOW__LORA__IMAGE); this project publishes "
+                         "no image. launcher='local' needs none")
+    if "{{" not in image and not IMAGE_REFERENCE.match(image):
+        raise ValueError(f"image={image!r} is not valid: expected an image reference such as {example} (lowercase "
+                         "path, optional :tag or @sha256:...)")
 
 
 def _is_http_url(text: str) -> bool:

@@ -18,10 +18,14 @@ RESULT_PREFIX = "LORA_RESULT "  # the trainer's last stdout line (see lora_train
 LOG_CURSOR_ANNOTATION = LABEL_PREFIX + "log-cursor"
 # Waiting reasons that waiting does not clear, with the seconds the trigger still waits before failing the task
 # (at most startup_timeout): an invalid image name never becomes valid; a missing Secret or ConfigMap key may still
-# be created. ImagePullBackOff/ErrImagePull (a registry outage, a pull secret added later) and Unschedulable (an
+# be created; ImageNotFound (ours: an image pull the registry answered "not found") is a name or tag nobody pushed.
+# Other ImagePullBackOff/ErrImagePull (a registry outage, a pull secret added later) and Unschedulable (an
 # autoscaler adding a node) can clear by themselves, so they wait the whole startup_timeout.
-STUCK_WAITING_REASONS = {"InvalidImageName": 0.0, "ErrImageNeverPull": 60.0, "CreateContainerConfigError": 60.0,
-                         "CreateContainerError": 60.0}
+STUCK_WAITING_REASONS = {"InvalidImageName": 0.0, "ImageNotFound": 0.0, "ErrImageNeverPull": 60.0,
+                         "CreateContainerConfigError": 60.0, "CreateContainerError": 60.0}
+# How containerd (`code = NotFound`, `...: not found`) and CRI-O / registries (`manifest unknown`) word a pull of an
+# image or tag that does not exist. "pull access denied" / 401 are not here: a pull secret may still fix those.
+IMAGE_NOT_FOUND = re.compile(r"code = NotFound|manifest unknown|: not found\b", re.I)
 
 # DisruptionTarget reasons that mean the pod's node is gone (Kubernetes 1.27+; older ones set reason NodeLost).
 NODE_LOST_REASONS = {"DeletionByTaintManager", "DeletionByPodGC", "NodeLost"}
@@ -37,7 +41,7 @@ _REPEATS = re.compile(r"argument list too long|executable file not found|no such
 
 def fails_again(reason: str | None, description: str) -> bool:
     """Whether a pod that failed with ``reason`` (and ``description``) would fail the same way if retried."""
-    if reason == "InvalidImageName":
+    if reason in ("InvalidImageName", "ImageNotFound"):
         return True
     return reason in NEVER_RAN_REASONS and bool(_REPEATS.search(description))
 
@@ -94,6 +98,9 @@ def classify_pod(pod: dict[str, Any]) -> PodState:
                         (terminated or {}).get("message") or "")
     if phase == "running":
         return PodState(RUNNING)
+    if (waiting and waiting.get("reason") in ("ErrImagePull", "ImagePullBackOff")
+            and IMAGE_NOT_FOUND.search(waiting.get("message") or "")):
+        return PodState(PENDING, "ImageNotFound", f"{waiting['reason']}: {waiting['message']}", stuck=True)
     if waiting and waiting.get("reason") in STUCK_WAITING_REASONS:
         return PodState(PENDING, waiting["reason"], waiting.get("message", ""), stuck=True)
     unscheduled = conditions.get("PodScheduled")
