@@ -216,7 +216,7 @@ def test_a_trainjob_the_cluster_refuses_fails_before_training(cluster, airflow_d
     run = run_dag_test(dag)
     assert run.state == "failed"
     log = task_output()
-    assert "the cluster refused the TrainJob" in log and 'ClusterTrainingRuntime.trainer.kubeflow.org ' \
+    assert "the cluster refused the TrainJob" in log and 'clustertrainingruntime.trainer.kubeflow.org ' \
                                                          '"no-such-runtime" not found' in log
     assert cluster.trainjobs() == [] and cluster.pods() == []
 
@@ -286,12 +286,12 @@ def test_resources_that_cannot_be_created_end_as_stuck_with_the_event(cluster, a
 
 def _suspend_on_create(cluster) -> None:
     """Make the emulated API server suspend every new TrainJob, as Kueue's webhook does."""
-    original = cluster._check_trainjob
+    original = cluster._trainjob_webhook
 
     def check_and_suspend(obj):
         original(obj)
         obj["spec"]["suspend"] = True
-    cluster._check_trainjob = check_and_suspend
+    cluster._trainjob_webhook = check_and_suspend
 
 
 def _live(cluster) -> list[dict]:
