@@ -124,6 +124,24 @@ def test_every_rendered_pod_is_valid_strictly_and_restricted(variant, identity, 
     assert pod_security_violations(pod["spec"], "restricted") == []
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "tests" / "golden").glob("pod_*.json")), ids=lambda p: p.stem)
+def test_every_golden_pod_is_valid_and_only_a_template_sidecar_breaks_the_restricted_profile(path):
+    pod = json.loads(path.read_text())
+    assert validate_core(copy.deepcopy(pod), "Strict") == []
+    violations = pod_security_violations(pod["spec"], "restricted")
+    if path.stem == "pod_pod_template":  # the user's template adds a sidecar with no securityContext
+        assert violations and all('container "sidecar"' in v for v in violations), violations
+    else:
+        assert violations == []
+
+
+@pytest.mark.parametrize(("release", "shape"), TRAINER_RELEASES)
+def test_every_golden_trainjob_passes_its_release(tmp_path, release, shape):
+    job = json.loads((ROOT / "tests" / "golden" / f"trainjob_{shape.replace('.', '_')}.json").read_text())
+    with Cluster(tmp_path / "k8s", trainer_version=release) as cluster:
+        assert len(cluster.node_pods_of(job, job["metadata"]["namespace"])) == job["spec"]["trainer"]["numNodes"]
+
+
 def test_an_unmapped_task_has_no_map_index_label_and_a_mapped_one_has_its_index():
     assert "lora.airflow-provider/map_index" not in _pod("cpu_defaults", UNMAPPED)["metadata"]["labels"]
     assert _pod("cpu_defaults", MAPPED)["metadata"]["labels"]["lora.airflow-provider/map_index"] == "3"
