@@ -60,6 +60,9 @@ def test_dag_test_trains_in_a_pod_and_returns_the_result(cluster, airflow_db, ti
     assert result["artifacts"]["adapter"] == f"s3://{s3_bucket}/runs/{run.run_id}/adapter"
     published = load_run_result(result["artifacts"]["root"])  # what the pod uploaded is complete
     assert published.summary["global_step"] == 4
+    # The run records the task instance that launched it: a retry of that task recognises it as its own.
+    assert published.summary["task"] == {"dag_id": dag.dag_id, "task_id": "train", "run_id": run.run_id,
+                                         "map_index": -1, "deployment": "default"}
     assert ti.xcom_pull(task_ids="train", key="launched")["name"].startswith("lora-")
     assert cluster.pods() == []  # on_finish_action="delete_pod"
     creates = [r for r in cluster.request_log if r[0] == "POST" and r[1].endswith("/pods")]
