@@ -238,6 +238,26 @@ def test_a_field_the_installed_trainer_lacks_is_refused_not_dropped(tmp_path, mo
         assert old.trainjobs() == []
 
 
+def test_node_pods_refused_by_pod_security_end_as_stuck_with_the_reason(tmp_path, monkeypatch, airflow_db,
+                                                                        tiny_model_dir, task_output):
+    """Trainer v2.1 with the upstream runtime in a restricted namespace: admission refuses the node pods (the
+    overrides cannot carry a securityContext there); the task fails at startup_timeout naming the Job
+    controller's FailedCreate and the profile, instead of a bare "stuck"."""
+    from tests.fixtures.airflow import run_dag_test
+    from tests.k8s.emulator import Cluster
+
+    with Cluster(tmp_path / "k8s", trainer_version="v2.1.0") as old:
+        old.label_namespace("default", {"pod-security.kubernetes.io/enforce": "restricted"})
+        monkeypatch.setenv("AIRFLOW_CONN_K8S_EMU", json.dumps(
+            {"conn_type": "kubernetes", "extra": {"kube_config_path": str(old.kubeconfig)}}))
+        dag, _ = _dag("lora_tj_psa", old, tiny_model_dir, startup_timeout=2)
+        run = run_dag_test(dag)
+        assert run.state == "failed"
+        log = task_output()
+        assert "FailedCreate: Error creating: pods" in log and 'violates PodSecurity "restricted:latest"' in log
+        assert old.pods() == []
+
+
 def test_the_installed_version_is_detected(tmp_path, monkeypatch):
     """No trainer_api_version: the v2.0 cluster's ConfigMap picks podSpecOverrides, which it accepts."""
     from airflow_provider_lora import kube

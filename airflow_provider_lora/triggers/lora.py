@@ -23,7 +23,7 @@ from airflow_provider_lora.core.launchers.pod import (
     LOG_CURSOR_ANNOTATION, PENDING, RESULT_PREFIX, STUCK_WAITING_REASONS, SUCCEEDED, LogCursor, PodState,
     classify_pod, find_result, new_log_lines, seconds_since,
 )
-from airflow_provider_lora.core.launchers.trainjob import classify_trainjob, node_pod_selector, rank0_pod
+from airflow_provider_lora.core.launchers.trainjob import classify_trainjob, node_job_name, node_pod_selector, rank0_pod
 from airflow_provider_lora.core.results import bounded_result
 from airflow_provider_lora.kube import (
     ClusterRef, async_delete_trainjob, async_json, async_pod_log, async_trainjob, call_with_fresh_credentials,
@@ -169,8 +169,9 @@ class LoRATrainingTrigger(BaseTrigger):
                     # Kubernetes keeps retrying (image pulls, scheduling); the task stops waiting here.
                     why = (f"{state.reason} does not clear by waiting" if state.stuck else
                            f"startup_timeout={self.startup_timeout:.0f}s")
-                    events = await self._event_messages(api, [self.name] + ([log_pod_name] if log_pod_name and
-                                                                              log_pod_name != self.name else []))
+                    sources = [self.name] + ([node_job_name(self.name)] if self.launcher == "trainjob" else []) + (
+                        [log_pod_name] if log_pod_name and log_pod_name != self.name else [])
+                    events = await self._event_messages(api, sources)
                     yield TriggerEvent({**identity, "log_pod": log_pod_name, "status": "stuck",
                                         "reason": state.reason or "Pending",
                                         "description": f"not running {waited:.0f}s after creation ({why}): "

@@ -23,6 +23,12 @@ TRAINER_VERSION_CONFIGMAP = ("kubeflow-system", "kubeflow-trainer-public", "kube
 CREATION_FAILED_EVENT = "TrainJobResourcesCreationFailed"
 
 
+def node_job_name(trainjob_name: str) -> str:
+    """The JobSet's Job that makes the node pods (`<jobset>-<replicated job>-<job index>`): where the Job
+    controller reports pods it could not create (FailedCreate: admission refused them, quota...)."""
+    return f"{trainjob_name}-{TRAINJOB_NODE_JOB}-0"
+
+
 def node_pod_selector(trainjob_name: str) -> str:
     return f"{JOBSET_NAME_LABEL}={trainjob_name},{REPLICATED_JOB_LABEL}={TRAINJOB_NODE_JOB}"
 
