@@ -15,6 +15,8 @@ os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 # [lora] image: the training image of every pod and TrainJob task here that passes no image= (the operator requires
 # one; the emulated kubelet runs the container's command, whatever the image).
 os.environ.setdefault("AIRFLOW__LORA__IMAGE", "registry.example/lora-trainer:0.1.0")
+# The same for the KFP component, read when a pipeline is compiled (docs/kfp.md).
+os.environ.setdefault("LORA_KFP_BASE_IMAGE", "registry.example/lora-trainer:0.1.0")
 
 # unsloth patches transformers, peft and trl when imported and must come before them (the trainer does the same).
 # The Airflow 2.11 venv (make test-airflow2) has no ML stack: its tests train in the main venv's python.
