@@ -416,6 +416,45 @@ def test_a_generation_mismatch_is_refused_under_strict_field_validation(tmp_path
     assert code == 400 and "strict decoding error" in status["message"] and f'"{field}"' in status["message"]
 
 
+@pytest.mark.parametrize("release", ["v2.1.0", "v2.2.0", "v2.3.0"])
+def test_a_trainjob_update_is_validated_as_an_update(tmp_path, release):
+    """Patches go through the schema, the CEL transition rules (immutable fields) and the webhook's rule that
+    pod overrides change only while suspended."""
+    shape = "v2.1" if release == "v2.1.0" else "v2.2"
+    job = _trainjob(shape)
+    job["spec"]["suspend"] = True
+    job["spec"]["trainer"]["command"] = ["sleep", "30"]  # only the API is under test
+    overrides = "podTemplateOverrides" if shape == "v2.1" else "runtimePatches"
+    with Cluster(tmp_path / "k8s", trainer_version=release) as cluster:
+        cluster.create_secret("ml", "hf", {"token": "x"})
+        cfg = client.Configuration()
+        config.load_kube_config(config_file=str(cluster.kubeconfig), client_configuration=cfg)
+        with client.ApiClient(cfg) as api:
+            custom = client.CustomObjectsApi(api)
+            name = job["metadata"]["name"]
+            custom.create_namespaced_custom_object("trainer.kubeflow.org", "v1alpha1", "ml", "trainjobs", job)
+
+            def patch(body):
+                return custom.patch_namespaced_custom_object("trainer.kubeflow.org", "v1alpha1", "ml", "trainjobs",
+                                                             name, body)
+            changed = copy.deepcopy(job["spec"][overrides])
+            (changed[0]["spec"] if shape == "v2.1" else changed[0]["trainingRuntimeSpec"]["template"]["spec"][
+                "replicatedJobs"][0]["template"]["spec"]["template"]["spec"])["nodeSelector"] = {"gpu": "b200"}
+            assert patch({"spec": {overrides: changed}})["spec"][overrides] == changed  # suspended: allowed
+            assert patch({"spec": {"suspend": False}})["spec"]["suspend"] is False
+            with pytest.raises(ApiException) as caught:
+                patch({"spec": {overrides: job["spec"][overrides]}})
+            assert caught.value.status == 403 and "can only be modified when the TrainJob is suspended" in \
+                caught.value.body
+            with pytest.raises(ApiException) as caught:
+                patch({"spec": {"runtimeRef": {"name": "other", "apiGroup": "trainer.kubeflow.org",
+                                               "kind": "ClusterTrainingRuntime"}}})
+            assert caught.value.status == 422 and "immutable" in caught.value.body
+            with pytest.raises(ApiException) as caught:
+                patch({"metadata": {"labels": {"x": "-1"}}})
+            assert caught.value.status == 422 and "metadata.labels" in caught.value.body
+
+
 def test_a_runtime_with_two_trainer_replicas_is_denied(tmp_path):
     runtime = yaml.safe_load((ROOT / "docs" / "clustertrainingruntime.yaml").read_text())
     runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["replicas"] = 2

@@ -308,9 +308,10 @@ def _suspend_on_create(cluster) -> None:
     """Make the emulated API server suspend every new TrainJob, as Kueue's webhook does."""
     original = cluster._trainjob_webhook
 
-    def check_and_suspend(obj):
-        original(obj)
-        obj["spec"]["suspend"] = True
+    def check_and_suspend(obj, old=None):
+        original(obj, old)
+        if old is None:
+            obj["spec"]["suspend"] = True
     cluster._trainjob_webhook = check_and_suspend
 
 

@@ -154,7 +154,7 @@ class TrainerController:
         self._spawn(self._reconcile_trainjob(obj))
         return _json(obj, 201, unknown_field_warnings(dropped))
 
-    def _trainjob_webhook(self, obj: dict) -> None:
+    def _trainjob_webhook(self, obj: dict, old: dict | None = None) -> None:
         """The validating webhook of the installed release (failurePolicy Fail): pkg/webhooks/trainjob_webhook.go
         and the plugins' Validate (pkg/runtime/framework/plugins/{jobset,torch}) at v2.0.1, v2.1.0, v2.2.0, v2.3.0.
         Denials answer 403 with the field errors, as controller-runtime's admission.Denied does."""
@@ -215,6 +215,16 @@ class TrainerController:
                                 "dataset-initializer", "model-initializer", NODE_JOB):
                             errors.append(FieldError("Invalid", field, "array", "must not have envs for the "
                                                      "dataset-initializer, model-initializer, node containers"))
+        key = field.split(".")[1]
+        if old is not None and spec.get(key) != old["spec"].get(key):
+            # jobset.go's check*Immutability: overrides change only while the TrainJob is suspended (from v2.3
+            # suspended before or after the update)
+            since_v23 = release_schemas(self.trainer_version)["source"]["tag"] >= "v2.3"
+            suspended = spec.get("suspend") or (since_v23 and old["spec"].get("suspend"))
+            if not suspended:
+                errors.append(FieldError("Forbidden", field, detail=f"{key[0].upper() + key[1:]} can only be "
+                                         "modified when the TrainJob is suspended" +
+                                         (" before or after the update" if since_v23 else "")))
         if errors:
             raise ApiError(403, WEBHOOK + _aggregate(errors), reason="Forbidden")
 
@@ -304,14 +314,21 @@ class TrainerController:
             return _json({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
                           "details": {"name": name, "group": GROUP, "kind": PLURAL,
                                       "uid": obj["metadata"]["uid"]}})
-        if request.method == "PATCH":
+        if request.method == "PATCH":  # a merge patch of spec, labels and annotations, validated as an update
             patch = await self._body(request)
-            _merge_patch(obj.setdefault("spec", {}), (patch or {}).get("spec") or {})
-            if (patch or {}).get("metadata"):
-                _merge_patch(obj["metadata"], {k: v for k, v in patch["metadata"].items()
+            updated = copy.deepcopy(obj)
+            _merge_patch(updated.setdefault("spec", {}), (patch or {}).get("spec") or {})
+            _merge_patch(updated["metadata"], {k: v for k, v in ((patch or {}).get("metadata") or {}).items()
                                                if k in ("labels", "annotations")})
+            schema = release_schemas(self.trainer_version)["TrainJob"]["openAPIV3Schema"]
+            status = updated.pop("status", None)
+            dropped = validate_custom(updated, schema, kind="TrainJob", group=GROUP, plural=PLURAL,
+                                      field_validation=request.query.get("fieldValidation"),
+                                      old={k: v for k, v in obj.items() if k != "status"})
+            self._trainjob_webhook(updated, old=obj)
+            obj["spec"], obj["metadata"], obj["status"] = updated["spec"], updated["metadata"], status
             self._bump(obj)
-            return _json(obj)
+            return _json(obj, 200, unknown_field_warnings(dropped))
         raise web.HTTPMethodNotAllowed(request.method, ["GET", "DELETE", "PATCH"])
 
     # ----- the controller --------------------------------------------------------------------------------------

@@ -601,15 +601,27 @@ def _cel_program(rule: str) -> Any:
 
 
 def cel_errors(rules: list[tuple[list, dict, Any]], old: dict | None = None) -> list[FieldError]:
-    """Evaluate each rule on its value; transition rules (those that read oldSelf) only on updates, as the API
-    server does. A rule that does not evaluate to true (false, or an error such as no matching overload) fails."""
+    """Evaluate each rule on its value. Transition rules (those that read oldSelf) run only on updates, and only
+    where the field existed before, as the API server does; ``old`` is the object before the update. A rule that
+    does not evaluate to true (false, or an error such as no matching overload) fails."""
     import celpy
     errors = []
+    missing = object()
     for path, rule, value in rules:
-        if "oldSelf" in rule["rule"] and old is None:
-            continue
+        variables = {"self": celpy.json_to_cel(value)}
+        if "oldSelf" in rule["rule"]:
+            before: Any = old if old is not None else missing
+            for part in path:
+                try:
+                    before = before[part]
+                except (KeyError, IndexError, TypeError):
+                    before = missing
+                    break
+            if before is missing:
+                continue
+            variables["oldSelf"] = celpy.json_to_cel(before)
         try:
-            result = _cel_program(rule["rule"]).evaluate({"self": celpy.json_to_cel(value)})
+            result = _cel_program(rule["rule"]).evaluate(variables)
             ok = isinstance(result, celpy.celtypes.BoolType) and bool(result)
         except celpy.CELEvalError:
             ok = False
@@ -621,9 +633,10 @@ def cel_errors(rules: list[tuple[list, dict, Any]], old: dict | None = None) -> 
 
 
 def validate_custom(obj: dict, schema: dict, *, kind: str, group: str, plural: str,
-                    field_validation: str | None) -> list[str]:
-    """A custom resource being created: raises the API server's refusal (400 for wrong types and, under Strict,
-    unknown fields; 422 for schema values and CEL rules), or prunes unknown fields and returns their paths."""
+                    field_validation: str | None, old: dict | None = None) -> list[str]:
+    """A custom resource being created, or updated from ``old``: raises the API server's refusal (400 under
+    Strict for unknown fields; 422 for wrong types, schema values and CEL rules, transition rules included on
+    updates), or prunes unknown fields and returns their paths."""
     body = {k: v for k, v in obj.items() if k not in ("apiVersion", "kind", "metadata")}
     errors: list[FieldError] = []
     unknown: list[list] = []
@@ -646,7 +659,7 @@ def validate_custom(obj: dict, schema: dict, *, kind: str, group: str, plural: s
         _delete(obj, parts)
     for rule in schema.get("x-kubernetes-validations") or []:  # rules on the whole object (metadata.name ...)
         rules.append(([], rule, obj))
-    errors += cel_errors(rules)
+    errors += cel_errors(rules, old)
     if errors:
         raise invalid(kind, name, errors, group, plural)
     return paths if field_validation != "Ignore" else []
