@@ -85,3 +85,41 @@ def test_module_runs_and_imports_only_the_spec():
     proc = subprocess.run([sys.executable, "-m", "airflow_provider_lora.core.docs", "--check"],
                           capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_troubleshooting_quotes_the_batch_message_the_spec_raises():
+    """docs/troubleshooting.md quotes errors users search for: the quote must be what the code says."""
+    import re
+
+    import pytest
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "troubleshooting.md").read_text()
+    quote = re.search(r"`(effective_batch_size=E is not divisible by [^`]*)`", doc)[1]
+    with pytest.raises(ValueError) as caught:
+        LoRASpec.parse(dict(base_model="m", dataset="d", effective_batch_size=3, resource_num_workers=2))
+    expected = quote.replace("=E", "=3").replace("(W workers x P processes)", "(2 workers x 1 processes)")
+    assert expected in str(caught.value)
+
+
+def test_the_rbac_rules_in_kubernetes_md_are_the_shipped_role():
+    """kubernetes.md shows the Role in two parts (pod launcher, then what the TrainJob launcher adds); together
+    they are exactly docs/rbac.yaml's Role, under the same name, and security.md lists the same pod verbs."""
+    import re
+
+    import yaml
+
+    docs_dir = Path(__file__).resolve().parents[1] / "docs"
+    role = next(d for d in yaml.safe_load_all((docs_dir / "rbac.yaml").read_text()) if d["kind"] == "Role")
+    page = (docs_dir / "kubernetes.md").read_text()
+    section = page.split("## RBAC for the Airflow worker and triggerer", 1)[1].split("\n## ", 1)[0]
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", section, re.S)]
+    shown_rules = blocks[0]["rules"] + blocks[1]
+
+    def triples(rules):
+        return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"]
+                for v in rule["verbs"]}
+    assert blocks[0]["metadata"]["name"] == role["metadata"]["name"]
+    assert triples(shown_rules) == triples(role["rules"])
+    pod_verbs = {v for g, r, v in triples(role["rules"]) if (g, r) == ("", "pods")}
+    security = (docs_dir / "security.md").read_text()
+    assert all(f"`{verb}`" in security.split("on pods")[0][-120:] for verb in pod_verbs)

@@ -553,3 +553,10 @@ def test_annotations_are_plain_types():
             assert len(args) == 1 and args[0] in SEED_TYPES.values(), name
         else:
             assert ann in SEED_TYPES.values(), name
+
+
+def test_an_oci_base_model_is_refused_before_launch():
+    with pytest.raises(SpecError) as caught:
+        LoRASpec.parse(dict(base_model="oci://quay.io/models/granite:1", dataset="d"))
+    assert "base_model='oci://quay.io/models/granite:1' is not valid: oci:// models (modelcars) are not " \
+           "supported" in str(caught.value)

@@ -396,6 +396,9 @@ class LoRASpec(BaseModel):
             return v
         if v != v.strip() or any(ch < " " or ch == "\x7f" for ch in v):
             raise _bad(info.field_name, v, "must not contain control characters or leading/trailing whitespace")
+        if info.field_name == "base_model" and v.startswith("oci://"):
+            raise _bad("base_model", v, "oci:// models (modelcars) are not supported; give a Hugging Face model id "
+                                        "(org/name) or a local/PVC model directory")
         if v.startswith("s3://") and not v[len("s3://"):].split("/")[0]:
             raise _bad(info.field_name, v, "an S3 location is s3://bucket/key-or-prefix; the bucket is missing")
         if ".." in re.split(r"[/\\]", v):
