@@ -10,7 +10,8 @@ setup: $(VENV)/.installed
 
 # One venv holds Airflow and the trainer, so the example DAG can train locally. Exact CPU pins come from
 # ci/constraints-cpu.txt; PyPI's torchvision does not load beside the CPU torch and unsloth runs without it
-# (FACTS.md), so it is removed after the install.
+# ('torchvision==0.28.0 claims to match torch==2.13.0+cpu, but its compiled operators do not load'), so it is
+# removed after the install.
 $(VENV)/.installed: pyproject.toml ci/constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -18,8 +19,8 @@ $(VENV)/.installed: pyproject.toml ci/constraints-cpu.txt
 	$(PY) -m pip uninstall -q -y torchvision
 	touch $@
 
-# The KFP component's own venv: kfp 2.x needs kubernetes<31, the Airflow side >=36 (FACTS.md), so they never share
-# one. kfp and the trainer stack (the kfp, train and unsloth extras, read from pyproject.toml) under exact pins from
+# The KFP component's own venv: kfp 2.x needs kubernetes<31, cncf-kubernetes 10.25 needs >=36,<37 (asked for together,
+# pip falls back to kfp 0.1.16 of 2019, which fails on import), so they never share one. kfp and the trainer stack (the kfp, train and unsloth extras, read from pyproject.toml) under exact pins from
 # ci/constraints-kfp.txt; this package --no-deps, so Airflow stays out.
 KFP_VENV := .venv-kfp
 KFP_PY := $(KFP_VENV)/bin/python

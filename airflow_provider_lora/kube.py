@@ -3,7 +3,8 @@ operator and the trigger make, on raw JSON.
 
 The trigger shares one kubernetes_asyncio ApiClient (one connection pool, one TLS context) per connection and event
 loop, instead of building a client, an SSL context and a TCP connection on every poll as KubernetesPodTrigger does:
-at hundreds of deferred tasks that difference is most of the triggerer's CPU (FACTS.md).
+at hundreds of deferred tasks that difference is most of the triggerer's CPU (docs/performance.md, "Triggerer
+load").
 
 Credentials can be short-lived: EKS and GKE kubeconfigs get a token from an exec plugin (`aws eks get-token`, about
 15 minutes; `gke-gcloud-auth-plugin`, about an hour), in-cluster and projected service-account tokens rotate. A

@@ -9,7 +9,7 @@ schedule, weight decay, clipping, dtype and gradient-checkpointing setting.
 
 Why not trl's SFTTrainer as the baseline: trl 1.15 always routes the loss through its fused LM head, a Triton kernel,
 so without unsloth (which swaps that kernel for its own) it cannot train on a CPU at all when triton is installed
-("RuntimeError: 0 active drivers"; FACTS.md). Our trainer uses SFTTrainer through unsloth.
+("RuntimeError: 0 active drivers"). Our trainer uses SFTTrainer through unsloth.
 
 Runs alternate (ours, baseline, ours, baseline, ...), each in a fresh subprocess with OMP_NUM_THREADS=1. Figures:
 

@@ -3,7 +3,7 @@ triggerer, each its own process, every port on 127.0.0.1): a deferrable LoRATrai
 model in an emulated pod (tests/k8s/emulator.py), the real triggerer imports LoRATrainingTrigger from the installed
 package and follows the pod, and the task resumes in another worker process.
 
-dag.test() cannot show this: it runs the trigger inline in the test process (FACTS.md, "Airflow").
+dag.test() cannot show this: it runs the trigger inline in the test process (first event only, no cleanup).
 
 On the same Airflow, headless chromium (tests/browser/task_instance.mjs) opens a finished run's task instance page:
 its extra links, the "Loss chart" tab with the run's chart, and the tab on another task. ``UPDATE_SCREENSHOTS=1``

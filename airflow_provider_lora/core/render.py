@@ -318,7 +318,8 @@ class _Workload(BaseModel):
 
 TRAINJOB_GROUP, TRAINJOB_VERSION, TRAINJOB_PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 TRAINJOB_NODE_JOB = "node"  # the torch runtime's replicated job; its container is named "node" too
-# The TrainJob field that customises the node pods changed with every Trainer release (FACTS.md).
+# The TrainJob field that customises the node pods changed with every Trainer release: v2.0 podSpecOverrides,
+# v2.1 podTemplateOverrides, v2.2+ runtimePatches (the CRDs at those tags of kubeflow/trainer).
 TRAINER_API_SHAPES = ("v2.0", "v2.1", "v2.2")
 MAX_TRAINJOB_NAME = 48
 

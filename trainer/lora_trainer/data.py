@@ -2,7 +2,7 @@
 
 Every row becomes ``input_ids`` plus ``assistant_masks`` (1 where the loss applies). trl's SFTTrainer takes such
 pre-tokenised rows as they are and masks the labels with them, so loss-on-answers-only works with any chat template,
-including the many that lack trl's ``{% generation %}`` markers (FACTS.md).
+including the many that lack trl's ``{% generation %}`` markers (SmolLM2's among them).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def load_rows(uri: str, download_dir: Path | None = None) -> list[dict[str, Any]
 
     if storage.is_s3(uri):
         # Read through boto3 rather than datasets' s3 support: it honours AWS_ENDPOINT_URL and works with
-        # HF_DATASETS_OFFLINE set (FACTS.md).
+        # HF_DATASETS_OFFLINE set (``load_dataset`` refuses s3:// then, and mutates the storage_options it gets).
         name = PurePosixPath(uri.rstrip("/")).name  # keeps the file's suffix, which names its type
         target = Path(download_dir or tempfile.mkdtemp(prefix="lora-data-")) / name
         local = storage.download(uri, target)

@@ -2,7 +2,8 @@
 
 Unquantised models load with unsloth's ``FastLanguageModel.from_pretrained``. Quantised ones (4-bit / 8-bit) load
 with transformers and a ``BitsAndBytesConfig``, because unsloth silently drops a ``quantization_config`` and so would
-ignore the quant type, compute dtype and double-quant settings (FACTS.md); unsloth's ``get_peft_model`` then wraps
+ignore the quant type, compute dtype and double-quant settings (seen with unsloth 2026.10.9: fp4 / no double quant
+/ fp32 compute came out nf4 / double quant / bf16); unsloth's ``get_peft_model`` then wraps
 either one the same way.
 """
 
