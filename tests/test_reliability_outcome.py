@@ -118,6 +118,30 @@ def test_a_retry_returns_its_own_published_run_and_refuses_anothers(k8s_cluster,
     assert posts(k8s_cluster) == []
 
 
+def test_the_trainer_of_a_retry_returns_its_own_run_published_on_a_path(tmp_path, monkeypatch, capsys):
+    """A path output (a PVC) the worker cannot see: the retry's pod starts, and the trainer finds the run its
+    task's earlier try published there. Before: it refused the output (exit code 2, `_COMPLETE is present`)."""
+    from lora_trainer import train
+    from lora_trainer.export import redacted_spec
+
+    from airflow_provider_lora.core.spec import LoRASpec
+
+    output = str(tmp_path / "out")
+    spec = LoRASpec.parse({"base_model": "org/model", "dataset": "org/data", "output_uri": output,
+                           "checkpoint_at_epoch": True})
+    task = {"dag_id": "d", "task_id": "train", "run_id": "r1", "map_index": -1, "deployment": "default"}
+    publish(tmp_path, output, {"global_step": 3, "spec": redacted_spec(spec), "task": task})
+    monkeypatch.setenv("LORA_TERMINATION_LOG", str(tmp_path / "termination-log"))
+    monkeypatch.setenv("LORA_TASK", json.dumps({**task, "run_id": "another-run"}))
+    with pytest.raises(storage.OutputExistsError):
+        train.run(spec)
+    monkeypatch.setenv("LORA_TASK", json.dumps(task))
+    outcome = train.run(spec.model_copy(update={"resume_from_checkpoint": "latest"}))  # what a retry runs
+    assert outcome.summary["global_step"] == 3 and outcome.model is None  # no model was loaded
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("LORA_RESULT "))
+    assert json.loads(line.removeprefix("LORA_RESULT "))["summary"]["global_step"] == 3
+
+
 def test_the_pod_carries_the_task_identity_for_the_trainer_to_record(k8s_cluster, stand_in):
     stand_in["script"] = "import os; print('TASK ' + os.environ['LORA_TASK']); " + RESULT
     op = operator(k8s_cluster, on_finish_action="keep_pod")

@@ -27,7 +27,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from airflow_provider_lora.core import storage
 from airflow_provider_lora.core.launchers.pod import RESULT_PREFIX
-from airflow_provider_lora.core.results import RunResult, termination_message
+from airflow_provider_lora.core.results import RunResult, is_own_run, load_run_result, termination_message
 from airflow_provider_lora.core.spec import LoRASpec, plan_batches
 from lora_trainer import data as data_lib
 from lora_trainer import export
@@ -72,7 +72,18 @@ def run(spec: LoRASpec, work_dir: str | Path | None = None) -> Outcome:
     resuming = spec.resume_from_checkpoint is not None
     if state.is_main_process:
         storage.check_writable(spec.output_uri)  # first: a missing bucket or no access, said as such
-        storage.check_output_available(spec.output_uri, overwrite=spec.overwrite_output)
+        try:
+            storage.check_output_available(spec.output_uri, overwrite=spec.overwrite_output)
+        except storage.OutputExistsError:
+            # A retry of the task whose earlier try published this run (same spec and task): hand that run back
+            # instead of refusing it. One process only: under torchrun the other ranks would wait for this one.
+            own = _own_published_run(spec) if state.num_processes == 1 else None
+            if own is None:
+                raise
+            log(f"{spec.output_uri} already holds this task's own run (an earlier try published it): returning it")
+            print(RESULT_PREFIX + json.dumps(own.to_xcom()), flush=True)
+            _write_termination_message(own)
+            return Outcome(own.summary, None, None)
     run_dir = _run_dir(spec, work_dir)
     dtype = model_lib.pick_dtype(spec)
     model_lib.check_hardware(spec, dtype)
@@ -262,6 +273,19 @@ def _fetch_remote_checkpoint(remote: str, checkpoint_dir: Path, metrics_path: Pa
     if (target / CHECKPOINT_METRICS).exists():
         shutil.copyfile(target / CHECKPOINT_METRICS, metrics_path)
     log(f"fetched {newest} of an earlier try from {remote}")
+
+
+def _own_published_run(spec: LoRASpec) -> RunResult | None:
+    """The run at ``spec.output_uri`` when the task instance that launched this process (TASK_ENV) published it
+    from the same spec."""
+    task = export._task()
+    if task is None:
+        return None
+    try:
+        run = load_run_result(spec.output_uri)
+    except Exception:  # unreadable: not recognisably ours, so the usual refusal stands
+        return None
+    return run if is_own_run(run.summary, spec, task) else None
 
 
 def _write_termination_message(result: RunResult) -> None:
