@@ -87,7 +87,14 @@ class LoRATrainingOperator(BaseOperator):
         AWS_ENDPOINT_URL. None (default): the connection's or boto3's own (AWS_ENDPOINT_URL).
     """
 
-    template_fields: Sequence[str] = (*SPEC_FIELDS, "image", "namespace")
+    # Every spec field, and every pod option users fill from params, Variables or connections; secret_env is kept
+    # as given and parsed into secret references after rendering.
+    template_fields: Sequence[str] = (
+        *SPEC_FIELDS, "image", "namespace", "kubernetes_conn_id", "config_file", "cluster_context",
+        "image_pull_secrets", "service_account_name", "node_selector", "tolerations", "affinity", "volumes",
+        "volume_mounts", "pvc_claim_name", "pvc_mount_path", "secret_env", "hf_token_secret", "aws_conn_id",
+        "s3_endpoint_url", "trainer_runtime",
+    )
     ui_color = "#e8f0fe"
     operator_extra_links = (LoRAArtifactsLink(), LossChartLink())
 
@@ -160,17 +167,15 @@ class LoRATrainingOperator(BaseOperator):
         self.pvc_claim_name = pvc_claim_name
         self.pvc_mount_path = pvc_mount_path
         self.pod_template = pod_template
-        self.secret_env = {name: SecretRef.parse(v, f"secret_env[{name!r}]") for name, v in (secret_env or {}).items()}
-        if hf_token_secret is not None:
-            self.secret_env["HF_TOKEN"] = SecretRef.parse(hf_token_secret, "hf_token_secret")
+        self.secret_env = dict(secret_env or {})
+        self.hf_token_secret = hf_token_secret
         self.deployment = deployment or conf.get("lora", "deployment", fallback="default")
         self.deferrable = deferrable
         self.poll_interval = poll_interval
         self.startup_timeout = startup_timeout
         self.on_finish_action = on_finish_action
-        if s3_endpoint_url is not None and not _is_http_url(s3_endpoint_url):
-            raise ValueError(f"s3_endpoint_url={s3_endpoint_url!r} is not valid: give an http(s) URL such as "
-                             "'http://minio.minio:9000'")
+        if s3_endpoint_url is not None and "{{" not in s3_endpoint_url:
+            _check_s3_endpoint(s3_endpoint_url)
         self.aws_conn_id = aws_conn_id
         self.s3_endpoint_url = s3_endpoint_url
         self._s3_client: Any = None
@@ -183,6 +188,8 @@ class LoRATrainingOperator(BaseOperator):
         self._launched: tuple[str, str] | None = None  # (name, namespace) of the pod/TrainJob once created or found
         # Fail at DAG parse for values that are already final (templated ones are checked after rendering).
         self._spec(final=False)
+        if "{{" not in repr((self.secret_env, self.hf_token_secret)):
+            self._secret_refs()
 
     # ---- the spec ---------------------------------------------------------------------------------------------
 
@@ -203,7 +210,17 @@ class LoRATrainingOperator(BaseOperator):
         except SpecError as exc:
             raise ValueError(f"{self.task_id}: {exc}") from None
 
+    def _secret_refs(self) -> dict[str, SecretRef]:
+        """secret_env (``"secret/key"`` or ``{"name", "key"}`` per variable) plus HF_TOKEN from hf_token_secret,
+        as secret references; a clear error naming the parameter otherwise."""
+        refs = {name: SecretRef.parse(value, f"secret_env[{name!r}]") for name, value in self.secret_env.items()}
+        if self.hf_token_secret:
+            refs["HF_TOKEN"] = SecretRef.parse(self.hf_token_secret, "hf_token_secret")
+        return refs
+
     def _options(self) -> PodOptions:
+        if self.s3_endpoint_url is not None:
+            _check_s3_endpoint(self.s3_endpoint_url)
         template = self.pod_template
         if isinstance(template, str):
             import yaml
@@ -214,7 +231,7 @@ class LoRATrainingOperator(BaseOperator):
             image_pull_secrets=self.image_pull_secrets, service_account_name=self.service_account_name,
             node_selector=self.node_selector, tolerations=self.tolerations, affinity=self.affinity,
             volumes=self.volumes, volume_mounts=self.volume_mounts, pvc_claim_name=self.pvc_claim_name,
-            pvc_mount_path=self.pvc_mount_path, secret_env=self.secret_env,
+            pvc_mount_path=self.pvc_mount_path, secret_env=self._secret_refs(),
             pod_template=template, s3_endpoint_url=self.s3_endpoint_url,
             active_deadline_seconds=self.active_deadline_seconds,
         )
@@ -692,6 +709,12 @@ def _check_image(image: str | None, launcher: str) -> None:
     if "{{" not in image and not IMAGE_REFERENCE.match(image):
         raise ValueError(f"image={image!r} is not valid: expected an image reference such as {example} (lowercase "
                          "path, optional :tag or @sha256:...)")
+
+
+def _check_s3_endpoint(url: str) -> None:
+    if not _is_http_url(url):
+        raise ValueError(f"s3_endpoint_url={url!r} is not valid: give an http(s) URL such as "
+                         "'http://minio.minio:9000'")
 
 
 def _is_http_url(text: str) -> bool:
