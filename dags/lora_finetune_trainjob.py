@@ -1,0 +1,102 @@
+"""Fine-tune on several GPU nodes with Kubeflow Trainer (launcher="trainjob"), then use the adapter downstream.
+
+How-to: docs/howto.md ("Several GPU nodes"). Nothing here needs editing: the deployment's settings are Airflow
+Variables (Admin > Variables, or ``AIRFLOW_VAR_<NAME>`` environment variables), the run's training values are the
+trigger form's fields (one per parameter, as in dags/lora_finetune.py).
+
+- ``lora_image`` (required, unless ``[lora] image`` is set): your build of trainer/Dockerfile, pushed where the
+  cluster pulls from.
+- ``lora_kubernetes_conn_id`` (default ``kubernetes_default``): the cncf-kubernetes connection to the GPU cluster.
+- ``lora_namespace`` (default ``default``): where the TrainJob runs.
+- ``lora_trainer_runtime`` (default ``torch-distributed``): the ClusterTrainingRuntime (``torch-distributed-restricted``
+  from docs/clustertrainingruntime.yaml in a restricted namespace on Trainer v2.0/v2.1).
+- ``lora_service_account`` (default ``lora-trainer``): a ServiceAccount in that namespace that may write to the
+  bucket: bound to an IAM role (EKS: IRSA annotation or Pod Identity association), so no keys are stored anywhere.
+- ``lora_output_prefix`` (default ``s3://my-bucket/lora-runs``): the form's default output is
+  ``<prefix>/lora_finetune_trainjob``, and each run publishes under it, to ``.../<run_id>``.
+- ``lora_dataset`` (default ``<prefix>/datasets/train.jsonl``): the form's default dataset.
+- ``lora_gpu_node_selector`` (JSON, default ``{"nvidia.com/gpu.present": "true"}``): labels of the GPU nodes.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+# The names exist on Airflow 2.11 and 3.x alike through common-compat (a dependency of this provider).
+from airflow.providers.common.compat.sdk import DAG, Variable, task
+
+from airflow_provider_lora.operators.lora import LoRATrainingOperator
+from airflow_provider_lora.params import spec_params, templated_spec_kwargs
+
+# Read when the file is parsed: the operator checks its image at parse time, and the connection, service account and
+# node selector are not templated arguments.
+IMAGE = Variable.get("lora_image", None)  # None: [lora] image; with neither, the DAG does not parse (says why)
+CONN_ID = Variable.get("lora_kubernetes_conn_id", "kubernetes_default")
+NAMESPACE = Variable.get("lora_namespace", "default")
+SERVICE_ACCOUNT = Variable.get("lora_service_account", "lora-trainer")
+OUTPUT_PREFIX = Variable.get("lora_output_prefix", "s3://my-bucket/lora-runs").rstrip("/")
+DATASET = Variable.get("lora_dataset", f"{OUTPUT_PREFIX}/datasets/train.jsonl")
+RUNTIME = Variable.get("lora_trainer_runtime", "torch-distributed")
+GPU_NODE_SELECTOR = Variable.get("lora_gpu_node_selector", {"nvidia.com/gpu.present": "true"},
+                                 deserialize_json=True)
+# GPU node pools are commonly tainted nvidia.com/gpu:NoSchedule so that only GPU pods land there; tolerating the taint
+# is harmless where there is none.
+GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+@task
+def register_adapter(result: dict) -> dict:
+    """Use what the training published, through the return value's documented keys (docs/operator.md): read the
+    adapter's PEFT config from ``artifacts["adapter"]`` and record where everything is, with the headline figures."""
+    import json
+
+    from airflow_provider_lora.core import storage
+
+    artifacts, summary = result["artifacts"], result["summary"]
+    config = json.loads(storage.read_text(storage.join(artifacts["adapter"], "adapter_config.json")))
+    return {
+        "adapter": artifacts["adapter"],
+        "base_model": config["base_model_name_or_path"],
+        "lora_r": config["r"],
+        "final_loss": summary["final_loss"],
+        "global_step": summary["global_step"],
+        "loss_chart": artifacts["chart_png"],
+        "merged": artifacts.get("merged"),  # only with save_merged
+    }
+
+
+with DAG(
+    dag_id="lora_finetune_trainjob",
+    description="LoRA fine-tune on several GPU nodes (Kubeflow Trainer); the adapter's config read back downstream",
+    schedule=None,
+    start_date=datetime.datetime(2026, 1, 1),
+    catchup=False,
+    params=spec_params(
+        base_model="Qwen/Qwen2.5-0.5B-Instruct",
+        dataset=DATASET,
+        output_uri=f"{OUTPUT_PREFIX}/lora_finetune_trainjob",  # each run publishes under <this>/<run_id>
+        resource_num_workers=2,  # nodes; each runs resource_gpu_per_worker processes under torchrun
+        resource_gpu_per_worker=1,
+        resource_memory_per_worker="24Gi",
+        checkpoint_at_epoch=True,  # a retry resumes from the last epoch's checkpoint instead of step 0
+    ),
+    render_template_as_native_obj=True,  # each form value reaches the operator with its type
+    tags=["lora", "example", "kubernetes", "kubeflow-trainer"],
+) as dag:
+    train = LoRATrainingOperator(
+        task_id="train",
+        launcher="trainjob",
+        trainer_runtime=RUNTIME,
+        image=IMAGE,
+        kubernetes_conn_id=CONN_ID,
+        namespace=NAMESPACE,
+        service_account_name=SERVICE_ACCOUNT,  # every node pod gets it: S3 through its role, no keys
+        node_selector=GPU_NODE_SELECTOR,
+        tolerations=GPU_TOLERATIONS,
+        deferrable=True,  # the wait runs on the triggerer, not in a worker slot
+        on_finish_action="delete_succeeded_pod",  # the TrainJob (and its node pods) go once it succeeded
+        retries=2,  # a retry reattaches to a TrainJob still running, or resumes from the last checkpoint
+        retry_delay=datetime.timedelta(minutes=2),
+        **{**templated_spec_kwargs(), "output_uri": "{{ params.output_uri }}/{{ run_id }}"},
+    )
+    register_adapter(train.output)
