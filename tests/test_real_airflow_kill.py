@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 import urllib.error
 
@@ -101,6 +102,18 @@ def wait_for(test, what: str, airflow, timeout: float = 120.0) -> None:
         time.sleep(0.5)
 
 
+def start_second_triggerer(airflow) -> None:
+    """Start "triggerer2" and let it register and heartbeat. SQLite, which these services share, can answer
+    "database is locked" to its first write on a busy machine, and the triggerer then exits: start it again."""
+    for _ in range(3):
+        airflow.start("triggerer2", "triggerer", "--skip-serve-logs")
+        try:
+            airflow.procs["triggerer2"].wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            return  # running for 10 s: registered and heartbeating
+    raise AssertionError(f"the second triggerer did not stay up\n{airflow.tail('triggerer2')}")
+
+
 def deletes(cluster) -> list:
     return [r for r in cluster.request_log if r[0] == "DELETE"]
 
@@ -125,9 +138,8 @@ def test_a_triggerer_that_loses_the_trigger_to_another_leaves_the_training_runni
     dag_id = "lora_takeover"
     run_id = dag(dag_id, lines=120)
     first = airflow.task_instance(dag_id, run_id, "train")["triggerer_job"]["id"]
-    airflow.start("triggerer2", "triggerer", "--skip-serve-logs")
+    start_second_triggerer(airflow)
     group = airflow.procs["triggerer"].pid
-    time.sleep(5)  # the second triggerer is up and heartbeating before the first stops answering
     os.killpg(group, signal.SIGSTOP)
     try:
         wait_for(lambda: (airflow.task_instance(dag_id, run_id, "train").get("triggerer_job") or {}).get("id")

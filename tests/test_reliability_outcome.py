@@ -337,6 +337,24 @@ def test_an_envs_value_too_large_for_the_kernel_is_refused_before_launching(k8s_
     assert posts(k8s_cluster) == []
 
 
+def test_the_kfp_launch_refuses_an_envs_value_too_large_before_launching(k8s_cluster, tmp_path):
+    """The KFP component's own launch path (kfp/cluster.py) checks the same limits."""
+    from airflow_provider_lora.core.spec import LoRASpec
+    from airflow_provider_lora.kfp.cluster import launch_settings, train_on_cluster
+
+    workspace = str(tmp_path / "ws")
+    env = {"KUBERNETES_SERVER_URL": k8s_cluster.url, "KUBERNETES_AUTH_TOKEN": k8s_cluster.token,
+           "KUBERNETES_CA_CERT": str(k8s_cluster.ca_file), "LORA_KFP_TRAINING_IMAGE": "registry.example/t:1",
+           "LORA_KFP_POD_OPTIONS": json.dumps({"volumes": [{"name": "ws", "hostPath": {"path": workspace}}],
+                                                "volume_mounts": [{"name": "ws", "mountPath": workspace}]})}
+    launch = launch_settings(env, None, workspace)
+    spec = LoRASpec.parse({"base_model": "org/model", "dataset": "org/data", "output_uri": workspace + "/run",
+                           "envs": "BIG=" + "x" * 200_000})
+    with pytest.raises(ValueError, match=r"envs .*MAX_ARG_STRLEN"):
+        train_on_cluster(spec, "pod", launch, key="k1", env=env, log=lambda line: None)
+    assert posts(k8s_cluster) == []
+
+
 def test_annotations_over_256_kib_are_refused_before_launching(k8s_cluster, stand_in):
     op = operator(k8s_cluster, metadata_annotations=",".join(f"note{i}={'y' * 1000}" for i in range(300)))
     with pytest.raises(AirflowFailException, match=r"metadata_annotations: .*262,144"):

@@ -19,6 +19,7 @@ from airflow_provider_lora.core.launchers.pod import (FAILED, PENDING, SUCCEEDED
                                                       find_result, new_log_lines, seconds_since)
 from airflow_provider_lora.core.launchers.trainjob import (classify_trainjob, failed_nodes, installed_trainer_version,
                                                            node_pod_selector, rank0_pod)
+from airflow_provider_lora.core.limits import check_manifest
 from airflow_provider_lora.core.render import (TRAINER_CONTAINER, TRAINJOB_GROUP, TRAINJOB_NODE_JOB, TRAINJOB_PLURAL,
                                                TRAINJOB_VERSION, PodOptions, SecretRef, TaskIdentity,
                                                TrainJobOptions, merge_under, render_pod, render_trainjob,
@@ -42,7 +43,7 @@ NOT_FORWARDED = {ENV_SERVER, ENV_TOKEN, ENV_CA, ENV_POD_OPTIONS, ENV_HF_TOKEN_SE
                  ENV_TRAINER_API, ENV_POLL, ENV_STARTUP_TIMEOUT, ENV_TRAINING_IMAGE, "LORA_KFP_LAUNCHER",
                  "LORA_KFP_SPEC"}
 LAST_LINES = 30
-RESULT_TAIL = 20
+RESULT_TAIL = 200  # other ranks may print many lines after the result line
 LOG_READ_TIMEOUT = 120  # seconds without a log byte before the stream is re-opened (the job's state is checked)
 
 
@@ -309,6 +310,7 @@ def train_on_cluster(spec: LoRASpec, launcher: str, launch: Launch, *, key: str,
                     f"{' and ' if launch.pod_env and launch.resources else ''}"
                     f"{'resources' if launch.resources else ''} are not passed on (the spec's resources are)")
             job = _TrainJob(core, render_trainjob(spec, launch.options, identity, _trainjob_options(env, core, log)))
+        check_manifest(job.manifest, spec)  # what the kernel or the API server would refuse, said before launching
     except ValueError as exc:
         raise ValueError(f"{exc}\n(KFP: the training job must see pvc_path: pass the workspace volume through "
                          f"kubernetes_config, or set {ENV_POD_OPTIONS}='{{\"pvc_claim_name\": \"<claim>\"}}', which "
