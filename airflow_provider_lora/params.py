@@ -24,6 +24,34 @@ MINIMUM = {"effective_batch_size": 1, "max_tokens_per_gpu": 1, "max_seq_len": 1,
            "seed": 0, "max_steps": 1}
 
 
+# Words a field name spells in lowercase that a person reads otherwise.
+_TITLE_WORDS = {"lora": "LoRA", "bnb": "bitsandbytes", "4bit": "4-bit", "8bit": "8-bit", "gpu": "GPU", "cpu": "CPU",
+                "lr": "LR", "fsdp": "FSDP", "rslora": "rsLoRA", "dora": "DoRA", "uri": "URI", "seq": "sequence",
+                "len": "length", "num": "number of", "procs": "processes", "envs": "environment variables",
+                "dtype": "dtype", "liger": "Liger"}
+
+
+def title(name: str) -> str:
+    """A form label from a field name: ``lora_bnb_4bit_compute_dtype`` -> "LoRA bitsandbytes 4-bit compute dtype"."""
+    words = [_TITLE_WORDS.get(word, word) for word in name.split("_")]
+    text = " ".join(words)
+    return text[0].upper() + text[1:]
+
+
+def _description(name: str, field: Any, defaults: dict[str, Any]) -> str:
+    """The spec's description, plus what this form changes: a default of its own (the spec's "default: X" would
+    otherwise contradict the value shown), num_epochs ignored under max_steps, and fields a local run ignores."""
+    text = field.description
+    if name in defaults and defaults[name] != field.default:
+        text = text.replace("(default:", "(spec default:").replace("(default with", "(spec default with")
+        text += f" This form starts at {defaults[name]!r}."
+    if name == "num_epochs" and defaults.get("max_steps") is not None:
+        text += " Ignored while max_steps is set (clear max_steps to train by epochs)."
+    if (field.json_schema_extra or {}).get("cluster_only"):
+        text += " Applies to the pod and trainjob launchers only; a local run ignores it."
+    return text
+
+
 def param_schemas(**defaults: Any) -> dict[str, dict[str, Any]]:
     """name -> JSON schema of the form field (what Param takes), with ``defaults`` replacing the spec's."""
     properties = LoRASpec.model_json_schema()["properties"]
@@ -34,8 +62,8 @@ def param_schemas(**defaults: Any) -> dict[str, dict[str, Any]]:
         schema: dict[str, Any] = {
             "type": types[0] if len(types) == 1 else types,
             "default": defaults.get(name, field.default),
-            "title": name.replace("_", " "),
-            "description": field.description,
+            "title": title(name),
+            "description": _description(name, field, defaults),
             "section": (field.json_schema_extra or {})["section"],
         }
         if name in OPTIONAL_TEXT:

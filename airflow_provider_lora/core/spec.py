@@ -152,8 +152,12 @@ def check_quantity(value: str) -> bool:
     return bool(_QUANTITY.match(value))
 
 
-def _field(default: Any, description: str, section: str, *, seed: bool = False, **kwargs: Any) -> Any:
-    return Field(default, description=description, json_schema_extra={"section": section, "seed": seed}, **kwargs)
+def _field(default: Any, description: str, section: str, *, seed: bool = False, cluster_only: bool = False,
+           **kwargs: Any) -> Any:
+    """A spec field. ``cluster_only``: it acts on the Pod or TrainJob (resources, pod metadata); a local run in the
+    worker has nothing to apply it to."""
+    extra = {"section": section, "seed": seed, **({"cluster_only": True} if cluster_only else {})}
+    return Field(default, description=description, json_schema_extra=extra, **kwargs)
 
 
 class LoRASpec(BaseModel):
@@ -179,13 +183,16 @@ class LoRASpec(BaseModel):
     data_output_dir: Optional[str] = _field(
         None, "Directory for processed training data; reused only when its fingerprint matches.", DATA, seed=True)
     envs: str = _field("", "Environment overrides as KEY=VAL,KEY=VAL (\\, and \\= escape).", KUBERNETES, seed=True)
-    resource_cpu_per_worker: str = _field("4", "CPU cores per worker.", RESOURCES, seed=True)
-    resource_gpu_per_worker: int = _field(1, "GPUs per worker.", RESOURCES, seed=True)
-    resource_memory_per_worker: str = _field("32Gi", "Memory per worker (e.g., 32Gi).", RESOURCES, seed=True)
+    resource_cpu_per_worker: str = _field("4", "CPU cores per worker.", RESOURCES, seed=True, cluster_only=True)
+    resource_gpu_per_worker: int = _field(1, "GPUs per worker.", RESOURCES, seed=True, cluster_only=True)
+    resource_memory_per_worker: str = _field("32Gi", "Memory per worker (e.g., 32Gi).", RESOURCES, seed=True,
+                                             cluster_only=True)
     resource_num_procs_per_worker: str = _field("auto", "Processes per worker (auto or int).", RESOURCES, seed=True)
-    resource_num_workers: int = _field(1, "Number of training pods.", RESOURCES, seed=True)
-    metadata_labels: str = _field("", "Pod labels as key=value,key=value.", KUBERNETES, seed=True)
-    metadata_annotations: str = _field("", "Pod annotations as key=value,key=value.", KUBERNETES, seed=True)
+    resource_num_workers: int = _field(1, "Number of training pods.", RESOURCES, seed=True, cluster_only=True)
+    metadata_labels: str = _field("", "Pod labels as key=value,key=value.", KUBERNETES, seed=True,
+                                  cluster_only=True)
+    metadata_annotations: str = _field("", "Pod annotations as key=value,key=value.", KUBERNETES, seed=True,
+                                       cluster_only=True)
     lora_r: int = _field(16, "LoRA rank (controls model capacity).", LORA, seed=True)
     lora_alpha: int = _field(32, "LoRA scaling factor.", LORA, seed=True)
     lora_dropout: float = _field(0.0, "Dropout rate for LoRA layers.", LORA, seed=True)
