@@ -28,8 +28,8 @@ from airflow.providers.common.compat.sdk import DAG, Variable, task
 from airflow_provider_lora.operators.lora import LoRATrainingOperator
 from airflow_provider_lora.params import spec_params, templated_spec_kwargs
 
-# Read when the file is parsed: the operator checks its image at parse time, and the connection, service account and
-# node selector are not templated arguments.
+# Read when the file is parsed: the operator checks the image then (a missing one fails the parse, saying why), and
+# the output prefix, dataset and node selector are the form's defaults or a dict; one mechanism for all of them.
 IMAGE = Variable.get("lora_image", None)  # None: [lora] image; with neither, the DAG does not parse (says why)
 CONN_ID = Variable.get("lora_kubernetes_conn_id", "kubernetes_default")
 NAMESPACE = Variable.get("lora_namespace", "default")
