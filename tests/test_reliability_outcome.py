@@ -32,7 +32,7 @@ def posts(cluster) -> list:
 
 def deferred(op, ti=None):
     """execute() up to the deferral: (the trigger, TaskDeferred)."""
-    from airflow.exceptions import TaskDeferred
+    from airflow.sdk.exceptions import TaskDeferred
 
     with pytest.raises(TaskDeferred) as info:
         op.execute({"ti": ti or StandInTI()})
