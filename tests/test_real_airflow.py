@@ -44,7 +44,8 @@ from airflow_provider_lora.operators.lora import LoRATrainingOperator
 
 with DAG({dag_id!r}, schedule=None, start_date=datetime.datetime(2026, 1, 1), catchup=False):
     LoRATrainingOperator(
-        task_id={task_id!r}, launcher="pod", deferrable=True, kubernetes_conn_id="k8s_emu",
+        task_id={task_id!r}, launcher="pod", image="registry.example/lora-trainer:0.1.0", deferrable=True,
+        kubernetes_conn_id="k8s_emu",
         poll_interval=0.5, startup_timeout=60, on_finish_action="keep_pod",
         base_model={base_model!r}, dataset={dataset!r}, output_uri={output_uri!r},
         pvc_claim_name="workspace", pvc_mount_path={mount!r},
