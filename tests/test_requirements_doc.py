@@ -122,3 +122,12 @@ def test_the_driver_requirement_is_the_images():
     needs = _rows()["NVIDIA driver"][0]
     assert f"CUDA {cuda[1]} (driver 580 or newer)" in needs and f"CUDA {cuda[1]}.{cuda[2]} base" in needs
     assert "driver 580 or newer" in dockerfile
+
+
+def test_the_readme_states_the_same_support():
+    readme = (REPO / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| [requirements](docs/requirements.md)"))
+    python = PYPROJECT["requires-python"].removeprefix(">=")
+    airflow = Requirement(next(d for d in PYPROJECT["dependencies"] if d.startswith("apache-airflow>"))).specifier
+    assert f"Python {python}+" in row and f"Airflow {str(airflow).removeprefix('>=')}+" in row
+    assert f"(tested: {CPU['apache-airflow']}, {AF2['apache-airflow']})" in row
