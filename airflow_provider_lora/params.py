@@ -42,7 +42,7 @@ def _description(name: str, field: Any, defaults: dict[str, Any]) -> str:
     """The spec's description, plus what this form changes: a default of its own (the spec's "default: X" would
     otherwise contradict the value shown), num_epochs ignored under max_steps, and fields a local run ignores."""
     text = field.description
-    if name in defaults and defaults[name] != field.default:
+    if name in defaults and defaults[name] != field.default and "(default" in text:
         text = text.replace("(default:", "(spec default:").replace("(default with", "(spec default with")
         text += f" This form starts at {defaults[name]!r}."
     if name == "num_epochs" and defaults.get("max_steps") is not None:
