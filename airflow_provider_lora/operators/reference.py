@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_provider_lora import get_provider_info
-from airflow_provider_lora.core.results import XCOM_HISTORY_POINTS
+from airflow_provider_lora.core.results import TERMINATION_MESSAGE_BYTES, XCOM_HISTORY_POINTS
 from airflow_provider_lora.core.storage import artifact_uris
 from airflow_provider_lora.links import CHART_XCOM_KEY
 from airflow_provider_lora.operators.lora import SPEC_FIELDS, XCOM_LAUNCHED, LoRATrainingOperator
@@ -181,7 +181,9 @@ def document() -> str:
         + return_value_table()
         + "\n"
         "When neither the trigger's event, the pod's log nor the published run holds the result, it comes from the "
-        "pod's termination message: `history` is then empty and `summary` holds only the headline figures.\n"
+        f"pod's termination message (at most {TERMINATION_MESSAGE_BYTES} bytes): `history` is then empty, `summary` "
+        "holds only the headline figures, and `artifacts` what fitted: every key, or only `root` when the URIs are "
+        "too long; when none fitted, the keys are derived from `output_uri`, without `merged`.\n"
         "\n"
         f"Other XComs: `{XCOM_LAUNCHED}` (the launched object: `kind`, `name`, `namespace`; pod and trainjob "
         f"launchers) and `{CHART_XCOM_KEY}` (the loss chart page, for the Loss chart tab).\n"
