@@ -130,6 +130,22 @@ def test_marking_a_deferred_task_failed_or_successful_deletes_its_pod(airflow, k
     assert f"the task is now {new_state}" in airflow.task_log(dag_id, run_id, "train")
 
 
+def test_clearing_a_deferred_task_deletes_its_pod_and_the_next_try_starts_a_new_one(airflow, k8s_cluster, dag):
+    """Clear (the UI's and the REST API's): the triggerer cancels the trigger and calls on_kill, which finds the task
+    no longer deferred and deletes try 1's pod; try 2 starts its own and succeeds."""
+    dag_id = "lora_clear"
+    run_id = dag(dag_id, lines=40)
+    airflow.api("POST", f"/dags/{dag_id}/clearTaskInstances", {
+        "dry_run": False, "only_failed": False, "task_ids": ["train"], "dag_run_id": run_id})
+    state = airflow.wait_for_run(dag_id, run_id, timeout=180)
+    log = airflow.task_log(dag_id, run_id, "train")
+    assert state == "success", log[-6000:]
+    assert "deleted pod" in log and "the task is now" in log, log[-6000:]  # on_kill of try 1's trigger
+    assert len(deletes(k8s_cluster)) >= 1
+    [pod] = k8s_cluster.pods()
+    assert pod["metadata"]["labels"]["lora.airflow-provider/try_number"] == "2"
+
+
 def test_a_triggerer_that_loses_the_trigger_to_another_leaves_the_training_running(airflow, k8s_cluster, dag):
     """Two triggerers. The one following the training stops answering (SIGSTOP) past the health threshold, the other
     takes the trigger over; woken again, the first cancels the trigger it no longer owns through the same path as a
