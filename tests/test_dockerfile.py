@@ -228,3 +228,14 @@ def test_dockerfile_install_steps_replayed_in_a_fresh_venv(tmp_path, tiny_model_
        f"--output-uri {out} --effective-batch-size 8 --max-seq-len 64 --max-tokens-per-gpu 256 --num-epochs 1 "
        f"--dtype float32 --lr-warmup-steps 0")
     assert (out / "_COMPLETE").is_file() and (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_the_image_installs_under_the_pins_ci_tests():
+    """Loose ranges would give the image a newer torch/transformers/unsloth than CI ever ran: it installs under the
+    kfp venv's exact pins, which carry no CPU-only build label (the image takes the CUDA build of the same torch)."""
+    installs = [c for c in venv_commands(instructions()) if c.startswith("pip install -r")]
+    assert installs == ["pip install -r trainer/requirements-image.txt -c ci/constraints-kfp.txt"]
+    assert ("ci/constraints-kfp.txt", "ci/constraints-kfp.txt") in copies(instructions())
+    pins = [line for line in CONSTRAINTS.read_text().splitlines() if line and not line.startswith("#")]
+    assert all("==" in line and "+" not in line for line in pins)
+    assert "torch==2.13.0" in pins
