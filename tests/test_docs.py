@@ -123,3 +123,13 @@ def test_the_rbac_rules_in_kubernetes_md_are_the_shipped_role():
     pod_verbs = {v for g, r, v in triples(role["rules"]) if (g, r) == ("", "pods")}
     security = (docs_dir / "security.md").read_text()
     assert all(f"`{verb}`" in security.split("on pods")[0][-120:] for verb in pod_verbs)
+
+
+def test_concepts_names_the_xcom_keys_the_operator_pushes():
+    from airflow_provider_lora.links import CHART_XCOM_KEY
+    from airflow_provider_lora.operators.lora import XCOM_LAUNCHED
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "concepts.md").read_text()
+    table = page.split("## What the task leaves in XCom and the UI", 1)[1].split("\n\n", 2)[1]
+    keys = {line.split("|")[1].strip().strip("`") for line in table.splitlines()[2:]}
+    assert keys == {"return_value", CHART_XCOM_KEY, XCOM_LAUNCHED}
