@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 # unsloth patches transformers/trl/peft on import and must come first; without it trl's SFTTrainer crashes on CPU
-# when triton is installed (FACTS.md).
+# when triton is installed (trl 1.15: "RuntimeError: 0 active drivers" from its fused LM-head kernel).
 import unsloth  # noqa: F401  isort: skip
 
 import torch
@@ -90,7 +90,8 @@ def run(spec: LoRASpec, work_dir: str | Path | None = None) -> Outcome:
     plan = plan_batches(spec, state.num_processes)
     on_gpu = torch.cuda.is_available()
     # Packing keeps packed examples apart only with FlashAttention's varlen kernels; on CPU they would attend to
-    # each other (FACTS.md), so it is off there, said loudly and recorded in summary.json.
+    # each other (seen with unsloth 2026.10.9 forced to pack on CPU: logits off by up to 1.07), so it is off there,
+    # said loudly and recorded in summary.json.
     packing_used = bool(spec.lora_sample_packing and on_gpu)
     packing_note = ("on" if packing_used else "off: packing needs FlashAttention on a GPU; on CPU packed examples "
                     "would attend to each other" if spec.lora_sample_packing else "off (lora_sample_packing=False)")
@@ -195,7 +196,8 @@ def run(spec: LoRASpec, work_dir: str | Path | None = None) -> Outcome:
         _write_termination_message(result)
     state.wait_for_everyone()
     if state.num_processes > 1:
-        # Without this about one run in six crashes at exit under torchrun (FACTS.md).
+        # Without this about one run in six crashes at exit under torchrun on CPU ("terminate called without an
+        # active exception").
         torch.distributed.destroy_process_group()
     return Outcome(summary or {}, model, tokenizer)
 
