@@ -11,7 +11,7 @@ import json
 import sys
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from airflow_provider_lora.core.spec import LoRASpec
 
@@ -98,23 +98,30 @@ def document() -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m airflow_provider_lora.core.docs",
-                                     description="Write the LoRA parameter reference (docs/parameters.md).")
-    parser.add_argument("--output", type=Path, default=DOC_PATH, help="file to write (default: %(default)s)")
+def write_or_check(argv: list[str] | None, *, command: str, what: str, default: Path,
+                   document: Callable[[], str]) -> int:
+    """The command line of a generated page: write it, or with --check exit 1 when the committed file is stale."""
+    parser = argparse.ArgumentParser(prog=command, description=f"Write {what}.")
+    parser.add_argument("--output", type=Path, default=default, help="file to write (default: %(default)s)")
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 when the file is stale")
     args = parser.parse_args(argv)
     text = document()
     if args.check:
         current = args.output.read_text(encoding="utf-8") if args.output.exists() else None
         if current != text:
-            print(f"{args.output} is stale: run python -m airflow_provider_lora.core.docs", file=sys.stderr)
+            print(f"{args.output} is stale: run {command}", file=sys.stderr)
             return 1
         return 0
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text, encoding="utf-8")
     print(f"wrote {args.output}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return write_or_check(argv, command="python -m airflow_provider_lora.core.docs",
+                          what="the LoRA parameter reference (docs/parameters.md)", default=DOC_PATH,
+                          document=document)
 
 
 if __name__ == "__main__":

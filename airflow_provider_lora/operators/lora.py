@@ -237,8 +237,6 @@ class LoRATrainingOperator(BaseOperator):
         )
 
     def _trainjob_options(self, api: Any) -> TrainJobOptions:
-        from airflow_provider_lora import kube
-
         shape = self.trainer_api_version
         if shape is None:
             version = installed_trainer_version(api)
@@ -523,7 +521,7 @@ class LoRATrainingOperator(BaseOperator):
         reason and the last log lines."""
         from airflow_provider_lora import kube
 
-        name, namespace, log_pod = event["name"], event["namespace"], event.get("log_pod")
+        name, namespace = event["name"], event["namespace"]
         self._launched = (name, namespace)
         api = kube.sync_core_api(self._cluster)
         status = event["status"]

@@ -7,7 +7,6 @@ operator, hence Airflow, which is why it is not in core/ (core/docs.py writes th
 
 from __future__ import annotations
 
-import argparse
 import ast
 import inspect
 import re
@@ -15,9 +14,9 @@ import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from airflow_provider_lora import get_provider_info
+from airflow_provider_lora.core.docs import write_or_check
 from airflow_provider_lora.core.results import TERMINATION_MESSAGE_BYTES, XCOM_HISTORY_POINTS
 from airflow_provider_lora.core.storage import artifact_uris
 from airflow_provider_lora.links import CHART_XCOM_KEY
@@ -191,20 +190,8 @@ def document() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=COMMAND, description="Write the operator reference (docs/operator.md).")
-    parser.add_argument("--output", type=Path, default=DOC_PATH, help="file to write (default: %(default)s)")
-    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when the file is stale")
-    args = parser.parse_args(argv)
-    text = document()
-    if args.check:
-        current = args.output.read_text(encoding="utf-8") if args.output.exists() else None
-        if current != text:
-            print(f"{args.output} is stale: run {COMMAND}", file=sys.stderr)
-            return 1
-        return 0
-    args.output.write_text(text, encoding="utf-8")
-    print(f"wrote {args.output}")
-    return 0
+    return write_or_check(argv, command=COMMAND, what="the operator reference (docs/operator.md)", default=DOC_PATH,
+                          document=document)
 
 
 if __name__ == "__main__":
