@@ -347,6 +347,9 @@ def test_migration_table_maps_every_kfp_input_by_the_spec():
     assert set(kfp_names) == {f"training_{n}" for n in seed} | KFP_ONLY_INPUTS | KFP_ENVIRONMENT
     accepted = _accepted_kwargs("LoRATrainingOperator")
     for names, kwargs in rows:
+        if names == ["OCI_PULL_SECRET_MODEL_DOWNLOAD"]:  # oci:// models are refused, so nothing maps to it
+            assert kwargs == [], kwargs
+            continue
         assert kwargs, f"{names}: no operator argument"
         assert set(kwargs) <= accepted, f"{names}: {set(kwargs) - accepted} are not operator arguments"
         if names[0].startswith("training_"):
