@@ -43,7 +43,8 @@ AF2_PY := $(AF2_VENV)/bin/python
 $(AF2_VENV)/.installed: pyproject.toml ci/constraints-airflow2.txt
 	$(PYTHON) -m venv $(AF2_VENV)
 	$(AF2_PY) -m pip install -q --upgrade pip
-	$(AF2_PY) -m pip install -q -c ci/constraints-airflow2.txt -e . apache-airflow-providers-amazon pytest 'moto[server]' aiohttp
+	$(AF2_PY) -m pip install -q -c ci/constraints-airflow2.txt -e . apache-airflow-providers-amazon pytest 'moto[server]' aiohttp \
+		kubernetes-validate cel-python
 	touch $@
 
 # The main job: a real LoRA fine-tune of SmolLM2-135M-Instruct on CPU through the example DAG, with
