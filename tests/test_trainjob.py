@@ -114,6 +114,16 @@ def test_a_failed_trainjob_names_the_failed_node_and_its_reason():
     assert only_oom.reason == "OOMKilled"
 
 
+def test_a_trainjob_past_its_deadline_says_so_while_its_node_pods_are_being_deleted():
+    # Trainer v2.2+ marks the TrainJob Failed (DeadlineExceeded) and deletes its JobSet: the pods still terminate.
+    terminating = _pod(0, "Running")
+    terminating["metadata"]["deletionTimestamp"] = "2026-01-01T00:01:00Z"
+    state = classify_trainjob(_trainjob(("Failed", "DeadlineExceeded", "TrainJob exceeded its activeDeadlineSeconds")),
+                              [terminating, _pod(1, "Running")])
+    assert (state.phase, state.reason) == (FAILED, "DeadlineExceeded")
+    assert "activeDeadlineSeconds" in state.message
+
+
 def test_trainjob_states():
     assert classify_trainjob(_trainjob(("Complete", "AllJobsCompleted", "")), []).phase == SUCCEEDED
     deadline = classify_trainjob(_trainjob(("Failed", "DeadlineExceeded", "past 60s")), [])

@@ -401,9 +401,11 @@ class TrainerController:
                                     "jobset completed successfully")
                 return
             if deadline and time.monotonic() - started > deadline:
-                self._stop_nodes(pods)
+                # As Trainer v2.2's controller: the TrainJob is marked Failed first, then its JobSet (and so the
+                # pods, which terminate meanwhile) deleted.
                 self._set_condition(trainjob, "Failed", "True", "DeadlineExceeded",
                                     f"TrainJob exceeded its activeDeadlineSeconds of {deadline}s")
+                self._stop_nodes(pods)
                 return
             await asyncio.sleep(0.1)
 

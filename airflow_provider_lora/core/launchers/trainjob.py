@@ -66,7 +66,9 @@ def classify_trainjob(trainjob: dict[str, Any], pods: list[dict[str, Any]]) -> P
         return PodState(SUCCEEDED, "Completed")
     failed = _condition(trainjob, "Failed")
     if failed:
-        nodes = failed_nodes(pods)
+        # Node pods that are only being deleted are the controller's doing once the TrainJob failed (past its
+        # activeDeadlineSeconds it deletes the JobSet): the TrainJob's own reason is the cause then.
+        nodes = [node for node in failed_nodes(pods) if node[2].reason != "Deleted"]
         if nodes:
             rank, _, first = nodes[0]
             details = "; ".join(f"node {r} ({name}): {state.describe()}" for r, name, state in nodes)
