@@ -25,7 +25,7 @@ def browser_missing() -> str | None:
 
 
 needs_browser = pytest.mark.skipif(
-    browser_missing() is not None, reason=f"{browser_missing()}: run ci/install-browser.sh for the browser test")
+    browser_missing() is not None, reason=f"{browser_missing()}: run .ci/install-browser.sh for the browser test")
 
 
 def png_size(data: bytes) -> tuple[int, int]:

@@ -1,6 +1,6 @@
 """The HTML loss chart in a real browser: Debian's chromium, headless, driven by playwright-core from node.
 
-Needs /usr/bin/chromium and tests/browser/node_modules, which ``ci/install-browser.sh`` installs; skipped without
+Needs /usr/bin/chromium and tests/browser/node_modules, which ``.ci/install-browser.sh`` installs; skipped without
 them. ``UPDATE_SCREENSHOTS=1`` also copies the screenshot to docs/images/loss-chart-browser.png.
 """
 

@@ -3,7 +3,7 @@ file cannot drift from the code (no Docker engine runs here or in CI).
 
 The replay copies what the Dockerfile COPYs into a WORKDIR stand-in, creates a venv with this Python (the image's
 Python minor version), and runs every ``pip``/``python`` command of the Dockerfile's RUN steps in order, under
-ci/constraints-kfp.txt (the CPU pins of the same stack: kfp needs kubernetes<31, so the Airflow venv's pins do not
+.ci/constraints-kfp.txt (the CPU pins of the same stack: kfp needs kubernetes<31, so the Airflow venv's pins do not
 fit) in place of the image's CUDA torch. Then it trains the tiny model with the installed trainer.
 """
 
@@ -24,7 +24,7 @@ from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "trainer" / "Dockerfile"
-CONSTRAINTS = REPO / "ci" / "constraints-kfp.txt"
+CONSTRAINTS = REPO / ".ci" / "constraints-kfp.txt"
 
 
 def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
@@ -234,8 +234,8 @@ def test_the_image_installs_under_the_pins_ci_tests():
     """Loose ranges would give the image a newer torch/transformers/unsloth than CI ever ran: it installs under the
     kfp venv's exact pins, which carry no CPU-only build label (the image takes the CUDA build of the same torch)."""
     installs = [c for c in venv_commands(instructions()) if c.startswith("pip install -r")]
-    assert installs == ["pip install -r trainer/requirements-image.txt -c ci/constraints-kfp.txt"]
-    assert ("ci/constraints-kfp.txt", "ci/constraints-kfp.txt") in copies(instructions())
+    assert installs == ["pip install -r trainer/requirements-image.txt -c .ci/constraints-kfp.txt"]
+    assert (".ci/constraints-kfp.txt", ".ci/constraints-kfp.txt") in copies(instructions())
     pins = [line for line in CONSTRAINTS.read_text().splitlines() if line and not line.startswith("#")]
     assert all("==" in line and "+" not in line for line in pins)
     assert "torch==2.13.0" in pins

@@ -29,7 +29,7 @@ SEED_MD = ROOT / "tests" / "data" / "seed-lora-training-component.md"
 EXAMPLE = ROOT / "tests" / "data" / "seed_example_pipeline.py"
 SEED_IMPORT = "from components.training.lora import train_model"
 OUR_IMPORT = "from airflow_provider_lora.kfp.component import train_model"
-# What kfp 2.17.3 pins differently from the Airflow side's CPU constraints (ci/constraints-kfp.txt says why).
+# What kfp 2.17.3 pins differently from the Airflow side's CPU constraints (.ci/constraints-kfp.txt says why).
 KFP_OWN_PINS = {"kubernetes", "protobuf", "requests"}
 
 
@@ -208,7 +208,7 @@ def test_constraints_pin_the_same_versions_as_the_airflow_side_except_kfps_own()
                 out[re.sub(r"[-_.]+", "-", name).lower()] = version
         return out
 
-    cpu, kfp = pins(ROOT / "ci/constraints-cpu.txt"), pins(ROOT / "ci/constraints-kfp.txt")
+    cpu, kfp = pins(ROOT / ".ci/constraints-cpu.txt"), pins(ROOT / ".ci/constraints-kfp.txt")
     # torch without its build label in the kfp pins (which the training image also installs under): the same release
     differ = {n for n in cpu.keys() & kfp.keys() if cpu[n].split("+")[0] != kfp[n]}
     assert differ == KFP_OWN_PINS

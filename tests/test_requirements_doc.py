@@ -1,5 +1,5 @@
 """docs/requirements.md states only what pyproject.toml declares and what CI installs or emulates: each "Needs" cell
-equals the declared range, each "Tested with" version is a pin of ci/constraints-*.txt or a set of
+equals the declared range, each "Tested with" version is a pin of .ci/constraints-*.txt or a set of
 tests/test_managed_install.py, the emulated Kubernetes and Trainer versions are the emulator's."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 
 def _pins(name: str) -> dict[str, str]:
     pins = {}
-    for line in (REPO / "ci" / name).read_text().splitlines():
+    for line in (REPO / ".ci" / name).read_text().splitlines():
         if "==" in line and not line.startswith("#"):
             package, version = line.split("==")
             pins[package.strip().lower().replace("_", "-")] = version.split("+")[0].strip()

@@ -6,7 +6,7 @@ model: the hub is unreachable here), lora_r and max_steps, and submits.
 The run it creates is checked through the REST API, and then fine-tunes with the values from the form (the local
 launcher, in the real Airflow's worker): the result and the loss chart come back as XCom.
 
-Needs /usr/bin/chromium and tests/browser/node_modules (``ci/install-browser.sh``); skipped without them.
+Needs /usr/bin/chromium and tests/browser/node_modules (``.ci/install-browser.sh``); skipped without them.
 ``UPDATE_SCREENSHOTS=1`` also copies the form (LoRA section unfolded) to docs/images/trigger-form.png.
 """
 
