@@ -11,17 +11,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from airflow_provider_lora.core.spec import CHOICES, EFFECTIVE_4BIT_DEFAULTS, EFFECTIVE_DEFAULTS, LoRASpec
+from airflow_provider_lora.core.spec import (
+    ACCEPTED_CHOICES,
+    EFFECTIVE_4BIT_DEFAULTS,
+    EFFECTIVE_DEFAULTS,
+    SECTIONS,
+    LoRASpec,
+    bounds,
+)
 
-# The form offers only what validation accepts: of the FSDP strategies, NO_SHARD (see its description).
-FORM_CHOICES = {**CHOICES, "fsdp_sharding_strategy": ("NO_SHARD",)}
 # Text fields that may be empty. The form treats a non-nullable field as required and sends null for a cleared one,
 # so these are nullable in the form and rendered back as "".
 OPTIONAL_TEXT = ("envs", "metadata_labels", "metadata_annotations", "lora_target_modules")
-SECTION_ORDER = ("Model", "Data", "LoRA", "Quantisation", "Training", "Resources", "Kubernetes", "Output")
-MINIMUM = {"effective_batch_size": 1, "max_tokens_per_gpu": 1, "max_seq_len": 1, "lora_r": 1, "lora_alpha": 1,
-           "num_epochs": 1, "resource_num_workers": 1, "lr_warmup_steps": 0, "resource_gpu_per_worker": 0,
-           "seed": 0, "max_steps": 1}
 
 
 # Words a field name spells in lowercase that a person reads otherwise.
@@ -52,6 +53,17 @@ def _description(name: str, field: Any, defaults: dict[str, Any]) -> str:
     return text
 
 
+def form_bounds(name: str, integer: bool) -> dict[str, float]:
+    """The field's bounds in the spec (JSON Schema keywords), with an integer's exclusive bound written as the
+    inclusive one it means (lora_alpha > 0 is lora_alpha >= 1), so the form's number field shows its minimum."""
+    limits = bounds(name)
+    if integer:
+        for exclusive, inclusive, step in (("exclusiveMinimum", "minimum", 1), ("exclusiveMaximum", "maximum", -1)):
+            if exclusive in limits:
+                limits[inclusive] = limits.pop(exclusive) + step
+    return limits
+
+
 def param_schemas(**defaults: Any) -> dict[str, dict[str, Any]]:
     """name -> JSON schema of the form field (what Param takes), with ``defaults`` replacing the spec's."""
     properties = LoRASpec.model_json_schema()["properties"]
@@ -71,20 +83,20 @@ def param_schemas(**defaults: Any) -> dict[str, dict[str, Any]]:
         if schema["type"] == ["boolean", "null"] and name in EFFECTIVE_DEFAULTS and name not in defaults:
             # A switch cannot show "unset": show the value that unset means.
             schema["default"] = EFFECTIVE_DEFAULTS[name]
-        enum = prop.get("enum") or FORM_CHOICES.get(name)
+        # The form offers only what validation accepts (of the FSDP strategies, NO_SHARD: see its description).
+        enum = prop.get("enum") or ACCEPTED_CHOICES.get(name)
         if enum:
             schema["enum"] = [*enum, *([None] if "null" in types else [])]
             if "null" in types:
                 unset = EFFECTIVE_DEFAULTS.get(name) or EFFECTIVE_4BIT_DEFAULTS.get(name)
                 schema["values_display"] = {"null": f"default ({unset})" if unset else "unset"}
-        if name in MINIMUM:
-            schema["minimum"] = MINIMUM[name]
+        schema.update(form_bounds(name, integer="integer" in types))
         schemas[name] = schema
     unknown = set(defaults) - set(schemas)
     if unknown:
         raise ValueError(f"spec_params got unknown field(s): {', '.join(sorted(unknown))}")
-    # The form shows sections in the order their first field appears.
-    return dict(sorted(schemas.items(), key=lambda item: SECTION_ORDER.index(item[1]["section"])))
+    # The form shows the sections in the spec's order, each field in definition order within its section.
+    return dict(sorted(schemas.items(), key=lambda item: SECTIONS.index(item[1]["section"])))
 
 
 def spec_params(**defaults: Any) -> dict[str, Any]:

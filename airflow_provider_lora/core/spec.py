@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import difflib
 import json
+import operator
 import re
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Section of each field, used to group the trigger form and the docs table.
-MODEL, DATA, LORA, QUANT, TRAINING, RESOURCES, KUBERNETES, OUTPUT = (
+SECTIONS = MODEL, DATA, LORA, QUANT, TRAINING, RESOURCES, KUBERNETES, OUTPUT = (
     "Model", "Data", "LoRA", "Quantisation", "Training", "Resources", "Kubernetes", "Output",
 )
 
@@ -36,6 +37,30 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lora_bnb_4bit_compute_dtype": COMPUTE_DTYPES,
     "lr_scheduler": LR_SCHEDULERS,
     "fsdp_sharding_strategy": FSDP_STRATEGIES,
+}
+# Choices a field names but refuses, with the reason (the message says it; the trigger form does not offer them).
+REFUSED_CHOICES: dict[str, dict[str, str]] = {
+    "fsdp_sharding_strategy": dict.fromkeys(
+        ("FULL_SHARD", "HYBRID_SHARD"),
+        "unsloth's LoRA path trains with plain data parallelism (DDP), not FSDP; use NO_SHARD or leave it unset"),
+}
+# What each closed choice accepts: CHOICES less REFUSED_CHOICES.
+ACCEPTED_CHOICES: dict[str, tuple[str, ...]] = {
+    name: tuple(c for c in choices if c not in REFUSED_CHOICES.get(name, {})) for name, choices in CHOICES.items()
+}
+
+# Numeric bounds, kept in each field's metadata under their JSON Schema keywords (the trigger form copies them):
+# keyword -> (how the message writes it, the test a valid value passes).
+BOUND_KEYWORDS: dict[str, tuple[str, Any]] = {
+    "minimum": (">=", operator.ge),
+    "exclusiveMinimum": (">", operator.gt),
+    "maximum": ("<=", operator.le),
+    "exclusiveMaximum": ("<", operator.lt),
+}
+# What a bounded field's message says after its bounds.
+_BOUND_HINTS = {
+    "learning_rate": " (typical LoRA: 1e-4 to 5e-4)",
+    "max_steps": ", or unset to train num_epochs",
 }
 
 # Effective defaults of the seed's Optional parameters ("default: 2e-4" in its table, training_hub's defaults
@@ -153,11 +178,21 @@ def check_quantity(value: str) -> bool:
 
 
 def _field(default: Any, description: str, section: str, *, seed: bool = False, cluster_only: bool = False,
-           **kwargs: Any) -> Any:
+           bounds: dict[str, float] | None = None, **kwargs: Any) -> Any:
     """A spec field. ``cluster_only``: it acts on the Pod or TrainJob (resources, pod metadata); a local run in the
-    worker has nothing to apply it to."""
-    extra = {"section": section, "seed": seed, **({"cluster_only": True} if cluster_only else {})}
+    worker has nothing to apply it to. ``bounds``: JSON Schema keywords of :data:`BOUND_KEYWORDS` that a value
+    (when set) must pass, e.g. ``{"minimum": 1}``."""
+    unknown = set(bounds or {}) - set(BOUND_KEYWORDS)
+    if unknown:
+        raise TypeError(f"unknown bound keyword(s): {', '.join(sorted(unknown))}")
+    extra = {"section": section, "seed": seed, **({"cluster_only": True} if cluster_only else {}), **(bounds or {})}
     return Field(default, description=description, json_schema_extra=extra, **kwargs)
+
+
+def bounds(name: str) -> dict[str, float]:
+    """The numeric bounds of a LoRASpec field, as JSON Schema keywords (empty for an unbounded field)."""
+    extra = LoRASpec.model_fields[name].json_schema_extra or {}
+    return {keyword: extra[keyword] for keyword in BOUND_KEYWORDS if keyword in extra}
 
 
 class LoRASpec(BaseModel):
@@ -170,32 +205,39 @@ class LoRASpec(BaseModel):
     # ---- the seed component's training_* inputs (names without the prefix, same defaults, same order) ----------
     base_model: str = _field("Qwen/Qwen2.5-1.5B-Instruct", "Base model (HuggingFace ID or local path).", MODEL,
                              seed=True)
-    effective_batch_size: int = _field(128, "Effective batch size per optimizer step.", TRAINING, seed=True)
+    effective_batch_size: int = _field(128, "Effective batch size per optimizer step.", TRAINING, seed=True,
+                                       bounds={"minimum": 1})
     max_tokens_per_gpu: int = _field(32000, "Max tokens per GPU (memory cap): bounds the micro-batch.", TRAINING,
-                                     seed=True)
+                                     seed=True, bounds={"minimum": 1})
     max_seq_len: int = _field(8192, "Max sequence length in tokens; longer examples are truncated.", TRAINING,
-                              seed=True)
-    learning_rate: Optional[float] = _field(None, "Learning rate (default: 2e-4).", TRAINING, seed=True)
-    lr_warmup_steps: Optional[int] = _field(None, "Learning rate warmup steps (default: 10).", TRAINING, seed=True)
+                              seed=True, bounds={"minimum": 1})
+    learning_rate: Optional[float] = _field(None, "Learning rate (default: 2e-4).", TRAINING, seed=True,
+                                            bounds={"exclusiveMinimum": 0, "exclusiveMaximum": 1})
+    lr_warmup_steps: Optional[int] = _field(None, "Learning rate warmup steps (default: 10).", TRAINING, seed=True,
+                                            bounds={"minimum": 0})
     checkpoint_at_epoch: Optional[bool] = _field(None, "Save checkpoint at each epoch (default: false).", TRAINING,
                                                  seed=True)
-    num_epochs: Optional[int] = _field(None, "Number of training epochs (default: 3).", TRAINING, seed=True)
+    num_epochs: Optional[int] = _field(None, "Number of training epochs (default: 3).", TRAINING, seed=True,
+                                       bounds={"minimum": 1})
     data_output_dir: Optional[str] = _field(
         None, "Directory for processed training data; reused only when its fingerprint matches.", DATA, seed=True)
     envs: str = _field("", "Environment overrides as KEY=VAL,KEY=VAL (\\, and \\= escape).", KUBERNETES, seed=True)
     resource_cpu_per_worker: str = _field("4", "CPU cores per worker.", RESOURCES, seed=True, cluster_only=True)
-    resource_gpu_per_worker: int = _field(1, "GPUs per worker.", RESOURCES, seed=True, cluster_only=True)
+    resource_gpu_per_worker: int = _field(1, "GPUs per worker.", RESOURCES, seed=True, cluster_only=True,
+                                          bounds={"minimum": 0})
     resource_memory_per_worker: str = _field("32Gi", "Memory per worker (e.g., 32Gi).", RESOURCES, seed=True,
                                              cluster_only=True)
     resource_num_procs_per_worker: str = _field("auto", "Processes per worker (auto or int).", RESOURCES, seed=True)
-    resource_num_workers: int = _field(1, "Number of training pods.", RESOURCES, seed=True, cluster_only=True)
+    resource_num_workers: int = _field(1, "Number of training pods.", RESOURCES, seed=True, cluster_only=True,
+                                       bounds={"minimum": 1})
     metadata_labels: str = _field("", "Pod labels as key=value,key=value.", KUBERNETES, seed=True,
                                   cluster_only=True)
     metadata_annotations: str = _field("", "Pod annotations as key=value,key=value.", KUBERNETES, seed=True,
                                        cluster_only=True)
-    lora_r: int = _field(16, "LoRA rank (controls model capacity).", LORA, seed=True)
-    lora_alpha: int = _field(32, "LoRA scaling factor.", LORA, seed=True)
-    lora_dropout: float = _field(0.0, "Dropout rate for LoRA layers.", LORA, seed=True)
+    lora_r: int = _field(16, "LoRA rank (controls model capacity).", LORA, seed=True, bounds={"minimum": 1})
+    lora_alpha: int = _field(32, "LoRA scaling factor.", LORA, seed=True, bounds={"exclusiveMinimum": 0})
+    lora_dropout: float = _field(0.0, "Dropout rate for LoRA layers.", LORA, seed=True,
+                                 bounds={"minimum": 0, "exclusiveMaximum": 1})
     lora_target_modules: str = _field(
         "", "Comma-separated list of modules to apply LoRA (empty = every linear projection except the LM head).",
         LORA, seed=True)
@@ -215,7 +257,8 @@ class LoRASpec(BaseModel):
     lora_sample_packing: Optional[bool] = _field(
         None, "Pack multiple samples per sequence (default: true; needs FlashAttention, so off on CPU, said loudly).",
         TRAINING, seed=True)
-    seed: Optional[int] = _field(None, "Random seed for reproducibility (default: 42).", TRAINING, seed=True)
+    seed: Optional[int] = _field(None, "Random seed for reproducibility (default: 42).", TRAINING, seed=True,
+                                 bounds={"minimum": 0})
     use_liger: Optional[bool] = _field(None, "Enable Liger kernel optimizations (CUDA only) (default: false).",
                                        TRAINING, seed=True)
     lr_scheduler: Optional[str] = _field(
@@ -229,7 +272,8 @@ class LoRASpec(BaseModel):
                           "dataset id or hf://id. JSONL, JSON, parquet or CSV.", DATA)
     dataset_format: Literal[DATASET_FORMATS] = _field(  # type: ignore[valid-type]
         "auto", "Row format: auto, messages, conversations, alpaca, prompt_completion or text.", DATA)
-    eval_fraction: float = _field(0.0, "Share of rows held out for evaluation loss (0 = none, < 0.5).", DATA)
+    eval_fraction: float = _field(0.0, "Share of rows held out for evaluation loss (0 = none, < 0.5).", DATA,
+                                  bounds={"minimum": 0, "exclusiveMaximum": 0.5})
     train_on_inputs: bool = _field(False, "Compute loss on prompt tokens too (default: assistant/completion tokens "
                                    "only).", DATA)
     output_uri: str = _field("", "Where the run's artifacts go: a local/PVC path or s3://bucket/prefix.", OUTPUT)
@@ -238,7 +282,8 @@ class LoRASpec(BaseModel):
     save_merged: bool = _field(False, "Also save the base model merged with the adapter in 16-bit.", OUTPUT)
     resume_from_checkpoint: Optional[str] = _field(
         None, "Resume training: 'latest' (the newest checkpoint of this run) or a checkpoint directory.", TRAINING)
-    max_steps: Optional[int] = _field(None, "Stop after this many optimizer steps (overrides num_epochs).", TRAINING)
+    max_steps: Optional[int] = _field(None, "Stop after this many optimizer steps (overrides num_epochs).", TRAINING,
+                                      bounds={"minimum": 1})
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = _field(
         "auto", "Training dtype: auto picks bfloat16 where the hardware has it, else float16 on GPU / float32 on "
         "CPU.", TRAINING)
@@ -263,54 +308,16 @@ class LoRASpec(BaseModel):
                 data[name] = value
         return data
 
-    @field_validator("effective_batch_size", "max_tokens_per_gpu", "max_seq_len", "lora_r", "num_epochs",
-                     "resource_num_workers")
+    @field_validator("*")
     @classmethod
-    def _at_least_one(cls, v: Optional[int], info: Any) -> Optional[int]:
-        if v is not None and v < 1:
-            raise _bad(info.field_name, v, "must be an integer >= 1")
-        return v
-
-    @field_validator("lr_warmup_steps", "resource_gpu_per_worker", "seed")
-    @classmethod
-    def _non_negative(cls, v: Optional[int], info: Any) -> Optional[int]:
-        if v is not None and v < 0:
-            raise _bad(info.field_name, v, "must be an integer >= 0")
-        return v
-
-    @field_validator("max_steps")
-    @classmethod
-    def _max_steps(cls, v: Optional[int]) -> Optional[int]:
-        if v is not None and v < 1:
-            raise _bad("max_steps", v, "must be an integer >= 1, or unset to train num_epochs")
-        return v
-
-    @field_validator("learning_rate")
-    @classmethod
-    def _lr(cls, v: Optional[float]) -> Optional[float]:
-        if v is not None and not (0 < v < 1):
-            raise _bad("learning_rate", v, "must be a number > 0 and < 1 (typical LoRA: 1e-4 to 5e-4)")
-        return v
-
-    @field_validator("lora_alpha")
-    @classmethod
-    def _alpha(cls, v: int) -> int:
-        if v <= 0:
-            raise _bad("lora_alpha", v, "must be an integer > 0")
-        return v
-
-    @field_validator("lora_dropout")
-    @classmethod
-    def _dropout(cls, v: float) -> float:
-        if not (0 <= v < 1):
-            raise _bad("lora_dropout", v, "must be >= 0 and < 1")
-        return v
-
-    @field_validator("eval_fraction")
-    @classmethod
-    def _eval_fraction(cls, v: float) -> float:
-        if not (0 <= v < 0.5):
-            raise _bad("eval_fraction", v, "must be >= 0 and < 0.5")
+    def _within_bounds(cls, v: Any, info: Any) -> Any:
+        limits = bounds(info.field_name)
+        if v is None or not limits:
+            return v
+        if not all(test(v, limits[k]) for k, (_, test) in BOUND_KEYWORDS.items() if k in limits):
+            kind = "an integer" if isinstance(v, int) else "a number"
+            text = " and ".join(f"{sign} {limits[k]}" for k, (sign, _) in BOUND_KEYWORDS.items() if k in limits)
+            raise _bad(info.field_name, v, f"must be {kind} {text}{_BOUND_HINTS.get(info.field_name, '')}")
         return v
 
     @field_validator("lora_target_modules")
@@ -331,12 +338,12 @@ class LoRASpec(BaseModel):
             raise _bad(info.field_name, v, f"accepted: {', '.join(accepted)}")
         return v
 
-    @field_validator("fsdp_sharding_strategy")
+    @field_validator(*REFUSED_CHOICES)
     @classmethod
-    def _fsdp(cls, v: Optional[str]) -> Optional[str]:
-        if v not in (None, "NO_SHARD"):
-            raise _bad("fsdp_sharding_strategy", v, "unsloth's LoRA path trains with plain data parallelism (DDP), "
-                       "not FSDP; use NO_SHARD or leave it unset")
+    def _refused(cls, v: Optional[str], info: Any) -> Optional[str]:
+        reason = REFUSED_CHOICES[info.field_name].get(v) if v is not None else None
+        if reason:
+            raise _bad(info.field_name, v, reason)
         return v
 
     @field_validator("resource_cpu_per_worker", "resource_memory_per_worker")
