@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from airflow_provider_lora.core.contract import TERMINATION_LOG, TERMINATION_LOG_ENV
 from airflow_provider_lora.core.spec import LoRASpec
 
 TRAINER_CONTAINER = "trainer"
@@ -27,7 +28,6 @@ IDENTITY_KEYS = ("dag_id", "task_id", "run_id", "map_index", "try_number")
 SHM_VOLUME = "lora-dshm"
 # Where a pod's trainer stages an s3:// run (an emptyDir; local/PVC output is written in place).
 WORK_DIR = "/tmp/lora-work"
-TERMINATION_LOG = "/dev/termination-log"
 
 _DNS_LABEL_CHARS = re.compile(r"[^a-z0-9-]+")
 _LABEL_VALUE_OK = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -288,7 +288,7 @@ class _Workload(BaseModel):
             if "AWS_ENDPOINT_URL" in {*spec.env_vars, *options.secret_env}:
                 raise ValueError("s3_endpoint_url and envs/secret_env both set AWS_ENDPOINT_URL; set it in one place")
             env.append({"name": "AWS_ENDPOINT_URL", "value": options.s3_endpoint_url})
-        env.append({"name": "LORA_TERMINATION_LOG", "value": TERMINATION_LOG})
+        env.append({"name": TERMINATION_LOG_ENV, "value": TERMINATION_LOG})
         resources = {"cpu": spec.resource_cpu_per_worker, "memory": spec.resource_memory_per_worker}
         if spec.resource_gpu_per_worker:
             resources["nvidia.com/gpu"] = str(spec.resource_gpu_per_worker)

@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from airflow_provider_lora.core import storage
+from airflow_provider_lora.core.contract import (ARTIFACTS_KEY, HISTORY_KEY, METRICS_FILE, SUMMARY_FILE, SUMMARY_KEY,
+                                                 TERMINATION_MESSAGE_BYTES, TERMINATION_SUMMARY_KEYS)
+from airflow_provider_lora.core.contract import TASK_ENV  # noqa: F401  re-exported: the operator imports it from here
 
 # Points drawn per series and rows in the HTML table: enough to see the curve, small enough that a 100k-step run
 # still gives a chart of a few hundred KB.
@@ -391,9 +394,9 @@ class RunResult:
     def to_xcom(self, max_points: int = 500) -> dict:
         """A JSON-serialisable dict with the history downsampled to ``max_points`` rows."""
         return _json_safe({
-            "summary": self.summary,
-            "history": downsample(self.history, max_points),
-            "artifacts": dict(self.artifacts),
+            SUMMARY_KEY: self.summary,
+            HISTORY_KEY: downsample(self.history, max_points),
+            ARTIFACTS_KEY: dict(self.artifacts),
         })
 
 
@@ -408,7 +411,7 @@ def load_run_result(output_uri: str | os.PathLike, *, client: Any = None,
             return None
         return storage.read_text(storage.join(output_uri, name), client=client, endpoint_url=endpoint_url)
 
-    summary_text, metrics_text = read(storage.SUMMARY_FILE), read(storage.METRICS_FILE)
+    summary_text, metrics_text = read(SUMMARY_FILE), read(METRICS_FILE)
     return RunResult(
         summary=json.loads(summary_text) if summary_text is not None else {},
         history=read_metrics(metrics_text) if metrics_text is not None else [],
@@ -419,39 +422,34 @@ def load_run_result(output_uri: str | os.PathLike, *, client: Any = None,
 # ---- the result on its way back to the launcher -------------------------------------------------------------------
 
 XCOM_HISTORY_POINTS = 500  # the most loss-history rows a result carries through a trigger event or XCom
-# Kubernetes keeps the first 4096 bytes of a container's termination message; text past that is cut, so the trainer
-# writes what fits, whole.
-TERMINATION_MESSAGE_BYTES = 4096
-TERMINATION_SUMMARY_KEYS = ("final_loss", "min_loss", "final_eval_loss", "global_step", "train_runtime_seconds",
-                            "tokens_per_second")
-TASK_ENV = "LORA_TASK"  # the launching task instance (JSON), recorded in summary.json as "task"
+# The termination message's size and headline keys, and TASK_ENV, are defined in core/contract.py.
 
 
 def bounded_result(result: Any) -> dict | None:
     """A result line's JSON as a launcher may carry it (a trigger event, XCom): the summary, at most
     XCOM_HISTORY_POINTS history rows, the artifacts; None when it is no result."""
-    if not isinstance(result, dict) or not isinstance(result.get("summary"), dict):
+    if not isinstance(result, dict) or not isinstance(result.get(SUMMARY_KEY), dict):
         return None
-    history = [row for row in result.get("history") or [] if isinstance(row, dict)]
-    return _json_safe({"summary": result["summary"], "history": downsample(history, XCOM_HISTORY_POINTS),
-                       "artifacts": dict(result.get("artifacts") or {})})
+    history = [row for row in result.get(HISTORY_KEY) or [] if isinstance(row, dict)]
+    return _json_safe({SUMMARY_KEY: result[SUMMARY_KEY], HISTORY_KEY: downsample(history, XCOM_HISTORY_POINTS),
+                       ARTIFACTS_KEY: dict(result.get(ARTIFACTS_KEY) or {})})
 
 
 def termination_message(result: dict, limit: int = TERMINATION_MESSAGE_BYTES) -> str:
     """The headline result as JSON of at most ``limit`` bytes. A long output URI makes the artifact URIs too long:
     then only the root goes, then none (the launcher knows the output URI); the text itself is never cut, so it
     always parses."""
-    summary = {k: (result.get("summary") or {}).get(k) for k in TERMINATION_SUMMARY_KEYS}
-    artifacts = dict(result.get("artifacts") or {})
-    candidates = [{"summary": summary, "artifacts": artifacts}]
+    summary = {k: (result.get(SUMMARY_KEY) or {}).get(k) for k in TERMINATION_SUMMARY_KEYS}
+    artifacts = dict(result.get(ARTIFACTS_KEY) or {})
+    candidates = [{SUMMARY_KEY: summary, ARTIFACTS_KEY: artifacts}]
     if "root" in artifacts:
-        candidates.append({"summary": summary, "artifacts": {"root": artifacts["root"]}})
-    candidates.append({"summary": summary})
+        candidates.append({SUMMARY_KEY: summary, ARTIFACTS_KEY: {"root": artifacts["root"]}})
+    candidates.append({SUMMARY_KEY: summary})
     for candidate in candidates:
         text = json.dumps(_json_safe(candidate))  # ASCII: one byte per character
         if len(text) <= limit:
             return text
-    return json.dumps({"summary": {}})
+    return json.dumps({SUMMARY_KEY: {}})
 
 
 def redacted_spec(spec: Any) -> dict:

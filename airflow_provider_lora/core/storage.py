@@ -21,15 +21,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
-COMPLETE_MARKER = "_COMPLETE"
-
-# The run directory's layout, as the trainer writes it.
-ADAPTER_DIR = "adapter"
-MERGED_DIR = "merged"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-CHART_HTML = "loss_chart.html"
-CHART_PNG = "loss_chart.png"
+# The run directory's layout and completion marker, as the trainer writes them (defined in core/contract.py; these
+# names stay importable from here).
+from airflow_provider_lora.core.contract import (ADAPTER_DIR, CHART_HTML, CHART_PNG, CHECKPOINTS_DIR,
+                                                 COMPLETE_MARKER, MERGED_DIR, METRICS_FILE, SUMMARY_FILE)
 
 # Multipart above 64 MiB: adapters stay single-part, merged weights (GBs) upload in parallel parts.
 MULTIPART_BYTES = 64 * 1024 * 1024
@@ -361,7 +356,7 @@ def publish_run(
     output_uri: str | os.PathLike,
     *,
     overwrite: bool = False,
-    exclude: Iterable[str] = ("checkpoints",),
+    exclude: Iterable[str] = (CHECKPOINTS_DIR,),
     client: Any = None,
     endpoint_url: str | None = None,
 ) -> dict[str, str]:

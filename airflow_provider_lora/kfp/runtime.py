@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from airflow_provider_lora.core import storage
+from airflow_provider_lora.core.contract import DATA_FILE_BUILDERS
 from airflow_provider_lora.core.results import RunResult, load_run_result
 from airflow_provider_lora.core.spec import (DATA, LORA, QUANT, TRAINING, LoRASpec, SpecError, format_key_values,
                                              parse_key_values, seed_parameter_names)
@@ -112,9 +113,7 @@ def run_key(output_model: Any) -> str:
 
 def _suffix_for(path: Path) -> str:
     """A reader suffix for a data file that has none (KFP names artifacts without one)."""
-    from lora_trainer.data import FILE_BUILDERS  # noqa: PLC0415  the trainer's own list of readers
-
-    if path.suffix in FILE_BUILDERS:
+    if path.suffix in DATA_FILE_BUILDERS:
         return path.suffix
     with path.open("rb") as f:
         head = f.read(4096)
@@ -126,7 +125,7 @@ def _suffix_for(path: Path) -> str:
     if first == b"{":
         return ".jsonl"
     raise ValueError(f"dataset artifact {path}: cannot tell its format (no suffix, not parquet or JSON); accepted: "
-                     f"{', '.join(FILE_BUILDERS)} (name the file with its suffix, or give a directory of such files)")
+                     f"{', '.join(DATA_FILE_BUILDERS)} (name the file with its suffix, or give a directory of such files)")
 
 
 def stage_dataset(dataset: Any, extras: dict[str, Any], stage_dir: Path) -> str:

@@ -16,9 +16,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from airflow_provider_lora.core import storage
+from airflow_provider_lora.core.contract import DATA_FILE_BUILDERS
 from airflow_provider_lora.core.spec import LoRASpec
-
-FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 # Used only when the tokenizer has no chat template of its own (ChatML, the most common open format).
 DEFAULT_CHAT_TEMPLATE = (
@@ -66,7 +65,7 @@ def load_rows(uri: str, download_dir: Path | None = None) -> list[dict[str, Any]
     path = Path(uri.removeprefix("file://"))
     if path.exists():
         files = _data_files(path)
-        builder = FILE_BUILDERS[files[0].suffix]
+        builder = DATA_FILE_BUILDERS[files[0].suffix]
         options = {}
         if builder == "csv":
             # CSV cells are text: otherwise pandas turns "42" into an int and an empty cell into NaN.
@@ -92,12 +91,12 @@ def _data_files(path: Path) -> list[Path]:
     if path.is_file():
         files = [path]
     else:
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_BUILDERS)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_FILE_BUILDERS)
         if not files:
-            raise DataError(f"dataset={str(path)!r}: the directory holds no {', '.join(FILE_BUILDERS)} files")
-    kinds = {FILE_BUILDERS.get(f.suffix) for f in files}
+            raise DataError(f"dataset={str(path)!r}: the directory holds no {', '.join(DATA_FILE_BUILDERS)} files")
+    kinds = {DATA_FILE_BUILDERS.get(f.suffix) for f in files}
     if None in kinds:
-        raise DataError(f"dataset={str(path)!r}: unsupported file type; accepted: {', '.join(FILE_BUILDERS)}")
+        raise DataError(f"dataset={str(path)!r}: unsupported file type; accepted: {', '.join(DATA_FILE_BUILDERS)}")
     if len(kinds) > 1:
         raise DataError(f"dataset={str(path)!r}: mixes file types {sorted(kinds)}; use one type per dataset")
     return files

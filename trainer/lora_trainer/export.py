@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from airflow_provider_lora.core import results, storage
+from airflow_provider_lora.core.contract import (CHART_HTML, CHART_PNG, CHECKPOINTS_DIR, STAGED_DATA_DIR, SUMMARY_FILE,
+                                                 TASK_ENV)
 from airflow_provider_lora.core.spec import LoRASpec
 
 VERSIONED_PACKAGES = ("torch", "transformers", "peft", "trl", "unsloth", "datasets", "bitsandbytes")
@@ -76,7 +78,7 @@ def _task() -> dict[str, Any] | None:
     """The task instance that launched this run (the launcher sets TASK_ENV), so that a retry of that task
     recognises the run as its own instead of refusing the output it already published."""
     try:
-        task = json.loads(os.environ.get(results.TASK_ENV) or "null")
+        task = json.loads(os.environ.get(TASK_ENV) or "null")
     except ValueError:
         return None
     return task if isinstance(task, dict) else None
@@ -119,9 +121,8 @@ def finish(spec: LoRASpec, run_dir: Path, summary: dict[str, Any], history: list
     quant = summary["quantisation"]
     bits = f" · {quant['bits']}-bit" if quant else ""
     title = f"{_short(spec.base_model)} · LoRA r={spec.lora_r} α={spec.lora_alpha}{bits} · {_short(spec.dataset)}"
-    results.draw_loss_chart(history, title=title, png_path=run_dir / "loss_chart.png",
-                            html_path=run_dir / "loss_chart.html")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    results.draw_loss_chart(history, title=title, png_path=run_dir / CHART_PNG, html_path=run_dir / CHART_HTML)
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
     artifacts = storage.publish_run(run_dir, spec.output_uri, overwrite=spec.overwrite_output,
-                                    exclude=("checkpoints", "_data"))
+                                    exclude=(CHECKPOINTS_DIR, STAGED_DATA_DIR))
     return artifacts

@@ -15,7 +15,7 @@ from typing import Any
 
 from airflow_provider_lora.core.render import LABEL_PREFIX, TRAINER_CONTAINER
 
-RESULT_PREFIX = "LORA_RESULT "  # the trainer's last stdout line (see lora_trainer.train)
+from airflow_provider_lora.core.contract import RESULT_PREFIX
 LOG_CURSOR_ANNOTATION = LABEL_PREFIX + "log-cursor"
 # Waiting reasons that waiting does not clear, with the seconds the trigger still waits before failing the task
 # (at most startup_timeout): an invalid image name never becomes valid; a missing Secret or ConfigMap key may still
