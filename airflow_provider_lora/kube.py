@@ -1,5 +1,5 @@
-"""Kubernetes API access from Airflow: clients built from a cncf-kubernetes connection, and the few pod calls the
-operator and the trigger make, on raw JSON.
+"""Kubernetes API access from Airflow: clients built from a cncf-kubernetes connection (sync for the operator, whose
+calls are core.launchers.cluster's), and the few async calls the trigger makes, on raw JSON.
 
 The trigger shares one kubernetes_asyncio ApiClient (one connection pool, one TLS context) per connection and event
 loop, instead of building a client, an SSL context and a TCP connection on every poll as KubernetesPodTrigger does:
@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from dataclasses import dataclass
 from typing import Any
 
+from airflow_provider_lora.core.launchers.cluster import API_TIMEOUT_SECONDS
 
 
 @dataclass(frozen=True)
@@ -83,97 +84,6 @@ def _source(cluster: ClusterRef) -> str:
     if cluster.config_file:
         return f"config_file={cluster.config_file!r}"
     return "the in-cluster service account" if cluster.in_cluster else f"kubernetes_conn_id={cluster.conn_id!r}"
-
-
-def read_pod(api: Any, name: str, namespace: str) -> dict[str, Any] | None:
-    """The pod as a dict, or None when it does not exist."""
-    from kubernetes.client.exceptions import ApiException
-
-    try:
-        return json.loads(api.read_namespaced_pod(name, namespace, _preload_content=False).data)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-
-
-def read_log_tail(api: Any, name: str, namespace: str, lines: int) -> str:
-    """The last ``lines`` lines of the pod's log, each prefixed with its timestamp."""
-    response = api.read_namespaced_pod_log(name, namespace, timestamps=True, tail_lines=lines, _preload_content=False)
-    return response.data.decode("utf-8", "replace")
-
-
-# Answers worth another try (throttling, a restarting or overloaded API server), the attempts a sync call gets, and
-# the longest wait between them.
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-SYNC_ATTEMPTS = 4
-MAX_BACKOFF_SECONDS = 8.0
-
-
-def create_pod(api: Any, manifest: dict[str, Any]) -> bool:
-    """Create the pod, retrying throttling, server errors and timeouts with backoff; False when a pod of that name
-    already exists (another try made it, or an earlier attempt of this call did before its answer was lost)."""
-    from kubernetes.client.exceptions import ApiException
-
-    name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
-    try:
-        call_with_retries(f"create pod {namespace}/{name}", api.create_namespaced_pod, namespace, manifest)
-        return True
-    except ApiException as exc:
-        if exc.status == 409:
-            return False
-        raise
-
-
-class KubernetesApiError(RuntimeError):
-    """A Kubernetes API call still failed after SYNC_ATTEMPTS tries."""
-
-
-def call_with_retries(what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
-    """``call(*args, **kwargs)`` with a request timeout, retried on RETRY_STATUSES and network errors with
-    exponential backoff (a Retry-After header wins); other API errors (404, 409, 422, ...) are raised at once."""
-    import time
-
-    import urllib3
-    from kubernetes.client.exceptions import ApiException
-
-    for attempt in range(1, SYNC_ATTEMPTS + 1):
-        try:
-            return call(*args, _request_timeout=API_TIMEOUT_SECONDS, **kwargs)
-        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
-            status = getattr(exc, "status", None)
-            if isinstance(exc, ApiException) and status not in RETRY_STATUSES:
-                raise
-            if attempt == SYNC_ATTEMPTS:
-                raise KubernetesApiError(f"{what}: the Kubernetes API failed {SYNC_ATTEMPTS} times; last: "
-                                         f"{describe_api_error(exc)}") from exc
-            headers = getattr(exc, "headers", None) or {}
-            retry_after = str(headers.get("Retry-After", ""))
-            wait = float(retry_after) if retry_after.isdigit() else min(MAX_BACKOFF_SECONDS, 2.0 ** (attempt - 1))
-            time.sleep(wait)
-
-
-def describe_api_error(exc: Exception) -> str:
-    """``(500) Internal error occurred: ...``: the status and the API's own message, not the raw response dump."""
-    status, body = getattr(exc, "status", None), getattr(exc, "body", None)
-    try:
-        message = json.loads(body).get("message") if body else None
-    except (ValueError, AttributeError):
-        message = None
-    return f"({status}) {message or getattr(exc, 'reason', '')}" if status else f"{type(exc).__name__}: {exc}"
-
-
-def delete_pod(api: Any, name: str, namespace: str) -> bool:
-    """Delete the pod; False when it was already gone."""
-    from kubernetes.client.exceptions import ApiException
-
-    try:
-        api.delete_namespaced_pod(name, namespace, grace_period_seconds=30)
-        return True
-    except ApiException as exc:
-        if exc.status == 404:
-            return False
-        raise
 
 
 # ---- async (trigger, triggerer) -----------------------------------------------------------------------------------
@@ -354,11 +264,6 @@ async def _read_checked(response: Any) -> bytes:
     return body
 
 
-# A request the API server does not answer within this many seconds counts as a failed call (retried, then
-# reported); without it a hung connection would stall a trigger for ever.
-API_TIMEOUT_SECONDS = 30.0
-
-
 async def async_json(call: Any, *args: Any, **kwargs: Any) -> Any:
     kwargs.setdefault("_request_timeout", API_TIMEOUT_SECONDS)
     return json.loads(await _read_checked(await call(*args, _preload_content=False, **kwargs)))
@@ -377,59 +282,6 @@ async def async_pod_log(api_client: Any, name: str, namespace: str, since_time: 
 
 
 # ---- TrainJobs (Kubeflow Trainer) --------------------------------------------------------------------------------
-
-def _custom_api(core_api: Any) -> Any:
-    from kubernetes.client import CustomObjectsApi
-
-    return CustomObjectsApi(core_api.api_client)  # the same connection as the core API
-
-
-def create_trainjob(core_api: Any, manifest: dict[str, Any]) -> None:
-    """Create a TrainJob with strict field validation: a field the installed Trainer does not know is an error,
-    not silently dropped (the pod customisation field changed with every Trainer release)."""
-    from airflow_provider_lora.core.render import TRAINJOB_GROUP, TRAINJOB_PLURAL, TRAINJOB_VERSION
-
-    call_with_retries(f"create TrainJob {manifest['metadata']['namespace']}/{manifest['metadata']['name']}",
-                      _custom_api(core_api).create_namespaced_custom_object, TRAINJOB_GROUP, TRAINJOB_VERSION,
-                      manifest["metadata"]["namespace"], TRAINJOB_PLURAL, manifest, field_validation="Strict")
-
-
-def read_trainjob(core_api: Any, name: str, namespace: str) -> dict[str, Any] | None:
-    """The TrainJob as a dict, or None when it does not exist."""
-    from kubernetes.client.exceptions import ApiException
-
-    from airflow_provider_lora.core.render import TRAINJOB_GROUP, TRAINJOB_PLURAL, TRAINJOB_VERSION
-
-    try:
-        response = _custom_api(core_api).get_namespaced_custom_object(
-            TRAINJOB_GROUP, TRAINJOB_VERSION, namespace, TRAINJOB_PLURAL, name, _preload_content=False)
-        return json.loads(response.data)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-
-
-def delete_trainjob(core_api: Any, name: str, namespace: str) -> bool:
-    """Delete the TrainJob (its pods go with it); False when it was already gone."""
-    from kubernetes.client.exceptions import ApiException
-
-    from airflow_provider_lora.core.render import TRAINJOB_GROUP, TRAINJOB_PLURAL, TRAINJOB_VERSION
-
-    try:
-        _custom_api(core_api).delete_namespaced_custom_object(
-            TRAINJOB_GROUP, TRAINJOB_VERSION, namespace, TRAINJOB_PLURAL, name, propagation_policy="Foreground")
-        return True
-    except ApiException as exc:
-        if exc.status == 404:
-            return False
-        raise
-
-
-def list_pods(core_api: Any, namespace: str, label_selector: str) -> list[dict[str, Any]]:
-    response = core_api.list_namespaced_pod(namespace, label_selector=label_selector, _preload_content=False)
-    return json.loads(response.data)["items"]
-
 
 async def async_trainjob(api_client: Any, name: str, namespace: str) -> dict[str, Any]:
     from kubernetes_asyncio.client import CustomObjectsApi

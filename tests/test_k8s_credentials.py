@@ -15,6 +15,7 @@ import time
 import pytest
 
 from airflow_provider_lora import kube
+from airflow_provider_lora.core.launchers.cluster import LaunchedPod, for_manifest
 from airflow_provider_lora.kube import ClusterRef, close_shared_clients
 from tests.k8s.emulator import Cluster
 from tests.k8s.exec_credential import sign, verify
@@ -112,16 +113,17 @@ def test_the_sync_client_survives_an_expired_token(silent_exec_cluster, monkeypa
         latest = accepted_tokens(cluster)[-1]
         time.sleep(max(0.0, expiry_of(latest) - time.time()) + 0.1)
 
-    assert kube.read_pod(api, "p", "default") is None  # loads the first token
+    pod = LaunchedPod(api, "p", "default", cheap_pod("p", "print('hello')"))
+    assert pod.read() is None  # loads the first token
     after_expiry()
-    assert kube.create_pod(api, cheap_pod("p", "print('hello')")) is True
+    assert pod.create() is True
     cluster.wait_for_pod("default", "p")
     after_expiry()
-    assert kube.read_pod(api, "p", "default")["status"]["phase"] == "Succeeded"
+    assert pod.read()["status"]["phase"] == "Succeeded"
     after_expiry()
-    assert "hello" in kube.read_log_tail(api, "p", "default", 5)
+    assert "hello" in pod.log_tail("p", 5)
     after_expiry()
-    assert kube.delete_pod(api, "p", "default") is True
+    assert pod.delete() is True
     assert verdicts(cluster).count("expired") == 4  # each call after an expiry: refused once, then renewed
     assert len(accepted_tokens(cluster)) == 5
 
@@ -160,8 +162,8 @@ def test_the_trigger_follows_a_pod_through_tokens_it_learns_expired_from_a_401(s
     caplog.set_level(logging.INFO)
     cluster = silent_exec_cluster
     api = kube.sync_core_api(use_connection(monkeypatch, cluster))
-    kube.create_pod(api, cheap_pod("slow", "import time\nfor i in range(5):\n    print(i, flush=True)\n"
-                                           f"    time.sleep({LIFETIME})"))
+    for_manifest(api, cheap_pod("slow", "import time\nfor i in range(5):\n    print(i, flush=True)\n"
+                                             f"    time.sleep({LIFETIME})")).create()
     trigger = quiet(LoRATrainingTrigger(name="slow", namespace="default", kubernetes_conn_id="k8s_exec",
                                         poll_interval=0.2))
 

@@ -183,7 +183,7 @@ def test_api_errors_on_create_are_retried(k8s_cluster, stand_in, status):
 
 
 def test_an_api_that_keeps_failing_on_create_fails_the_try_with_a_clear_error(k8s_cluster, stand_in):
-    from airflow_provider_lora.kube import KubernetesApiError
+    from airflow_provider_lora.core.launchers.cluster import KubernetesApiError
 
     k8s_cluster.set_fault("api_error", path=r"/namespaces/default/pods$", method="POST", status=500, times=None)
     with pytest.raises(KubernetesApiError) as info:
@@ -240,21 +240,21 @@ def test_a_retry_after_a_failed_pod_replaces_it(k8s_cluster, stand_in):
 
 def test_a_create_racing_another_worker_reattaches_on_already_exists(k8s_cluster, stand_in, monkeypatch):
     """Two tries racing (a zombie worker and its retry): the second create answers 409 and is a reattach."""
-    from airflow_provider_lora import kube
+    from airflow_provider_lora.core.launchers import cluster
 
     stand_in["script"] = "import time; time.sleep(1); " + RESULT
-    real_read = kube.read_pod
+    real_read = cluster.LaunchedPod.read
     op = operator(k8s_cluster, on_finish_action="keep_pod")
     manifest = render.render_pod(op._spec(), op._options(), render.TaskIdentity(
         dag_id="reliability", task_id="train", run_id="r1", deployment=op.deployment))
     create(k8s_cluster, manifest)  # the other worker's pod appears after our read, before our create
     calls = {"n": 0}
 
-    def read_first_miss(api, name, ns):
+    def read_first_miss(job):
         calls["n"] += 1
-        return None if calls["n"] == 1 else real_read(api, name, ns)
+        return None if calls["n"] == 1 else real_read(job)
 
-    monkeypatch.setattr(kube, "read_pod", read_first_miss)
+    monkeypatch.setattr(cluster.LaunchedPod, "read", read_first_miss)
     assert op.execute({"ti": StandInTI(try_number=2)})["summary"]["global_step"] == 1
     assert len(k8s_cluster.pods()) == 1
 

@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 
 from airflow_provider_lora.core.launchers.pod import find_result
-from airflow_provider_lora.kube import close_shared_clients, read_log_tail
+from airflow_provider_lora.core.launchers.cluster import LaunchedPod
+from airflow_provider_lora.kube import close_shared_clients
 from airflow_provider_lora.triggers.lora import LoRATrainingTrigger
 
 pytestmark = pytest.mark.slow
@@ -100,7 +101,7 @@ def test_200_deferred_tasks_in_one_triggerer_each_get_their_own_result(tmp_path,
             copied = [line for line in shown if line.startswith(f"[{t.name}] ")]
             assert copied[:2] == [f"[{t.name}] task {i} line 1", f"[{t.name}] task {i} line 2"], shown
             assert len(copied) == 3 and copied[2].startswith(f"[{t.name}] LORA_RESULT "), shown  # once each
-            result = find_result(read_log_tail(api, t.name, "default", 20))  # what the operator reads back
+            result = find_result(LaunchedPod(api, t.name, "default").log_tail(t.name, 20))  # what the operator reads back
             assert result["summary"]["global_step"] == i and result["artifacts"]["root"] == f"s3://load/run-{i}"
     finally:
         out, _ = emulator.communicate("", timeout=120)

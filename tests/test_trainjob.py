@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from airflow_provider_lora.core.launchers.pod import FAILED, PENDING, RUNNING, SUCCEEDED
+from airflow_provider_lora.core.launchers.cluster import for_manifest
 from airflow_provider_lora.core.launchers.trainjob import classify_trainjob, installed_trainer_version, rank0_pod
 from airflow_provider_lora.core.render import (
     MAX_TRAINJOB_NAME, PodOptions, SecretRef, TaskIdentity, TrainJobOptions, render_trainjob, trainer_api_shape,
@@ -281,7 +282,7 @@ def test_the_installed_version_is_detected(tmp_path, monkeypatch):
                                    resource_gpu_per_worker=0))
         manifest = render_trainjob(spec, PodOptions(image="busybox:1"), IDENTITY,
                                    TrainJobOptions(api_shape=trainer_api_shape("v2.0.1")))
-        kube.create_trainjob(api, manifest)  # strict: it would fail on any field v2.0 lacks
+        assert for_manifest(api, manifest).create()  # strict: it would fail on any field v2.0 lacks
         stored = old.trainjobs()[0]
         assert stored["spec"]["podSpecOverrides"][0]["targetJobs"] == [{"name": "node"}]
     with Cluster(tmp_path / "k8s2", trainer_version=None) as bare:
@@ -348,7 +349,7 @@ def _sleeping_trainjob(cluster, name: str = "lora-sleeper") -> dict:
     from airflow_provider_lora import kube
     from airflow_provider_lora.kube import ClusterRef
 
-    kube.create_trainjob(kube.sync_core_api(ClusterRef(config_file=str(cluster.kubeconfig))), manifest)
+    assert for_manifest(kube.sync_core_api(ClusterRef(config_file=str(cluster.kubeconfig))), manifest).create()
     _wait_until(lambda: [p["status"]["phase"] for p in cluster.pods()] == ["Running", "Running"],
                 "the node pods did not start")
     return manifest
@@ -440,7 +441,7 @@ def test_a_retry_reattaches_to_the_trainjob_of_an_earlier_try(cluster, airflow_d
     identity = TaskIdentity(dag_id=dag.dag_id, task_id="train", run_id=f"manual__{when.isoformat()}",
                             try_number=1, deployment=task.deployment)
     api = kube.sync_core_api(ClusterRef(config_file=str(cluster.kubeconfig)))
-    kube.create_trainjob(api, render_trainjob(task._spec(), task._options(), identity, TrainJobOptions()))
+    assert for_manifest(api, render_trainjob(task._spec(), task._options(), identity, TrainJobOptions())).create()
 
     run = run_dag_test(dag, logical_date=when, run_after=when)
     assert run.state == "success"

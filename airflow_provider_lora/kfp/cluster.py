@@ -10,20 +10,16 @@ starting a second training. The launched job is deleted once the result is colle
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from airflow_provider_lora.core import storage
-from airflow_provider_lora.core.launchers.pod import (FAILED, PENDING, SUCCEEDED, LogCursor, PodState, classify_pod,
-                                                      find_result, new_log_lines, seconds_since)
-from airflow_provider_lora.core.launchers.trainjob import (classify_trainjob, failed_nodes, installed_trainer_version,
-                                                           node_pod_selector, rank0_pod)
+from airflow_provider_lora.core.launchers import cluster
+from airflow_provider_lora.core.launchers.pod import SUCCEEDED
+from airflow_provider_lora.core.launchers.trainjob import installed_trainer_version
 from airflow_provider_lora.core.limits import check_manifest
-from airflow_provider_lora.core.render import (TRAINER_CONTAINER, TRAINJOB_GROUP, TRAINJOB_NODE_JOB, TRAINJOB_PLURAL,
-                                               TRAINJOB_VERSION, PodOptions, SecretRef, TaskIdentity,
-                                               TrainJobOptions, merge_under, render_pod, render_trainjob,
-                                               trainer_api_shape)
+from airflow_provider_lora.core.render import (TRAINER_CONTAINER, PodOptions, SecretRef, TaskIdentity, TrainJobOptions,
+                                               merge_under, render_pod, render_trainjob, trainer_api_shape)
 from airflow_provider_lora.core.results import RunResult, load_run_result
 from airflow_provider_lora.core.spec import SECRET_NAME_PARTS, LoRASpec
 
@@ -42,9 +38,6 @@ SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/names
 NOT_FORWARDED = {ENV_SERVER, ENV_TOKEN, ENV_CA, ENV_POD_OPTIONS, ENV_HF_TOKEN_SECRET, ENV_TRAINER_RUNTIME,
                  ENV_TRAINER_API, ENV_POLL, ENV_STARTUP_TIMEOUT, ENV_TRAINING_IMAGE, "LORA_KFP_LAUNCHER",
                  "LORA_KFP_SPEC"}
-LAST_LINES = 30
-RESULT_TAIL = 200  # other ranks may print many lines after the result line
-LOG_READ_TIMEOUT = 120  # seconds without a log byte before the stream is re-opened (the job's state is checked)
 
 
 # ---- the cluster -------------------------------------------------------------------------------------------------
@@ -195,226 +188,67 @@ def _trainjob_options(env: Mapping[str, str], core: Any, log: Callable[[str], No
     return TrainJobOptions(**values)
 
 
-# ---- one launched job, pod or TrainJob, behind the same few calls ------------------------------------------------
-
-class _Job:
-    """The launched object: create, read its state, find the pod whose log to follow, delete."""
-
-    kind = "pod"
-    container = TRAINER_CONTAINER
-
-    def __init__(self, core: Any, manifest: dict[str, Any]):
-        self.core, self.manifest = core, manifest
-        self.name, self.namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
-
-    def read(self) -> dict[str, Any] | None:
-        return _get(lambda: self.core.read_namespaced_pod(self.name, self.namespace, _preload_content=False))
-
-    def create(self) -> None:
-        self.core.create_namespaced_pod(self.namespace, self.manifest)
-
-    def state(self, obj: dict[str, Any]) -> PodState:
-        return classify_pod(obj)
-
-    def log_pod(self, obj: dict[str, Any]) -> str | None:
-        return self.name
-
-    def failed_logs(self) -> str:
-        return _tail(self.core, self.name, self.namespace, self.container, LAST_LINES)
-
-    def delete(self) -> bool:
-        return _gone_ok(lambda: self.core.delete_namespaced_pod(self.name, self.namespace, grace_period_seconds=30))
-
-
-class _TrainJob(_Job):
-    kind = "TrainJob"
-    container = TRAINJOB_NODE_JOB
-
-    def __init__(self, core: Any, manifest: dict[str, Any]):
-        from kubernetes import client
-
-        super().__init__(core, manifest)
-        self.custom = client.CustomObjectsApi(core.api_client)
-        self.args = (TRAINJOB_GROUP, TRAINJOB_VERSION, self.namespace, TRAINJOB_PLURAL)
-
-    def read(self) -> dict[str, Any] | None:
-        return _get(lambda: self.custom.get_namespaced_custom_object(*self.args, self.name, _preload_content=False))
-
-    def create(self) -> None:
-        # Strict: a field the installed Trainer does not know is an error, not silently dropped.
-        self.custom.create_namespaced_custom_object(*self.args, self.manifest, field_validation="Strict")
-
-    def pods(self) -> list[dict[str, Any]]:
-        response = self.core.list_namespaced_pod(self.namespace, label_selector=node_pod_selector(self.name),
-                                                 _preload_content=False)
-        return json.loads(response.data)["items"]
-
-    def state(self, obj: dict[str, Any]) -> PodState:
-        return classify_trainjob(obj, self.pods())
-
-    def log_pod(self, obj: dict[str, Any]) -> str | None:
-        pod = rank0_pod(self.pods())  # node rank 0 prints the result line
-        return pod["metadata"]["name"] if pod else None
-
-    def failed_logs(self) -> str:
-        nodes = failed_nodes(self.pods()) or []
-        if not nodes:
-            pod = self.log_pod({})
-            return _tail(self.core, pod, self.namespace, self.container, LAST_LINES) if pod else "(no node pods)"
-        return "\n".join(f"--- node {rank} ({name}): {state.describe()}\n"
-                         f"{_tail(self.core, name, self.namespace, self.container, LAST_LINES)}"
-                         for rank, name, state in nodes)
-
-    def delete(self) -> bool:
-        return _gone_ok(lambda: self.custom.delete_namespaced_custom_object(
-            *self.args, self.name, propagation_policy="Foreground"))
-
-
-def _get(call: Callable[[], Any]) -> dict[str, Any] | None:
-    from kubernetes.client.exceptions import ApiException
-
-    try:
-        return json.loads(call().data)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-
-
-def _gone_ok(call: Callable[[], Any]) -> bool:
-    from kubernetes.client.exceptions import ApiException
-
-    try:
-        call()
-        return True
-    except ApiException as exc:
-        if exc.status == 404:
-            return False
-        raise
-
-
 def train_on_cluster(spec: LoRASpec, launcher: str, launch: Launch, *, key: str, env: Mapping[str, str],
                      log: Callable[[str], None] = print) -> RunResult:
-    """Launch ``spec`` as a pod or TrainJob, follow its log, collect the published run, delete the job."""
+    """Launch ``spec`` as a pod or TrainJob (or reattach to the one this task execution already launched), follow
+    its log, collect the published run, delete the job."""
     from kubernetes import client
 
     identity = TaskIdentity(dag_id="kfp", task_id="train_model", run_id=key, deployment="kfp")
     core = client.CoreV1Api(api_client(env))
+    poll, startup_timeout = _timing(env)
     try:  # a bad combination fails here, before anything launches
         if launcher == "pod":
-            job = _Job(core, render_pod(spec, _pod_options(launch), identity))
+            manifest = render_pod(spec, _pod_options(launch), identity)
         else:
             if launch.pod_env or launch.resources:
                 log("[train_model] note: a TrainJob's pods come from its runtime: the task's "
                     f"{'env references ' + ', '.join(e['name'] for e in launch.pod_env) if launch.pod_env else ''}"
                     f"{' and ' if launch.pod_env and launch.resources else ''}"
                     f"{'resources' if launch.resources else ''} are not passed on (the spec's resources are)")
-            job = _TrainJob(core, render_trainjob(spec, launch.options, identity, _trainjob_options(env, core, log)))
-        check_manifest(job.manifest, spec)  # what the kernel or the API server would refuse, said before launching
+            manifest = render_trainjob(spec, launch.options, identity, _trainjob_options(env, core, log))
+        check_manifest(manifest, spec)  # what the kernel or the API server would refuse, said before launching
     except ValueError as exc:
         raise ValueError(f"{exc}\n(KFP: the training job must see pvc_path: pass the workspace volume through "
                          f"kubernetes_config, or set {ENV_POD_OPTIONS}='{{\"pvc_claim_name\": \"<claim>\"}}', which "
                          "mounts it at pvc_path)" if "mounted volume" in str(exc) else str(exc)) from None
-    poll = float(env.get(ENV_POLL) or 10)
-    startup_timeout = float(env.get(ENV_STARTUP_TIMEOUT) or 600)
-    _create_or_reattach(job, log)
+    job = cluster.for_manifest(core, manifest)
+
+    def say(line: str) -> None:
+        log(f"[train_model] {line}")
+
+    cluster.create_or_reattach(job, say)
     try:
-        state = _follow(job, poll, startup_timeout, log)
+        state, log_pod = cluster.follow(job, poll, startup_timeout, log)
         if state.phase != SUCCEEDED:
-            raise RuntimeError(f"training {job.kind} {job.namespace}/{job.name} {state.phase}: {state.describe()}\n"
-                               f"last log lines:\n{job.failed_logs()}")
-        pod = job.log_pod({})
-        if pod and find_result(_tail(core, pod, job.namespace, job.container, RESULT_TAIL)) is None:
-            log(f"[train_model] warning: {job.kind} {job.namespace}/{job.name} succeeded without a result line in "
-                "its log")
+            raise RuntimeError(f"training {job} {state.phase}: {state.describe()}\n"
+                               f"{job.failure_logs(log_pod)}")
+        try:
+            if log_pod and job.logged_result(log_pod) is None:
+                say(f"warning: {job} succeeded without a result line in its log")
+        except Exception as exc:  # the published run below is what counts
+            say(f"warning: could not read the log of {log_pod}: {cluster.describe_api_error(exc)}")
         try:
             return load_run_result(spec.output_uri)
         except storage.IncompleteRunError as exc:
-            raise RuntimeError(f"training {job.kind} {job.namespace}/{job.name} succeeded but its run cannot be "
-                               f"read here: {exc}") from None
+            raise RuntimeError(f"training {job} succeeded but its run cannot be read here: {exc}") from None
     finally:
         if job.delete():
-            log(f"[train_model] deleted {job.kind} {job.namespace}/{job.name}")
+            say(f"deleted {job}")
 
 
-def _create_or_reattach(job: _Job, log: Callable[[str], None]) -> None:
-    """Create the job, unless this task execution already has one (a retry): a running or succeeded one is
-    reattached, a failed one replaced."""
-    existing = job.read()
-    if existing is not None:
-        state = job.state(existing)
-        if state.phase != FAILED:
-            log(f"[train_model] reattaching to {job.kind} {job.namespace}/{job.name} ({state.phase})")
-            return
-        log(f"[train_model] {job.kind} {job.namespace}/{job.name} from an earlier try failed ({state.describe()}): "
-            "replacing it")
-        job.delete()
-        deadline = time.monotonic() + 120
-        while job.read() is not None:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{job.kind} {job.namespace}/{job.name} was not deleted within 120s")
-            time.sleep(1)
-    job.create()
-    log(f"[train_model] created {job.kind} {job.namespace}/{job.name}")
-
-
-def _follow(job: _Job, poll: float, startup_timeout: float, log: Callable[[str], None]) -> PodState:
-    """Wait for the job to start, stream its (rank 0) log, re-opened after a drop without repeating lines, and
-    return its terminal state."""
-    started = time.monotonic()
-    cursor, followed = LogCursor(), None
-    while True:
-        obj = job.read()
-        if obj is None:
-            raise RuntimeError(f"training {job.kind} {job.namespace}/{job.name} disappeared (deleted outside this "
-                               "task)")
-        state = job.state(obj)
-        if state.phase == PENDING:
-            if state.stuck:
-                raise RuntimeError(f"training {job.kind} {job.namespace}/{job.name} cannot start: {state.describe()}")
-            if time.monotonic() - started > startup_timeout:
-                raise RuntimeError(f"training {job.kind} {job.namespace}/{job.name} still pending after "
-                                   f"{startup_timeout:.0f}s: {state.describe()}")
-            time.sleep(poll)
-            continue
-        pod = job.log_pod(obj)
-        if pod is not None:
-            if pod != followed:  # a restarted rank-0 pod logs from its own start
-                cursor, followed = LogCursor(), pod
-            cursor = _stream_log(job.core, pod, job.namespace, job.container, cursor, log)
-        if state.terminal:
-            return state
-        time.sleep(poll)  # the stream ended while the job ran (a dropped connection, or it just ended): look again
-
-
-def _stream_log(core: Any, pod: str, namespace: str, container: str, cursor: LogCursor,
-                log: Callable[[str], None]) -> LogCursor:
-    import urllib3
-    from kubernetes.client.exceptions import ApiException
-
-    since = int(seconds_since(cursor.timestamp)) + 2 if cursor.timestamp else None
-    try:
-        response = core.read_namespaced_pod_log(pod, namespace, container=container, follow=True, timestamps=True,
-                                                since_seconds=since, _preload_content=False,
-                                                _request_timeout=(30, LOG_READ_TIMEOUT))
+def _timing(env: Mapping[str, str]) -> tuple[float, float]:
+    """LORA_KFP_POLL_SECONDS and LORA_KFP_STARTUP_TIMEOUT (the operator's poll_interval and startup_timeout)."""
+    values = []
+    defaults = {ENV_POLL: cluster.DEFAULT_POLL_SECONDS, ENV_STARTUP_TIMEOUT: cluster.DEFAULT_STARTUP_TIMEOUT}
+    for name, default in defaults.items():
+        text = env.get(name, "").strip()
         try:
-            for raw in response:
-                new = new_log_lines(raw.decode("utf-8", "replace"), cursor)
-                cursor = new.cursor
-                for line in new.lines:
-                    log(line)
-        finally:
-            response.release_conn()
-    except (ApiException, urllib3.exceptions.HTTPError) as exc:
-        if cursor.timestamp:  # before the first line, the container may simply not be ready to log yet
-            log(f"[train_model] log stream of {namespace}/{pod} interrupted ({type(exc).__name__}); re-reading "
-                "state")
-    return cursor
-
-
-def _tail(core: Any, pod: str, namespace: str, container: str, lines: int) -> str:
+            values.append(float(text) if text else default)
+        except ValueError:
+            raise ValueError(f"{name}={text!r} is not valid: give a number of seconds > 0") from None
     try:
-        return core.read_namespaced_pod_log(pod, namespace, container=container, tail_lines=lines,
-                                            _preload_content=False).data.decode("utf-8", "replace")
-    except Exception as exc:  # the log is a courtesy on a path that may already fail
-        return f"(could not read the log: {exc})"
+        return cluster.check_timing(*values)
+    except ValueError as exc:  # name the variable the user set
+        raise ValueError(str(exc).replace("poll_interval", ENV_POLL).replace("startup_timeout", ENV_STARTUP_TIMEOUT)) \
+            from None

@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from airflow_provider_lora.compat import AirflowException, AirflowFailException, BaseOperator, Context, conf
-from airflow_provider_lora.core.launchers.pod import FAILED, classify_pod, fails_again, find_result
-from airflow_provider_lora.core.launchers.trainjob import (
-    classify_trainjob, failed_nodes, installed_trainer_version, node_pod_selector,
-)
+from airflow_provider_lora.core.launchers import cluster
+from airflow_provider_lora.core.launchers.pod import fails_again
+from airflow_provider_lora.core.launchers.trainjob import installed_trainer_version
 from airflow_provider_lora.core.limits import check_manifest
 from airflow_provider_lora.core.render import (
-    IMAGE_REFERENCE, LABEL_PREFIX, PodOptions, SecretRef, TaskIdentity, TrainJobOptions, render_pod, render_trainjob,
+    IMAGE_REFERENCE, PodOptions, SecretRef, TaskIdentity, TrainJobOptions, render_pod, render_trainjob,
     trainer_api_shape,
 )
 from airflow_provider_lora.core.spec import LoRASpec, SpecError
@@ -33,8 +32,6 @@ from airflow_provider_lora.links import LoRAArtifactsLink, LossChartLink, push_l
 SPEC_FIELDS = tuple(LoRASpec.model_fields)
 LAUNCHERS = ("pod", "local", "trainjob")
 ON_FINISH_ACTIONS = ("delete_pod", "delete_succeeded_pod", "keep_pod")
-LAST_LOG_LINES = 30
-RESULT_LOG_TAIL = 200  # lines read back to find the trainer's result line when the trigger did not carry it
 # Fields a run cannot do without: a template that renders a missing value gives the string 'None'.
 REQUIRED_FIELDS = ("base_model", "dataset", "output_uri")
 # defer(timeout=) past the trigger's own deadline: a backstop for a trigger that cannot fire its timeout event.
@@ -123,8 +120,8 @@ class LoRATrainingOperator(BaseOperator):
         secret_env: dict[str, Any] | None = None,
         deployment: str | None = None,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
-        poll_interval: float = 10.0,
-        startup_timeout: float = 600.0,
+        poll_interval: float = cluster.DEFAULT_POLL_SECONDS,
+        startup_timeout: float = cluster.DEFAULT_STARTUP_TIMEOUT,
         on_finish_action: str = "delete_succeeded_pod",
         aws_conn_id: str | None = None,
         s3_endpoint_url: str | None = None,
@@ -140,9 +137,7 @@ class LoRATrainingOperator(BaseOperator):
             setattr(self, name, spec_values.get(name, LoRASpec.model_fields[name].default))
         if launcher not in LAUNCHERS:
             raise ValueError(f"launcher={launcher!r} is not valid: accepted: {', '.join(LAUNCHERS)}")
-        for name, seconds in (("poll_interval", poll_interval), ("startup_timeout", startup_timeout)):
-            if not (isinstance(seconds, (int, float)) and seconds > 0):
-                raise ValueError(f"{name}={seconds!r} is not valid: give a number of seconds > 0")
+        cluster.check_timing(poll_interval, startup_timeout)
         image = image or conf.get("lora", "image", fallback=None) or None
         if launcher != "local":
             _check_image(image, launcher)
@@ -251,7 +246,7 @@ class LoRATrainingOperator(BaseOperator):
                                api_shape=shape)
 
     @property
-    def _cluster(self):
+    def _cluster_ref(self):
         from airflow_provider_lora.kube import ClusterRef
 
         return ClusterRef(self.kubernetes_conn_id, self.config_file, self.cluster_context, self.in_cluster)
@@ -377,7 +372,7 @@ class LoRATrainingOperator(BaseOperator):
                                 map_index=getattr(ti, "map_index", -1), try_number=ti.try_number,
                                 deployment=self.deployment)
         task = _task_of(ti, self.deployment)
-        api = kube.sync_core_api(self._cluster)
+        api = kube.sync_core_api(self._cluster_ref)
         try:
             if self.launcher == "trainjob":
                 manifest = render_trainjob(spec, self._options(), identity, self._trainjob_options(api))
@@ -389,7 +384,11 @@ class LoRATrainingOperator(BaseOperator):
             raise AirflowFailException(f"{self.task_id}: {exc}") from None
         name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
         self._launched = (name, namespace)
-        own = self._create_or_reattach(api, manifest, task)
+        try:
+            own = cluster.create_or_reattach(cluster.for_manifest(api, manifest), self.log.info,
+                                             before_create=lambda: self._check_output_free(spec, task))
+        except cluster.LaunchRefused as exc:  # a retry would be refused the same way
+            raise AirflowFailException(f"{self.task_id}: {exc}") from None
         if own is not None:
             self._launched = None
             return self._return_value(own)
@@ -422,83 +421,8 @@ class LoRATrainingOperator(BaseOperator):
             poll_interval=self.poll_interval, startup_timeout=self.startup_timeout, deadline=deadline,
         )
 
-    # One small protocol over the two cluster launchers: read, state, create, delete.
-
-    @property
-    def _kind(self) -> str:
-        return "pod" if self.launcher == "pod" else "TrainJob"
-
-    def _read(self, api: Any, name: str, namespace: str) -> dict[str, Any] | None:
-        from airflow_provider_lora import kube
-
-        return (kube.read_pod if self.launcher == "pod" else kube.read_trainjob)(api, name, namespace)
-
-    def _state(self, api: Any, launched: dict[str, Any]) -> Any:
-        from airflow_provider_lora import kube
-
-        if self.launcher == "pod":
-            return classify_pod(launched)
-        name, namespace = launched["metadata"]["name"], launched["metadata"]["namespace"]
-        return classify_trainjob(launched, kube.list_pods(api, namespace, node_pod_selector(name)))
-
-    def _delete(self, api: Any, name: str, namespace: str) -> bool:
-        from airflow_provider_lora import kube
-
-        return (kube.delete_pod if self.launcher == "pod" else kube.delete_trainjob)(api, name, namespace)
-
-    def _create(self, api: Any, manifest: dict[str, Any]) -> bool:
-        """Create; False when an object of that name already exists (made meanwhile by another try)."""
-        from kubernetes.client.exceptions import ApiException
-
-        from airflow_provider_lora import kube
-
-        if self.launcher == "pod":
-            return kube.create_pod(api, manifest)
-        try:
-            kube.create_trainjob(api, manifest)
-            return True
-        except ApiException as exc:
-            if exc.status == 409:
-                return False
-            if exc.status in (400, 403, 404, 422):  # refused as asked: a retry would be refused the same way
-                raise AirflowFailException(f"{self.task_id}: the cluster refused the TrainJob: "
-                                           f"{kube.describe_api_error(exc)}") from None
-            raise
-
-    def _create_or_reattach(self, api: Any, manifest: dict[str, Any],
-                            task: dict[str, Any] | None = None) -> dict[str, Any] | None:
-        """Create the pod or TrainJob, unless this task instance already has one: a running or succeeded one (say,
-        from a try whose worker died) is reattached, never duplicated; a failed one is replaced. Returns the
-        result instead when the output already holds this task's own published run."""
-        name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
-        existing = self._read(api, name, namespace)
-        if existing is not None:
-            state = self._state(api, existing)
-            made_by = existing["metadata"].get("labels", {}).get(LABEL_PREFIX + "try_number", "?")
-            if state.phase != FAILED:
-                self.log.info("reattaching to %s %s/%s (%s), created by try %s", self._kind, namespace, name,
-                              state.phase, made_by)
-                return None
-            self.log.info("%s %s/%s from try %s failed (%s): replacing it", self._kind, namespace, name, made_by,
-                          state.describe())
-            self._delete(api, name, namespace)
-            self._wait_until_gone(api, name, namespace)
-        own = self._check_output_free(self._spec(), task)
-        if own is not None:
-            return own
-        if not self._create(api, manifest):
-            self.log.info("%s %s/%s was created meanwhile (by another try of this task): reattaching", self._kind,
-                          namespace, name)
-            return None
-        self.log.info("created %s %s/%s", self._kind, namespace, name)
-        return None
-
-    def _wait_until_gone(self, api: Any, name: str, namespace: str, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self._read(api, name, namespace) is not None:
-            if time.monotonic() > deadline:
-                raise AirflowException(f"{self._kind} {namespace}/{name} was not deleted within {timeout:.0f}s")
-            time.sleep(1)
+    def _job(self, api: Any, name: str, namespace: str) -> cluster.LaunchedPod:
+        return cluster.launched(api, self.launcher, name, namespace)
 
     def _wait_in_worker(self, name: str, namespace: str, deadline: float | None = None) -> dict[str, Any]:
         """deferrable=False: run the trigger's own loop here, in the worker (same events, same log following)."""
@@ -523,14 +447,14 @@ class LoRATrainingOperator(BaseOperator):
 
         name, namespace = event["name"], event["namespace"]
         self._launched = (name, namespace)
-        api = kube.sync_core_api(self._cluster)
+        job = self._job(kube.sync_core_api(self._cluster_ref), name, namespace)
         status = event["status"]
         succeeded = status == "success"
         try:
             if succeeded:
-                return self._return_value(self._collect(api, event))
-            message = (f"training {self._kind} {namespace}/{name} {status}: {event['description']}\n"
-                       f"{self._failure_logs(api, event)}")
+                return self._return_value(self._collect(job, event))
+            message = (f"training {job} {status}: {event['description']}\n"
+                       f"{job.failure_logs(event.get('log_pod'), deleted=event.get('reason') == 'Deleted')}")
             if status == "timeout":
                 raise _task_timeout(message)
             if fails_again(event.get("reason"), event.get("description") or ""):
@@ -540,88 +464,41 @@ class LoRATrainingOperator(BaseOperator):
         finally:
             # A run that never started could start later, and one past its deadline is still running: both are
             # deleted whatever on_finish_action says.
-            self._clean_up(api, name, namespace, succeeded, stop=status in ("stuck", "timeout"))
+            self._clean_up(job, succeeded, stop=status in ("stuck", "timeout"))
 
-    def _collect(self, api: Any, event: dict[str, Any]) -> dict[str, Any]:
+    def _collect(self, job: cluster.LaunchedPod, event: dict[str, Any]) -> dict[str, Any]:
         """The result of a succeeded run, from the first source that has it: the trigger's event (the result line
         it saw in the log), the log's tail, the run published at output_uri, the termination message. The pod
         may be gone by now (garbage-collected, a drained node, another worker of this try deleted it)."""
-        from airflow_provider_lora.core.results import bounded_result
-
-        name, namespace, log_pod = event["name"], event["namespace"], event.get("log_pod")
-        result = bounded_result(event.get("result"))
-        tried = ["the trigger's event"]
-        if result is None and log_pod:
-            tried.append(f"the log of {log_pod}")
-            result = self._logged_result(api, log_pod, namespace)
-        if result is None:
-            spec = self._spec()
-            tried.append(f"the published run at {spec.output_uri}")
-            result = self._published_result(spec)
-            if result is not None:
-                self.log.info("the result comes from the run published at %s", spec.output_uri)
-        if result is None and log_pod:
-            tried.append(f"the termination message of {log_pod}")
-            result = self._termination_result(api, log_pod, namespace)
-        if result is None:
-            raise AirflowException(f"{self._kind} {namespace}/{name} succeeded but none of these holds its result: "
-                                   f"{'; '.join(tried)}")
-        return result
-
-    def _logged_result(self, api: Any, log_pod: str, namespace: str) -> dict[str, Any] | None:
-        from airflow_provider_lora import kube
-        from airflow_provider_lora.core.results import bounded_result
-
-        try:
-            return bounded_result(find_result(kube.read_log_tail(api, log_pod, namespace, RESULT_LOG_TAIL)))
-        except Exception as exc:  # gone (404) or unreadable: the next source may still have the result
-            self.log.info("could not read the log of %s: %s", log_pod, kube.describe_api_error(exc))
-            return None
-
-    def _failure_logs(self, api: Any, event: dict[str, Any]) -> str:
-        """The last log lines of the pod, or of every failed node of a TrainJob (rank 0 if none failed): the
-        error is often on another rank than 0."""
-        from airflow_provider_lora import kube
-
-        namespace, log_pod = event["namespace"], event.get("log_pod")
-        pods = [log_pod] if log_pod else []
-        if self.launcher == "trainjob" and self._launched:
-            try:
-                nodes = kube.list_pods(api, namespace, node_pod_selector(self._launched[0]))
-                pods = [pod_name for _, pod_name, _ in failed_nodes(nodes)] or pods
-            except Exception as exc:  # the logs are a courtesy on a path that already fails
-                return f"(could not list the node pods: {exc})"
-        if not pods:
-            if event.get("reason") == "Deleted":
-                return f"(no log: the {self._kind} was deleted before its log was read)"
-            return "(no log: no pod of it had started)"
-        return "\n".join(f"last {LAST_LOG_LINES} log lines of {pod}:\n{_safe_tail(api, pod, namespace)}"
-                         for pod in pods)
-
-    def _termination_result(self, api: Any, name: str, namespace: str) -> dict[str, Any] | None:
-        """The headline result the trainer wrote to its termination message (4 KiB: no loss history), for when
-        neither the log nor the published run has it."""
-        from airflow_provider_lora import kube
         from airflow_provider_lora.core import storage
+        from airflow_provider_lora.core.results import bounded_result
 
-        try:
-            pod = kube.read_pod(api, name, namespace)
-        except Exception as exc:  # the last source: the caller says none had the result
-            self.log.info("could not read %s: %s", name, kube.describe_api_error(exc))
-            return None
-        message = classify_pod(pod).termination_message if pod else ""
-        try:
-            result = json.loads(message)
-        except ValueError:
-            return None
-        if not isinstance(result, dict) or not isinstance(result.get("summary"), dict):
-            return None
-        self.log.warning("the result comes from the termination message of %s (no loss history)", name)
-        artifacts = result.get("artifacts") or {}
-        output_uri = self._spec(final=False).output_uri
-        if not artifacts and output_uri:  # left out to fit 4 KiB: the URIs follow from the output location
-            artifacts = storage.artifact_uris(output_uri, [])
-        return {"summary": result["summary"], "history": [], "artifacts": artifacts}
+        log_pod = event.get("log_pod")
+        spec = self._spec()
+        sources = [("the trigger's event", lambda: event.get("result"))]
+        if log_pod:
+            sources.append((f"the log of {log_pod}", lambda: job.logged_result(log_pod)))
+        sources.append((f"the published run at {spec.output_uri}", lambda: self._published_result(spec)))
+        if log_pod:
+            sources.append((f"the termination message of {log_pod}", lambda: job.termination_result(log_pod)))
+        for source, read in sources:
+            try:
+                result = bounded_result(read())
+            except Exception as exc:  # gone (404) or unreadable: the next source may still have the result
+                self.log.info("could not read %s: %s", source, cluster.describe_api_error(exc))
+                continue
+            if result is not None:
+                break
+        else:
+            raise AirflowException(f"{job} succeeded but none of these holds its result: "
+                                   f"{'; '.join(source for source, _ in sources)}")
+        if source != sources[0][0]:
+            self.log.warning("the result comes from %s%s", source,
+                             " (no loss history)" if source.startswith("the termination") else "")
+        if not result.get("artifacts") and spec.output_uri:
+            # The termination message leaves them out to fit 4 KiB: the URIs follow from the output location.
+            result["artifacts"] = storage.artifact_uris(spec.output_uri, [])
+        return result
 
     def _return_value(self, result: dict[str, Any]) -> dict[str, Any]:
         summary = result.get("summary", {})
@@ -631,26 +508,26 @@ class LoRATrainingOperator(BaseOperator):
         push_loss_chart(result, self.log, s3=self._s3)  # XCom loss_chart_html, for the Loss chart tab
         return result
 
-    def _clean_up(self, api: Any, name: str, namespace: str, succeeded: bool, stop: bool = False) -> None:
+    def _clean_up(self, job: cluster.LaunchedPod, succeeded: bool, stop: bool = False) -> None:
         if stop:
             why = "it must not run on unwatched"
         elif self.on_finish_action == "delete_pod" or (self.on_finish_action == "delete_succeeded_pod" and succeeded):
             why = f"on_finish_action={self.on_finish_action}"
         else:
             return
-        if self._delete(api, name, namespace):
-            self.log.info("deleted %s %s/%s (%s)", self._kind, namespace, name, why)
+        if job.delete():
+            self.log.info("deleted %s (%s)", job, why)
         else:
-            self.log.info("%s %s/%s is already gone: nothing to delete", self._kind, namespace, name)
+            self.log.info("%s is already gone: nothing to delete", job)
 
     def on_kill(self) -> None:
         if self._launched is None:
             return
         from airflow_provider_lora import kube
 
-        name, namespace = self._launched
-        if self._delete(kube.sync_core_api(self._cluster), name, namespace):
-            self.log.info("deleted %s %s/%s (task killed)", self._kind, namespace, name)
+        job = self._job(kube.sync_core_api(self._cluster_ref), *self._launched)
+        if job.delete():
+            self.log.info("deleted %s (task killed)", job)
 
 
 def _task_of(ti: Any, deployment: str) -> dict[str, Any] | None:
@@ -683,16 +560,6 @@ def _task_timeout(message: str) -> Exception:
     except ImportError:  # Airflow 2
         from airflow.exceptions import AirflowTaskTimeout
     return AirflowTaskTimeout(message)
-
-
-def _safe_tail(api: Any, name: str, namespace: str) -> str:
-    from airflow_provider_lora import kube
-
-    try:
-        text = kube.read_log_tail(api, name, namespace, LAST_LOG_LINES)
-    except Exception as exc:  # the log is a courtesy on a path that already fails
-        return f"(could not read the log: {kube.describe_api_error(exc)})"
-    return "\n".join(line.partition(" ")[2] for line in text.splitlines())
 
 
 def _check_image(image: str | None, launcher: str) -> None:

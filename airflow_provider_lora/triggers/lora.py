@@ -19,9 +19,12 @@ from typing import Any, AsyncIterator
 from kubernetes_asyncio.client import CoreV1Api
 
 from airflow_provider_lora.compat import BaseTrigger, TriggerEvent
+from airflow_provider_lora.core.launchers.cluster import (
+    DEFAULT_POLL_SECONDS, DEFAULT_STARTUP_TIMEOUT, check_timing, startup_verdict,
+)
 from airflow_provider_lora.core.launchers.pod import (
-    LOG_CURSOR_ANNOTATION, PENDING, RESULT_PREFIX, STUCK_WAITING_REASONS, SUCCEEDED, LogCursor, PodState,
-    classify_pod, find_result, new_log_lines, seconds_since,
+    LOG_CURSOR_ANNOTATION, PENDING, RESULT_PREFIX, SUCCEEDED, LogCursor, PodState, classify_pod, find_result,
+    new_log_lines, seconds_since,
 )
 from airflow_provider_lora.core.launchers.trainjob import classify_trainjob, node_job_name, node_pod_selector, rank0_pod
 from airflow_provider_lora.core.results import bounded_result
@@ -51,11 +54,13 @@ class LoRATrainingTrigger(BaseTrigger):
 
     def __init__(self, *, name: str, namespace: str, launcher: str = "pod", kubernetes_conn_id: str | None = None,
                  config_file: str | None = None, cluster_context: str | None = None, in_cluster: bool | None = None,
-                 poll_interval: float = 10.0, startup_timeout: float = 600.0, stream_logs: bool = True,
+                 poll_interval: float = DEFAULT_POLL_SECONDS, startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
+                 stream_logs: bool = True,
                  deadline: float | None = None):
         super().__init__()
         if launcher not in LAUNCHERS:
             raise ValueError(f"launcher={launcher!r} is not valid: accepted: {', '.join(LAUNCHERS)}")
+        check_timing(poll_interval, startup_timeout)
         self.name = name
         self.namespace = namespace
         self.launcher = launcher
@@ -163,12 +168,9 @@ class LoRATrainingTrigger(BaseTrigger):
                 return
             if state.phase == PENDING:
                 waited = seconds_since(launched["metadata"].get("creationTimestamp"))
-                limit = min(self.startup_timeout, STUCK_WAITING_REASONS[state.reason]) if state.stuck else \
-                    self.startup_timeout
-                if waited > limit:
+                why = startup_verdict(state, waited, self.startup_timeout)
+                if why:
                     # Kubernetes keeps retrying (image pulls, scheduling); the task stops waiting here.
-                    why = (f"{state.reason} does not clear by waiting" if state.stuck else
-                           f"startup_timeout={self.startup_timeout:.0f}s")
                     sources = [self.name] + ([node_job_name(self.name)] if self.launcher == "trainjob" else []) + (
                         [log_pod_name] if log_pod_name and log_pod_name != self.name else [])
                     events = await self._event_messages(api, sources)
