@@ -26,7 +26,7 @@ if importlib.util.find_spec("unsloth") is not None:
     import unsloth  # noqa: F401  isort: skip
 
 from tests.fixtures.s3 import s3_bucket, s3_endpoint  # noqa: E402,F401
-from tests.fixtures.airflow import airflow_db  # noqa: E402,F401
+from tests.fixtures.airflow import airflow_db, k8s_emu  # noqa: E402,F401
 from tests.k8s.fixtures import k8s_cluster  # noqa: E402,F401
 from tests.fixtures.tiny_model import tiny_model_dir  # noqa: E402,F401
 from tests.fixtures.airflow_services import airflow_services  # noqa: E402,F401

@@ -4,14 +4,13 @@ real trainer in the emulated cluster and publishes to S3 (moto). Runs on Airflow
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
 from airflow_provider_lora.core.results import load_run_result
-from tests.fixtures.airflow import AIRFLOW_3, dag_bag, run_dag_test
+from tests.fixtures.airflow import AIRFLOW_3, connect, dag_bag, run_and_pull
 
 pytestmark = pytest.mark.slow
 DAGS = Path(__file__).resolve().parents[1] / "dags"
@@ -23,8 +22,7 @@ def test_the_example_dag_trains_in_a_pod_with_the_run_conf(k8s_cluster, airflow_
     monkeypatch.setenv("LORA_EXAMPLE_LAUNCHER", "pod")
     monkeypatch.setenv("LORA_EXAMPLE_BASE_MODEL", str(tiny_model_dir))
     monkeypatch.setenv("LORA_EXAMPLE_OUTPUT", f"s3://{s3_bucket}/runs")
-    monkeypatch.setenv("AIRFLOW_CONN_KUBERNETES_DEFAULT", json.dumps(
-        {"conn_type": "kubernetes", "extra": {"kube_config_path": str(k8s_cluster.kubeconfig)}}))
+    connect(monkeypatch, k8s_cluster, "kubernetes_default")
     bag = dag_bag(str(DAGS))
     assert bag.import_errors == {}
     dag = bag.dags["lora_finetune"]
@@ -33,10 +31,7 @@ def test_the_example_dag_trains_in_a_pod_with_the_run_conf(k8s_cluster, airflow_
     # The pod inherits the host's environment (the emulator's default), so it reaches moto with the test's keys.
     conf = {"max_steps": 3, "lora_r": 4, "resource_gpu_per_worker": 0, "resource_cpu_per_worker": "2",
             "resource_memory_per_worker": "4Gi", "dtype": "float32"}
-    run = run_dag_test(dag, run_conf=conf)
-    assert run.state == "success"
-    ti = next(t for t in run.get_task_instances() if t.task_id == "train")
-    result = ti.xcom_pull(task_ids="train")
+    run, ti, result = run_and_pull(dag, run_conf=conf)
     assert result["summary"]["global_step"] == 3
     assert result["artifacts"]["root"] == f"s3://{s3_bucket}/runs/{run.run_id}"  # output_uri was templated
     published = load_run_result(result["artifacts"]["root"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from tests.fixtures.airflow import dag_bag, run_dag_test
+from tests.fixtures.airflow import connect, dag_bag, pull, run_dag_test
 
 DAGS = Path(__file__).resolve().parents[1] / "dags"
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "records_train.jsonl"
@@ -51,8 +51,7 @@ def _configure(monkeypatch, cluster, bucket: str) -> str:
     }
     for name, value in variables.items():
         monkeypatch.setenv(f"AIRFLOW_VAR_{name}", value)
-    monkeypatch.setenv("AIRFLOW_CONN_GPU_CLUSTER", json.dumps(
-        {"conn_type": "kubernetes", "extra": {"kube_config_path": str(cluster.kubeconfig)}}))
+    connect(monkeypatch, cluster, "gpu_cluster")
     boto3.client("s3").upload_file(str(DATA), bucket, "lora/datasets/train.jsonl")
     return f"s3://{bucket}/lora/datasets/train.jsonl"
 
@@ -81,12 +80,11 @@ RUN_CONF = {"max_steps": 3, "lora_r": 4, "resource_gpu_per_worker": 0, "resource
 def _check_run(run, bucket: str, dag_id: str, model_dir: Path, steps: int) -> dict:
     """The run succeeded and the downstream task read the adapter's config from artifacts["adapter"]."""
     assert run.state == "success"
-    tis = {t.task_id: t for t in run.get_task_instances()}
-    result = tis["train"].xcom_pull(task_ids="train")
+    result = pull(run, "train")
     root = f"s3://{bucket}/lora/{dag_id}/{run.run_id}"
     assert result["artifacts"]["root"] == root
     assert set(result["artifacts"]) == {"root", "adapter", "metrics", "summary", "chart_html", "chart_png"}
-    registered = tis["register_adapter"].xcom_pull(task_ids="register_adapter")
+    registered = pull(run, "register_adapter")
     assert registered == {"adapter": f"{root}/adapter", "base_model": str(model_dir), "lora_r": 4,
                           "final_loss": result["summary"]["final_loss"], "global_step": steps,
                           "loss_chart": f"{root}/loss_chart.png", "merged": None}

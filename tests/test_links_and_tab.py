@@ -25,7 +25,7 @@ from airflow_provider_lora.links import (CHART_MAX_BYTES, CHART_XCOM_KEY, LoRAAr
                                          TAB_URL_ROUTE, read_chart)
 from airflow_provider_lora.operators.lora import LoRATrainingOperator
 from airflow_provider_lora.plugins.loss_chart import HOVER_SCRIPT_HASH, LoRAPlugin, parse_map_index
-from tests.fixtures.airflow import AIRFLOW_3, airflow3_only, run_dag_test
+from tests.fixtures.airflow import AIRFLOW_3, airflow3_only, run_and_pull, run_dag_test
 from tests.trainer_helpers import FAST, arithmetic_rows, write_jsonl
 
 RUN = "manual__2026-01-01T00:00:00+00:00"
@@ -284,10 +284,7 @@ def test_a_local_run_pushes_its_chart_and_links_and_the_tab_shows_it(api, tiny_m
     with DAG("lora_links_test", schedule=None, start_date=datetime.datetime(2026, 1, 1)) as dag:
         LoRATrainingOperator(task_id="train", launcher="local", base_model=str(tiny_model_dir),
                              dataset=str(dataset), output_uri=str(tmp_path / "out") + "/{{ run_id }}", **FAST)
-    run = run_dag_test(dag)
-    assert run.state == "success"
-    ti = next(t for t in run.get_task_instances() if t.task_id == "train")
-    result = ti.xcom_pull(task_ids="train")
+    run, ti, result = run_and_pull(dag)
 
     page = ti.xcom_pull(task_ids="train", key=CHART_XCOM_KEY)
     assert page == Path(result["artifacts"]["chart_html"]).read_text()

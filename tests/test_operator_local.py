@@ -9,7 +9,7 @@ import pytest
 
 from airflow_provider_lora.core.spec import LoRASpec
 from airflow_provider_lora.operators.lora import LoRATrainingOperator
-from tests.fixtures.airflow import local_trainer, run_dag_test
+from tests.fixtures.airflow import local_trainer, run_and_pull
 from tests.trainer_helpers import FAST, arithmetic_rows, write_jsonl
 
 
@@ -41,10 +41,7 @@ def test_dag_test_with_the_local_launcher_returns_the_result(airflow_db, tiny_mo
         LoRATrainingOperator(task_id="train", launcher="local", base_model=str(tiny_model_dir),
                              dataset=str(dataset), output_uri=str(tmp_path / "out") + "/{{ run_id }}",
                              **{**FAST, "num_epochs": 2})
-    run = run_dag_test(dag)
-    assert run.state == "success"
-    ti = next(t for t in run.get_task_instances() if t.task_id == "train")
-    result = ti.xcom_pull(task_ids="train")
+    run, ti, result = run_and_pull(dag)
     assert result["summary"]["final_loss"] < result["summary"]["first_loss"]
     assert result["artifacts"]["adapter"].startswith(str(tmp_path / "out"))
     assert run.run_id in result["artifacts"]["root"]  # output_uri was templated

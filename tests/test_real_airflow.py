@@ -24,6 +24,7 @@ import pytest
 from airflow_provider_lora.core import storage
 from airflow_provider_lora.links import CHART_XCOM_KEY, TAB_URL_ROUTE
 from tests.browser_helpers import BROWSER_DIR, ROOT, needs_browser, png_size
+from tests.fixtures.airflow import kube_connection_api
 from tests.trainer_helpers import FAST, arithmetic_rows, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -99,9 +100,7 @@ def _json_lines(text: str) -> list[dict]:
 def test_deferred_task_resumes_in_another_process(airflow_services, k8s_cluster, tiny_model_dir, tmp_path):
     af, cluster = airflow_services, k8s_cluster
     cluster.base_env = {k: v for k, v in os.environ.items() if k in SAFE_ENV}
-    af.api("POST", "/connections", {
-        "connection_id": "k8s_emu", "conn_type": "kubernetes",
-        "extra": json.dumps({"kube_config_path": str(cluster.kubeconfig)})})
+    af.api("POST", "/connections", kube_connection_api(cluster))
     dataset = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(32))
     # The output goes to a workspace PVC (the operator refuses a path on the pod's own filesystem); a mount path
     # under the cluster root is what the emulated pod sees as is.

@@ -7,7 +7,6 @@ second and then a result line."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,6 +16,7 @@ import urllib.error
 import pytest
 
 from airflow_provider_lora.core.launchers.pod import LOG_CURSOR_ANNOTATION
+from tests.fixtures.airflow import K8S_EMU, kube_connection_api
 from tests.fixtures.airflow_services import running_airflow
 
 pytestmark = pytest.mark.slow
@@ -69,14 +69,11 @@ def dag(airflow, k8s_cluster):
     cluster = k8s_cluster
     cluster.base_env = {k: v for k, v in os.environ.items() if k in SAFE_ENV}
     try:
-        airflow.api("POST", "/connections", {"connection_id": "k8s_emu", "conn_type": "kubernetes",
-                                             "extra": json.dumps({"kube_config_path": str(cluster.kubeconfig)})})
+        airflow.api("POST", "/connections", kube_connection_api(cluster))
     except urllib.error.HTTPError as exc:  # made by an earlier test of this module, for its own cluster
         if exc.code != 409:
             raise
-        airflow.api("PATCH", "/connections/k8s_emu", {
-            "connection_id": "k8s_emu", "conn_type": "kubernetes",
-            "extra": json.dumps({"kube_config_path": str(cluster.kubeconfig)})})
+        airflow.api("PATCH", f"/connections/{K8S_EMU}", kube_connection_api(cluster))
 
     def start(dag_id: str, lines: int = 240, extra: str = "", wait: bool = True) -> str:
         (airflow.dags_folder / f"{dag_id}.py").write_text(DAG_FILE.format(

@@ -235,29 +235,27 @@ def test_a_dollar_variable_in_a_spec_string_is_not_expanded_by_kubernetes(k8s_cl
 # ---- the canary run: a real training, then every place searched -------------------------------------------------------
 
 @pytest.mark.slow
-def test_canary_secrets_never_leave_their_secrets(k8s_cluster, airflow_db, tiny_model_dir, tmp_path, s3_endpoint,
-                                                  s3_bucket, caplog, capfd, monkeypatch):
+def test_canary_secrets_never_leave_their_secrets(k8s_emu, airflow_db, tiny_model_dir, tmp_path, s3_endpoint,
+                                                  s3_bucket, caplog, capfd):
     import logging
 
     import boto3
     from airflow.sdk import DAG
 
     from airflow_provider_lora.operators.lora import LoRATrainingOperator
-    from tests.fixtures.airflow import run_dag_test
+    from tests.fixtures.airflow import K8S_EMU, run_dag_test
     from tests.trainer_helpers import FAST, arithmetic_rows, write_jsonl
 
     caplog.set_level(logging.INFO)
-    cluster = k8s_cluster
+    cluster = k8s_emu  # the connection k8s_emu points at it
     cluster.base_env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
     cluster.create_secret("default", "hf-token", {"token": HF_CANARY})
     cluster.create_secret("default", "s3-creds", {"id": S3_ID_CANARY, "secret": S3_SECRET_CANARY})
-    monkeypatch.setenv("AIRFLOW_CONN_K8S_EMU", json.dumps(
-        {"conn_type": "kubernetes", "extra": {"kube_config_path": str(cluster.kubeconfig)}}))
     cluster.rbac_rules = ROLE["rules"]  # the operator and trigger work within docs/rbac.yaml
     dataset = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(32))
     with DAG("lora_canary", schedule=None, start_date=datetime.datetime(2026, 1, 1)) as dag:
         task = LoRATrainingOperator(
-            task_id="train", launcher="pod", kubernetes_conn_id="k8s_emu", poll_interval=0.3, startup_timeout=60,
+            task_id="train", launcher="pod", kubernetes_conn_id=K8S_EMU, poll_interval=0.3, startup_timeout=60,
             deferrable=True, on_finish_action="keep_pod", base_model=str(tiny_model_dir), dataset=str(dataset),
             output_uri=f"s3://{s3_bucket}/runs/{{{{ run_id }}}}",
             envs=f"AWS_ENDPOINT_URL={s3_endpoint},AWS_DEFAULT_REGION=us-east-1,HF_HUB_OFFLINE=1",

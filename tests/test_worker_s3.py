@@ -24,7 +24,7 @@ from airflow_provider_lora.core import storage
 from airflow_provider_lora.core.render import PodOptions, TaskIdentity, render_pod
 from airflow_provider_lora.core.spec import LoRASpec
 from airflow_provider_lora.operators.lora import LoRATrainingOperator
-from tests.fixtures.airflow import local_trainer, run_dag_test
+from tests.fixtures.airflow import K8S_EMU, local_trainer, run_and_pull
 from tests.trainer_helpers import FAST, arithmetic_rows, write_jsonl
 
 IMAGE = "registry.example/lora-trainer:0.1.0"
@@ -92,19 +92,17 @@ def test_the_worker_reads_s3_through_the_connection(s3_connection, s3_bucket, tm
     assert links.browsable_url(output, links._s3_endpoint(operator)) == ""
 
 
-def test_a_completed_run_at_the_output_fails_the_pod_task_before_any_pod_is_created(k8s_cluster, s3_connection,
-                                                                                   s3_bucket, tmp_path, monkeypatch):
-    monkeypatch.setenv("AIRFLOW_CONN_K8S_EMU", json.dumps(
-        {"conn_type": "kubernetes", "extra": {"kube_config_path": str(k8s_cluster.kubeconfig)}}))
+def test_a_completed_run_at_the_output_fails_the_pod_task_before_any_pod_is_created(k8s_emu, s3_connection,
+                                                                                   s3_bucket, tmp_path):
     output = f"s3://{s3_bucket}/runs/done"
     _completed_run(tmp_path, output, s3_connection)
-    operator = _operator(launcher="pod", kubernetes_conn_id="k8s_emu", aws_conn_id=CONN_ID, output_uri=output,
+    operator = _operator(launcher="pod", kubernetes_conn_id=K8S_EMU, aws_conn_id=CONN_ID, output_uri=output,
                          resource_gpu_per_worker=0)
     ti = SimpleNamespace(dag_id="d", task_id="train", run_id="r", map_index=-1, try_number=1,
                          xcom_push=lambda **kw: pytest.fail(f"nothing is pushed before the check: {kw}"))
     with pytest.raises(AirflowFailException, match=rf"train: {output} already holds a completed run"):
         operator.execute({"ti": ti})
-    assert [r for r in k8s_cluster.request_log if r[0] == "POST"] == [] and k8s_cluster.pods() == []
+    assert [r for r in k8s_emu.request_log if r[0] == "POST"] == [] and k8s_emu.pods() == []
 
 
 def test_aws_conn_id_without_the_amazon_provider_fails_before_launching(monkeypatch, tmp_path):
@@ -192,10 +190,7 @@ def test_a_run_publishes_to_s3_and_the_worker_reads_its_chart_back(how, s3_endpo
         LoRATrainingOperator(task_id="train", launcher="local", base_model=str(tiny_model_dir),
                              dataset=str(dataset), output_uri=f"s3://{s3_bucket}/runs/{{{{ run_id }}}}",
                              **options, **FAST)
-    run = run_dag_test(dag)
-    assert run.state == "success"
-    ti = next(t for t in run.get_task_instances() if t.task_id == "train")
-    result = ti.xcom_pull(task_ids="train")
+    run, ti, result = run_and_pull(dag)
     root = f"s3://{s3_bucket}/runs/{run.run_id}"
     assert result["artifacts"]["root"] == root
     assert storage.is_complete(root, endpoint_url=s3_endpoint)
