@@ -125,7 +125,8 @@ def _suffix_for(path: Path) -> str:
     if first == b"{":
         return ".jsonl"
     raise ValueError(f"dataset artifact {path}: cannot tell its format (no suffix, not parquet or JSON); accepted: "
-                     f"{', '.join(DATA_FILE_BUILDERS)} (name the file with its suffix, or give a directory of such files)")
+                     f"{', '.join(DATA_FILE_BUILDERS)} (name the file with its suffix, or give a directory of such "
+                     "files)")
 
 
 def stage_dataset(dataset: Any, extras: dict[str, Any], stage_dir: Path) -> str:

@@ -1,7 +1,8 @@
-"""The training recipe, read top to bottom: check -> data -> model -> train -> export.
+"""The training recipe, read top to bottom in :func:`run`: check -> load -> train -> export.
 
 Runs as one process or under torchrun (rank and world size come from the environment). Rank 0 alone writes
-shared files: metrics, the adapter, the summary, the chart and the published run.
+shared files: metrics, the adapter, the summary, the chart and the published run. What it prints and leaves behind
+is the output contract (airflow_provider_lora.core.contract), which the launchers read back.
 """
 
 from __future__ import annotations
@@ -26,18 +27,20 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from airflow_provider_lora.core import storage
-from airflow_provider_lora.core.launchers.pod import RESULT_PREFIX
+from airflow_provider_lora.core.contract import (ADAPTER_DIR, CHECKPOINT_METRICS_FILE, CHECKPOINTS_DIR,
+                                                 COMPLETE_MARKER, ERROR_PREFIX, LOG_PREFIX, MERGED_DIR, METRICS_FILE,
+                                                 REMOTE_CHECKPOINTS_DIR, RESULT_PREFIX, STAGED_DATA_DIR,
+                                                 SUMMARY_FILE, TERMINATION_LOG, TERMINATION_LOG_ENV)
 from airflow_provider_lora.core.results import RunResult, is_own_run, load_run_result, termination_message
-from airflow_provider_lora.core.spec import LoRASpec, plan_batches
+from airflow_provider_lora.core.spec import BatchPlan, LoRASpec, plan_batches
 from lora_trainer import data as data_lib
 from lora_trainer import export
 from lora_trainer import model as model_lib
 
 
-
 def log(message: str) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"[lora-trainer] {message}", flush=True)
+        print(f"{LOG_PREFIX}{message}", flush=True)
 
 
 @dataclass
@@ -58,7 +61,39 @@ def run(spec: LoRASpec, work_dir: str | Path | None = None) -> Outcome:
     state = PartialState(cpu=not torch.cuda.is_available())
     started = time.time()
 
-    # ---- 1. checks that need no model: fail before minutes of loading ---------------------------------------
+    # 1. check: everything that needs no model, so a mistake fails before minutes of loading
+    _check_spec(spec)
+    own = _check_output(spec, state)
+    if own is not None:  # a retry whose earlier try already published this run
+        _hand_back(own)
+        return Outcome(own.summary, None, None)
+    run_dir = _run_dir(spec, work_dir)
+    setup = _check_machine(spec, state)
+    # 2. load: the model, the data, the LoRA adapter
+    loaded = _load(spec, setup, state, run_dir)
+    # 3. train
+    trained = _train(spec, setup, loaded, state, run_dir)
+    # 4. export (rank 0): summary, adapter, merged model, the published run, the result line
+    summary = _export(spec, setup, loaded, trained, run_dir, started)
+    _close(state)
+    return Outcome(summary or {}, loaded.model, loaded.tokenizer)
+
+
+# ---- 1. check ------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Setup:
+    """What the checks decided about this machine before anything loads."""
+
+    dtype: Any  # a torch.dtype
+    plan: BatchPlan
+    on_gpu: bool
+    packing_used: bool
+    packing_note: str
+
+
+def _check_spec(spec: LoRASpec) -> None:
+    """The spec names a dataset, an output and, where they are paths, ones that exist here."""
     if not spec.dataset:
         raise data_lib.DataError("dataset is empty: give a local path, s3://bucket/key or a Hugging Face dataset id")
     if not spec.output_uri:
@@ -69,22 +104,28 @@ def run(spec: LoRASpec, work_dir: str | Path | None = None) -> Outcome:
         if value.startswith(("/", "./", "~", "file://")) and \
                 not Path(value.removeprefix("file://")).expanduser().exists():
             raise error(f"{name}={value!r}: no such file or directory")
-    resuming = spec.resume_from_checkpoint is not None
-    if state.is_main_process:
-        storage.check_writable(spec.output_uri)  # first: a missing bucket or no access, said as such
-        try:
-            storage.check_output_available(spec.output_uri, overwrite=spec.overwrite_output)
-        except storage.OutputExistsError:
-            # A retry of the task whose earlier try published this run (same spec and task): hand that run back
-            # instead of refusing it. One process only: under torchrun the other ranks would wait for this one.
-            own = _own_published_run(spec) if state.num_processes == 1 else None
-            if own is None:
-                raise
-            log(f"{spec.output_uri} already holds this task's own run (an earlier try published it): returning it")
-            print(RESULT_PREFIX + json.dumps(own.to_xcom()), flush=True)
-            _write_termination_message(own)
-            return Outcome(own.summary, None, None)
-    run_dir = _run_dir(spec, work_dir)
+
+
+def _check_output(spec: LoRASpec, state: Any) -> RunResult | None:
+    """Rank 0: the output can be written and holds no completed run, or holds this task's own run (returned)."""
+    if not state.is_main_process:
+        return None
+    storage.check_writable(spec.output_uri)  # first: a missing bucket or no access, said as such
+    try:
+        storage.check_output_available(spec.output_uri, overwrite=spec.overwrite_output)
+    except storage.OutputExistsError:
+        # A retry of the task whose earlier try published this run (same spec and task): hand that run back
+        # instead of refusing it. One process only: under torchrun the other ranks would wait for this one.
+        own = _own_published_run(spec) if state.num_processes == 1 else None
+        if own is None:
+            raise
+        log(f"{spec.output_uri} already holds this task's own run (an earlier try published it): returning it")
+        return own
+    return None
+
+
+def _check_machine(spec: LoRASpec, state: Any) -> _Setup:
+    """dtype, hardware options, the batch plan and packing for this machine, logged."""
     dtype = model_lib.pick_dtype(spec)
     model_lib.check_hardware(spec, dtype)
     plan = plan_batches(spec, state.num_processes)
@@ -100,13 +141,29 @@ def run(spec: LoRASpec, work_dir: str | Path | None = None) -> Outcome:
     log(plan.describe())
     if spec.lora_sample_packing and not packing_used:
         log(f"WARNING: sample packing requested but {packing_note}")
+    return _Setup(dtype, plan, on_gpu, packing_used, packing_note)
 
-    # ---- 2. model and data --------------------------------------------------------------------------------------
-    model, tokenizer = model_lib.load_model(spec, dtype)
+
+# ---- 2. load -------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Loaded:
+    model: Any  # the base model with its LoRA adapter
+    tokenizer: Any
+    data: data_lib.PreparedData
+    targets: list[str]  # the modules the adapter wraps
+    trainable: int
+    total: int
+
+
+def _load(spec: LoRASpec, setup: _Setup, state: Any, run_dir: Path) -> _Loaded:
+    """The base model and tokenizer, the tokenised data, then the LoRA adapter on the model."""
+    model, tokenizer = model_lib.load_model(spec, setup.dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     prepared = data_lib.prepare(spec, tokenizer, is_main_process=state.is_main_process,
-                                wait_for_main=state.wait_for_everyone, download_dir=run_dir / "_data", log=log)
+                                wait_for_main=state.wait_for_everyone, download_dir=run_dir / STAGED_DATA_DIR,
+                                log=log)
     log(f"data: {prepared.stats['rows']} rows ({prepared.stats['format']}), {prepared.stats['train_rows']} train / "
         f"{prepared.stats['eval_rows']} eval, {prepared.stats['trainable_tokens']} of {prepared.stats['tokens']} "
         "tokens trained")
@@ -114,16 +171,47 @@ def run(spec: LoRASpec, work_dir: str | Path | None = None) -> Outcome:
     trainable, total = model_lib.count_parameters(model)
     log(f"LoRA r={spec.lora_r} alpha={spec.lora_alpha} on {', '.join(targets)}: {trainable:,} trainable of "
         f"{total:,} parameters")
+    return _Loaded(model, tokenizer, prepared, targets, trainable, total)
 
-    # ---- 3. train --------------------------------------------------------------------------------------------
-    from trl import SFTConfig, SFTTrainer
 
-    checkpoint_dir = run_dir / "checkpoints"
-    config = SFTConfig(
+# ---- 3. train ------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Trained:
+    trainer: Any  # trl's SFTTrainer
+    output: Any  # its TrainOutput
+    history: MetricsCallback  # the rows of metrics.jsonl, in memory
+    resumed_from: str | None  # the checkpoint the training resumed from
+    remote_checkpoints: str | None  # where an s3:// run keeps its checkpoints between tries
+
+
+def _train(spec: LoRASpec, setup: _Setup, loaded: _Loaded, state: Any, run_dir: Path) -> _Trained:
+    """Train with trl's SFTTrainer, resuming from a checkpoint when asked; metrics.jsonl grows as it goes."""
+    from trl import SFTTrainer
+
+    checkpoint_dir = run_dir / CHECKPOINTS_DIR
+    config = _sft_config(spec, setup, loaded, state, checkpoint_dir)
+    metrics_path = run_dir / METRICS_FILE
+    remote_checkpoints = _sync_remote_checkpoints(spec, state, checkpoint_dir, metrics_path)
+    callback = MetricsCallback(metrics_path, append=spec.resume_from_checkpoint is not None)
+    callbacks = [callback] + ([CheckpointUpload(remote_checkpoints, metrics_path)] if remote_checkpoints else [])
+    trainer = SFTTrainer(model=loaded.model, args=config, train_dataset=loaded.data.train,
+                         eval_dataset=loaded.data.eval, processing_class=loaded.tokenizer, callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # our progress lines replace its raw dicts
+    resume_from = _resume_checkpoint(spec, checkpoint_dir)
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    return _Trained(trainer, output, callback, resume_from, remote_checkpoints)
+
+
+def _sft_config(spec: LoRASpec, setup: _Setup, loaded: _Loaded, state: Any, checkpoint_dir: Path) -> Any:
+    """trl's SFTConfig for this spec, batch plan and machine."""
+    from trl import SFTConfig
+
+    return SFTConfig(
         output_dir=str(checkpoint_dir),
-        per_device_train_batch_size=plan.micro_batch,
-        per_device_eval_batch_size=plan.micro_batch,
-        gradient_accumulation_steps=plan.grad_accum,
+        per_device_train_batch_size=setup.plan.micro_batch,
+        per_device_eval_batch_size=setup.plan.micro_batch,
+        gradient_accumulation_steps=setup.plan.grad_accum,
         num_train_epochs=spec.num_epochs,
         max_steps=spec.max_steps or -1,
         learning_rate=spec.learning_rate,
@@ -135,18 +223,18 @@ def run(spec: LoRASpec, work_dir: str | Path | None = None) -> Outcome:
         optim="adamw_torch",
         seed=spec.seed,
         data_seed=spec.seed,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        use_cpu=not on_gpu,
+        bf16=setup.dtype == torch.bfloat16,
+        fp16=setup.dtype == torch.float16,
+        use_cpu=not setup.on_gpu,
         # trl's default (on) saves GPU memory; on CPU it only recomputes activations (bench/: 1.5x slower there).
-        gradient_checkpointing=on_gpu,
+        gradient_checkpointing=setup.on_gpu,
         max_length=spec.max_seq_len,
-        packing=packing_used,
-        padding_free=packing_used,
+        packing=setup.packing_used,
+        padding_free=setup.packing_used,
         use_liger_kernel=bool(spec.use_liger),
         logging_steps=1,
         logging_first_step=True,
-        eval_strategy="epoch" if prepared.eval is not None else "no",
+        eval_strategy="epoch" if loaded.data.eval is not None else "no",
         save_strategy="epoch" if spec.checkpoint_at_epoch else "no",
         save_only_model=False,
         report_to="none",
@@ -155,52 +243,69 @@ def run(spec: LoRASpec, work_dir: str | Path | None = None) -> Outcome:
         remove_unused_columns=False,
         ddp_find_unused_parameters=False if state.num_processes > 1 else None,
     )
-    metrics_path = run_dir / "metrics.jsonl"
-    remote_checkpoints = storage.join(spec.output_uri, REMOTE_CHECKPOINTS) if storage.is_s3(spec.output_uri) else None
-    if remote_checkpoints and state.is_main_process:
-        if resuming:
-            _fetch_remote_checkpoint(remote_checkpoints, checkpoint_dir, metrics_path)
-        else:  # a fresh run: checkpoints of an earlier run at this output must not be resumed by its retries
-            storage.remove_tree(remote_checkpoints)
-    state.wait_for_everyone()
-    callback = MetricsCallback(metrics_path, append=resuming)
-    callbacks = [callback] + ([CheckpointUpload(remote_checkpoints, metrics_path)] if remote_checkpoints else [])
-    trainer = SFTTrainer(model=model, args=config, train_dataset=prepared.train, eval_dataset=prepared.eval,
-                         processing_class=tokenizer, callbacks=callbacks)
-    trainer.remove_callback(PrinterCallback)  # our progress lines replace its raw dicts
-    resume_from = _resume_checkpoint(spec, checkpoint_dir)
-    output = trainer.train(resume_from_checkpoint=resume_from)
 
-    # ---- 4. export (rank 0) ------------------------------------------------------------------------------------
+
+def _sync_remote_checkpoints(spec: LoRASpec, state: Any, checkpoint_dir: Path, metrics_path: Path) -> str | None:
+    """For s3:// output, ``{output_uri}/_checkpoints``, where checkpoints outlive the pod: a resuming try fetches
+    the newest complete one (rank 0, the others wait); a fresh run deletes those of an earlier run at this output,
+    so its own retries never resume from them. None for local/PVC output, whose checkpoints stay in place."""
+    remote = storage.join(spec.output_uri, REMOTE_CHECKPOINTS_DIR) if storage.is_s3(spec.output_uri) else None
+    if remote and state.is_main_process:
+        if spec.resume_from_checkpoint is not None:
+            _fetch_remote_checkpoint(remote, checkpoint_dir, metrics_path)
+        else:
+            storage.remove_tree(remote)
+    state.wait_for_everyone()
+    return remote
+
+
+# ---- 4. export -----------------------------------------------------------------------------------------------------
+
+def _export(spec: LoRASpec, setup: _Setup, loaded: _Loaded, trained: _Trained, run_dir: Path,
+            started: float) -> dict[str, Any] | None:
+    """Rank 0 writes the summary, the adapter (saved by every rank: a collective under DDP) and the merged model,
+    publishes the run and hands back its result; returns the summary (None on other ranks)."""
+    trainer, rows = trained.trainer, trained.history.rows
     summary = None
     if trainer.is_world_process_zero():
         summary = export.summarize(
-            spec, run_dir=run_dir, train_output=output, history=callback.rows, data_stats=prepared.stats,
-            plan=plan, dtype=dtype, targets=targets, trainable=trainable, total=total,
-            packing={"requested": bool(spec.lora_sample_packing), "used": packing_used, "note": packing_note},
-            resumed_from=resume_from, wall_seconds=time.time() - started,
+            spec, run_dir=run_dir, train_output=trained.output, history=rows, data_stats=loaded.data.stats,
+            plan=setup.plan, dtype=setup.dtype, targets=loaded.targets, trainable=loaded.trainable,
+            total=loaded.total,
+            packing={"requested": bool(spec.lora_sample_packing), "used": setup.packing_used,
+                     "note": setup.packing_note},
+            resumed_from=trained.resumed_from, wall_seconds=time.time() - started,
         )
-    trainer.save_model(str(run_dir / "adapter"))  # collective under DDP; writes on rank 0 only
+    trainer.save_model(str(run_dir / ADAPTER_DIR))  # collective under DDP; writes on rank 0 only
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(run_dir / "adapter"))
+        loaded.tokenizer.save_pretrained(str(run_dir / ADAPTER_DIR))
         if spec.save_merged:
-            export.save_merged(model, tokenizer, run_dir / "merged")
-        artifacts = export.finish(spec, run_dir, summary, callback.rows)
+            export.save_merged(loaded.model, loaded.tokenizer, run_dir / MERGED_DIR)
+        artifacts = export.finish(spec, run_dir, summary, rows)
         log(f"done: final loss {summary['final_loss']}, {summary['global_step']} steps in "
             f"{summary['train_runtime_seconds']:.1f}s; artifacts at {spec.output_uri}")
-        if remote_checkpoints:  # the run is published: its checkpoints have served their purpose
-            storage.remove_tree(remote_checkpoints)
-        result = RunResult(summary, callback.rows, artifacts)
-        # One line a launcher can find in the pod log without access to the output location.
-        print(RESULT_PREFIX + json.dumps(result.to_xcom()), flush=True)
-        _write_termination_message(result)
+        if trained.remote_checkpoints:  # the run is published: its checkpoints have served their purpose
+            storage.remove_tree(trained.remote_checkpoints)
+        _hand_back(RunResult(summary, rows, artifacts))
+    return summary
+
+
+def _hand_back(result: RunResult) -> None:
+    """The result for the launcher: one line it can find in the pod log without access to the output location,
+    and the pod's termination message."""
+    print(RESULT_PREFIX + json.dumps(result.to_xcom()), flush=True)
+    _write_termination_message(result)
+
+
+def _close(state: Any) -> None:
     state.wait_for_everyone()
     if state.num_processes > 1:
         # Without this about one run in six crashes at exit under torchrun on CPU ("terminate called without an
         # active exception").
         torch.distributed.destroy_process_group()
-    return Outcome(summary or {}, model, tokenizer)
 
+
+# ---- helpers -------------------------------------------------------------------------------------------------------
 
 def _run_dir(spec: LoRASpec, work_dir: str | Path | None) -> Path:
     """Local output is written in place (a PVC keeps checkpoints for a retry); S3 output is staged locally."""
@@ -216,7 +321,7 @@ def _run_dir(spec: LoRASpec, work_dir: str | Path | None) -> Path:
     if not spec.resume_from_checkpoint and int(os.environ.get("RANK", "0")) == 0:
         # A fresh run never mixes with files of an earlier one (the output check above already refused to replace
         # a completed run unless asked to).
-        for stale in ("checkpoints", "adapter", "merged", "metrics.jsonl", "summary.json", storage.COMPLETE_MARKER):
+        for stale in (CHECKPOINTS_DIR, ADAPTER_DIR, MERGED_DIR, METRICS_FILE, SUMMARY_FILE, COMPLETE_MARKER):
             target = path / stale
             if target.is_dir():
                 shutil.rmtree(target)
@@ -243,11 +348,6 @@ def _resume_checkpoint(spec: LoRASpec, checkpoint_dir: Path) -> str | None:
     return str(checkpoints[-1])
 
 
-# Where checkpoints of an s3:// run are kept between tries: the pod's own disk goes away with the pod.
-REMOTE_CHECKPOINTS = "_checkpoints"
-CHECKPOINT_METRICS = "lora_metrics.jsonl"  # the loss history up to the checkpoint, kept inside it
-
-
 class CheckpointUpload(TrainerCallback):
     """Rank 0 copies each new checkpoint (with the loss history so far) to ``{output_uri}/_checkpoints/``. Each
     copy gets its own _COMPLETE marker last, so a copy cut short by a failure is never resumed from."""
@@ -260,7 +360,7 @@ class CheckpointUpload(TrainerCallback):
             return
         local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if self.metrics_path.exists():
-            shutil.copyfile(self.metrics_path, local / CHECKPOINT_METRICS)
+            shutil.copyfile(self.metrics_path, local / CHECKPOINT_METRICS_FILE)
         storage.publish_run(local, storage.join(self.remote, local.name), overwrite=True)
         log(f"checkpoint {local.name} copied to {self.remote}")
 
@@ -272,8 +372,8 @@ def _fetch_remote_checkpoint(remote: str, checkpoint_dir: Path, metrics_path: Pa
         return
     newest = max(names, key=lambda n: int(n.rsplit("-", 1)[-1]))
     target = storage.download(storage.join(remote, newest), checkpoint_dir / newest)
-    if (target / CHECKPOINT_METRICS).exists():
-        shutil.copyfile(target / CHECKPOINT_METRICS, metrics_path)
+    if (target / CHECKPOINT_METRICS_FILE).exists():
+        shutil.copyfile(target / CHECKPOINT_METRICS_FILE, metrics_path)
     log(f"fetched {newest} of an earlier try from {remote}")
 
 
@@ -293,7 +393,7 @@ def _own_published_run(spec: LoRASpec) -> RunResult | None:
 def _write_termination_message(result: RunResult) -> None:
     """In a Kubernetes pod, a short result in the termination message lets the operator read it without
     pods/exec or log RBAC (Kubernetes keeps 4 KiB of it, so only headline figures go there, as whole JSON)."""
-    path = Path(os.environ.get("LORA_TERMINATION_LOG", "/dev/termination-log"))
+    path = Path(os.environ.get(TERMINATION_LOG_ENV, TERMINATION_LOG))
     if not path.parent.exists() or not os.access(path.parent, os.W_OK):
         return
     try:
@@ -330,7 +430,7 @@ class MetricsCallback(TrainerCallback):
         if "eval_loss" in logs:
             row = {"step": state.global_step, "epoch": logs.get("epoch", state.epoch), "eval_loss": logs["eval_loss"],
                    "elapsed_seconds": round(elapsed, 3)}
-            print(f"[lora-trainer] eval at step {state.global_step}: eval loss {logs['eval_loss']:.4f}", flush=True)
+            print(f"{LOG_PREFIX}eval at step {state.global_step}: eval loss {logs['eval_loss']:.4f}", flush=True)
         elif "loss" in logs:
             tokens = logs.get("num_tokens")
             rate = None
@@ -343,7 +443,7 @@ class MetricsCallback(TrainerCallback):
                    "elapsed_seconds": round(elapsed, 3)}
             done = state.global_step / max(1, state.max_steps)
             eta = elapsed / done - elapsed if done else 0
-            print(f"[lora-trainer] step {state.global_step}/{state.max_steps} | epoch {row['epoch']:.2f} | "
+            print(f"{LOG_PREFIX}step {state.global_step}/{state.max_steps} | epoch {row['epoch']:.2f} | "
                   f"loss {row['loss']:.4f} | lr {row['learning_rate']:.2e} | "
                   f"{'-' if rate is None else f'{rate:,.0f}'} tok/s | elapsed {_hms(elapsed)} | eta {_hms(eta)}",
                   flush=True)
@@ -365,6 +465,6 @@ def main_entry(spec: LoRASpec, work_dir: str | None = None) -> int:
         run(spec, work_dir)
     except (data_lib.DataError, model_lib.ModelError, storage.OutputExistsError,
             storage.OutputNotWritableError) as exc:
-        print(f"[lora-trainer] error: {exc}", file=sys.stderr, flush=True)
+        print(f"{ERROR_PREFIX}{exc}", file=sys.stderr, flush=True)
         return 2
     return 0
