@@ -180,7 +180,7 @@ def _load(spec: LoRASpec, setup: _Setup, state: Any, run_dir: Path) -> _Loaded:
 class _Trained:
     trainer: Any  # trl's SFTTrainer
     output: Any  # its TrainOutput
-    history: MetricsCallback  # the rows of metrics.jsonl, in memory
+    metrics: MetricsCallback  # holds the rows of metrics.jsonl, in memory
     resumed_from: str | None  # the checkpoint the training resumed from
     remote_checkpoints: str | None  # where an s3:// run keeps its checkpoints between tries
 
@@ -265,7 +265,7 @@ def _export(spec: LoRASpec, setup: _Setup, loaded: _Loaded, trained: _Trained, r
             started: float) -> dict[str, Any] | None:
     """Rank 0 writes the summary, the adapter (saved by every rank: a collective under DDP) and the merged model,
     publishes the run and hands back its result; returns the summary (None on other ranks)."""
-    trainer, rows = trained.trainer, trained.history.rows
+    trainer, rows = trained.trainer, trained.metrics.rows
     summary = None
     if trainer.is_world_process_zero():
         summary = export.summarize(
