@@ -56,18 +56,18 @@ def _configure(monkeypatch, cluster, bucket: str) -> str:
     return f"s3://{bucket}/lora/datasets/train.jsonl"
 
 
-def _spy(monkeypatch, name: str) -> list[dict]:
+def _spy(monkeypatch) -> list[dict]:
     """Record each manifest the operator creates (the pod or TrainJob is deleted once it succeeded)."""
-    from airflow_provider_lora import kube
+    from airflow_provider_lora.core.launchers.cluster import LaunchedPod
 
     created: list[dict] = []
-    original = getattr(kube, name)
+    original = LaunchedPod.create
 
-    def spy(api, manifest, *args, **kwargs):
-        created.append(copy.deepcopy(manifest))
-        return original(api, manifest, *args, **kwargs)
+    def spy(job):
+        created.append(copy.deepcopy(job.manifest))
+        return original(job)
 
-    monkeypatch.setattr(kube, name, spy)
+    monkeypatch.setattr(LaunchedPod, "create", spy)
     return created
 
 
@@ -108,7 +108,7 @@ def _no_aws_keys(manifest: dict) -> None:
 def test_the_pod_example_runs_on_the_emulated_cluster(k8s_cluster, airflow_db, tiny_model_dir, s3_endpoint,
                                                       s3_bucket, monkeypatch):
     dataset = _configure(monkeypatch, k8s_cluster, s3_bucket)
-    created = _spy(monkeypatch, "create_pod")
+    created = _spy(monkeypatch)
     bag = dag_bag(str(DAGS))
     assert bag.import_errors == {}
     dag = bag.dags["lora_finetune_pod"]
@@ -128,7 +128,7 @@ def test_the_pod_example_runs_on_the_emulated_cluster(k8s_cluster, airflow_db, t
 def test_the_trainjob_example_runs_on_the_emulated_cluster(k8s_cluster, airflow_db, tiny_model_dir, s3_endpoint,
                                                            s3_bucket, monkeypatch):
     _configure(monkeypatch, k8s_cluster, s3_bucket)
-    created = _spy(monkeypatch, "create_trainjob")
+    created = _spy(monkeypatch)
     dag = dag_bag(str(DAGS)).dags["lora_finetune_trainjob"]
 
     # Two nodes (the example's default), one process each on CPU.

@@ -499,7 +499,7 @@ def test_a_failed_training_pod_fails_the_task_with_its_reason_and_is_deleted(kfp
                                   LORA_KFP_LAUNCHER="pod")
     (name,) = [k.removeprefix("Pod/") for k in seen]
     assert f"training pod default/{name} failed: OOMKilled (exit code 137)" in output
-    assert "last log lines:" in output
+    assert f"last 30 log lines of {name}:" in output
     assert k8s_cluster.pods() == []  # deleted after the failure was read
 
 
