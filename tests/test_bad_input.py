@@ -33,7 +33,7 @@ CANARY = "hf_canary_value_never_shown"
 # starts), cli (argv), rows (dataset rows), completed (an S3 output already holding a completed run).
 BAD_INPUTS = [
     # ---- operator kwargs --------------------------------------------------------------------------------------
-    ("op_launcher_unknown", "operator", {"launcher": "kubernetes"}, ["launcher='kubernetes'", "pod, local, trainjob"]),
+    ("op_launcher_unknown", "operator", {"launcher": "kubernetes"}, ["launcher='kubernetes'", "pod, trainjob, local"]),
     ("op_on_finish_unknown", "operator", {"on_finish_action": "delete"},
      ["on_finish_action='delete'", "delete_pod, delete_succeeded_pod, keep_pod"]),
     ("op_poll_interval_zero", "operator", {"poll_interval": 0}, ["poll_interval=0", "> 0"]),

@@ -130,7 +130,7 @@ def test_the_component_has_the_seeds_inputs_names_types_defaults_and_order(kfp_p
     in_task, _ = report["in_task"]
     container = in_task["deploymentSpec"]["executors"]["exec-train-model"]["container"]
     assert container["env"] == [{"name": "LORA_KFP_TRAINING_IMAGE", "value": KFP_IMAGE},
-                                {"name": "LORA_KFP_LAUNCHER", "value": "in-task"}]
+                                {"name": "LORA_KFP_LAUNCHER", "value": "local"}]
     assert container["resources"]["accelerator"]["resourceCount"] == "1"
     assert "taskConfigPassthroughs" not in in_task["components"]["comp-train-model"]
     # The task config stand-ins used below have the real dsl.TaskConfig's fields.
@@ -245,7 +245,7 @@ def component_inputs(tmp_path: Path, **overrides) -> dict:
      r"LORA_KFP_POD_OPTIONS has no image and LORA_KFP_TRAINING_IMAGE is not set .*=\{\"image\": "),
     ({"LORA_KFP_LAUNCHER": "pod", "KUBERNETES_SERVER_URL": "https://127.0.0.1:1", "KUBERNETES_AUTH_TOKEN": "t"}, {},
      r"output_uri=.* is not on a mounted volume.*\n\(KFP: the training job must see pvc_path"),
-    ({"LORA_KFP_LAUNCHER": "k8s"}, {}, r"LORA_KFP_LAUNCHER='k8s' is not valid: accepted: trainjob, pod, in-task"),
+    ({"LORA_KFP_LAUNCHER": "k8s"}, {}, r"LORA_KFP_LAUNCHER='k8s' is not valid: accepted: trainjob, pod, local"),
     ({"LORA_KFP_LAUNCHER": "in-task"}, {"training_base_model": "oci://quay.io/org/model:1"},
      r"training_base_model='oci://quay.io/org/model:1': oci:// models .* not supported"),
     ({"LORA_KFP_LAUNCHER": "in-task"}, {"training_lora_r": 0}, r"training_lora_r=0 is not valid: must be an integer"),

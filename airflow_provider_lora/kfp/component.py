@@ -18,6 +18,7 @@ from typing import Optional
 
 from kfp import dsl
 
+from airflow_provider_lora.core.launchers.local import LOCAL_LAUNCHER
 from airflow_provider_lora.core.render import IMAGE_REFERENCE
 from airflow_provider_lora.core.spec import LoRASpec
 from airflow_provider_lora.kfp.cluster import ENV_TRAINING_IMAGE
@@ -129,7 +130,7 @@ def _component(function, passthroughs: list, launcher: Optional[str] = None):
 train_model.__doc__ = _docstring()
 _function = train_model
 train_model = _component(_function, TASK_CONFIG_PASSTHROUGHS)
-# The same component training inside its own task's pod (LORA_KFP_LAUNCHER=in-task). Nothing is passed through,
+# The same component training inside its own task's pod (LORA_KFP_LAUNCHER=local). Nothing is passed through,
 # so what is set on the task (GPU and CPU limits, env, volumes) applies to its own pod, as for any KFP task; with
 # train_model's passthroughs, KFP would hand the task's resources to kubernetes_config for a launched job instead.
-train_model_in_task = _component(_function, [], launcher="in-task")
+train_model_in_task = _component(_function, [], launcher=LOCAL_LAUNCHER)

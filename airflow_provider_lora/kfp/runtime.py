@@ -4,7 +4,8 @@ Runs in the KFP task's environment (the training image: kfp, this package and th
 ``training_*`` inputs are LoRASpec fields with a prefix; everything the seed has no input for comes from the task's
 environment (docs/kfp.md):
 
-- ``LORA_KFP_LAUNCHER``: ``trainjob`` (the default, as the seed), ``pod`` or ``in-task``.
+- ``LORA_KFP_LAUNCHER``: ``trainjob`` (the default, as the seed), ``pod`` or ``local`` (training in the task's own
+  pod; ``in-task`` is accepted as another name for it).
 - ``LORA_KFP_SPEC``: JSON object of the LoRASpec fields beyond the seed's (dataset, save_merged, max_steps, ...).
 - ``LORA_KFP_POD_OPTIONS``, ``LORA_KFP_HF_TOKEN_SECRET``, ``KUBERNETES_SERVER_URL``...: where and how a pod or
   TrainJob is launched (see cluster.py).
@@ -21,13 +22,15 @@ from typing import Any, Callable, Mapping
 
 from airflow_provider_lora.core import storage
 from airflow_provider_lora.core.contract import DATA_FILE_BUILDERS
+from airflow_provider_lora.core.launchers.local import LOCAL_LAUNCHER
 from airflow_provider_lora.core.results import RunResult, load_run_result
 from airflow_provider_lora.core.spec import (DATA, LORA, QUANT, TRAINING, LoRASpec, SpecError, format_key_values,
                                              parse_key_values, seed_parameter_names)
 
 PREFIX = "training_"
 STATUS = "training completed"
-LAUNCHERS = ("trainjob", "pod", "in-task")
+LAUNCHERS = ("trainjob", "pod", LOCAL_LAUNCHER)
+OTHER_NAMES = {"in-task": LOCAL_LAUNCHER}  # the name the KFP docs used first
 DEFAULT_LAUNCHER = "trainjob"
 ENV_LAUNCHER = "LORA_KFP_LAUNCHER"
 ENV_SPEC = "LORA_KFP_SPEC"
@@ -91,6 +94,7 @@ def parse_spec(values: dict[str, Any]) -> LoRASpec:
 
 def choose_launcher(env: Mapping[str, str]) -> str:
     launcher = env.get(ENV_LAUNCHER, "").strip() or DEFAULT_LAUNCHER
+    launcher = OTHER_NAMES.get(launcher, launcher)
     if launcher not in LAUNCHERS:
         raise ValueError(f"{ENV_LAUNCHER}={launcher!r} is not valid: accepted: {', '.join(LAUNCHERS)}")
     return launcher
@@ -227,7 +231,7 @@ def run_component(inputs: dict[str, Any], *, env: Mapping[str, str] | None = Non
         raise ValueError(f"pvc_path={pvc_path!r} is not a directory: pass dsl.WORKSPACE_PATH_PLACEHOLDER (and a "
                          "workspace in the pipeline's PipelineConfig) or a mounted PVC path")
     launch = None
-    if launcher != "in-task":
+    if launcher != LOCAL_LAUNCHER:
         from airflow_provider_lora.kfp.cluster import launch_settings
 
         launch = launch_settings(env, inputs.get("kubernetes_config"), pvc_path, log)
@@ -244,7 +248,7 @@ def run_component(inputs: dict[str, Any], *, env: Mapping[str, str] | None = Non
         # A retry after the training finished: collect what the earlier try published instead of training again.
         log(f"[train_model] {spec.output_uri} already holds this execution's completed run: collecting it")
         result = load_run_result(spec.output_uri)
-    elif launcher == "in-task":
+    elif launcher == LOCAL_LAUNCHER:
         result = _train_in_task(spec, log)
     else:
         from airflow_provider_lora.kfp.cluster import train_on_cluster

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 from airflow_provider_lora.compat import AirflowException, AirflowFailException, BaseOperator, Context, conf
 from airflow_provider_lora.core.launchers import cluster
+from airflow_provider_lora.core.launchers.local import LOCAL_LAUNCHER
 from airflow_provider_lora.core.launchers.pod import fails_again
 from airflow_provider_lora.core.launchers.trainjob import installed_trainer_version
 from airflow_provider_lora.core.limits import check_manifest
@@ -30,7 +31,7 @@ from airflow_provider_lora.core.spec import LoRASpec, SpecError
 from airflow_provider_lora.links import LoRAArtifactsLink, LossChartLink, push_loss_chart
 
 SPEC_FIELDS = tuple(LoRASpec.model_fields)
-LAUNCHERS = ("pod", "local", "trainjob")
+LAUNCHERS = (*cluster.CLUSTER_LAUNCHERS, LOCAL_LAUNCHER)
 ON_FINISH_ACTIONS = ("delete_pod", "delete_succeeded_pod", "keep_pod")
 # Fields a run cannot do without: a template that renders a missing value gives the string 'None'.
 REQUIRED_FIELDS = ("base_model", "dataset", "output_uri")

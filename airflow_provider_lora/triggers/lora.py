@@ -20,7 +20,7 @@ from kubernetes_asyncio.client import CoreV1Api
 
 from airflow_provider_lora.compat import BaseTrigger, TriggerEvent
 from airflow_provider_lora.core.launchers.cluster import (
-    DEFAULT_POLL_SECONDS, DEFAULT_STARTUP_TIMEOUT, check_timing, startup_verdict,
+    CLUSTER_LAUNCHERS, DEFAULT_POLL_SECONDS, DEFAULT_STARTUP_TIMEOUT, check_timing, startup_verdict,
 )
 from airflow_provider_lora.core.launchers.pod import (
     LOG_CURSOR_ANNOTATION, PENDING, RESULT_PREFIX, SUCCEEDED, LogCursor, PodState, classify_pod, find_result,
@@ -35,7 +35,6 @@ from airflow_provider_lora.kube import (
 
 # Consecutive failed API calls tolerated (with backoff) before the trigger gives up with an error event.
 MAX_API_FAILURES = 5
-LAUNCHERS = ("pod", "trainjob")
 
 
 class LoRATrainingTrigger(BaseTrigger):
@@ -58,8 +57,8 @@ class LoRATrainingTrigger(BaseTrigger):
                  stream_logs: bool = True,
                  deadline: float | None = None):
         super().__init__()
-        if launcher not in LAUNCHERS:
-            raise ValueError(f"launcher={launcher!r} is not valid: accepted: {', '.join(LAUNCHERS)}")
+        if launcher not in CLUSTER_LAUNCHERS:
+            raise ValueError(f"launcher={launcher!r} is not valid: accepted: {', '.join(CLUSTER_LAUNCHERS)}")
         check_timing(poll_interval, startup_timeout)
         self.name = name
         self.namespace = namespace

@@ -22,6 +22,7 @@ from airflow_provider_lora.core.render import (LABEL_PREFIX, TRAINER_CONTAINER, 
                                                TRAINJOB_PLURAL, TRAINJOB_VERSION)
 
 Log = Callable[[str], None]
+CLUSTER_LAUNCHERS = ("pod", "trainjob")  # a training Pod, or a Kubeflow Trainer TrainJob
 
 # How a launcher waits, unless told otherwise: seconds between state checks, and how long a run may stay pending.
 DEFAULT_POLL_SECONDS = 10.0

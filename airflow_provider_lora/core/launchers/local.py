@@ -14,8 +14,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from airflow_provider_lora.core.contract import ERROR_PREFIX
 from airflow_provider_lora.core.results import RunResult, load_run_result
 from airflow_provider_lora.core.spec import LoRASpec
+
+LOCAL_LAUNCHER = "local"  # the training runs in a subprocess of the launching process (a worker, a KFP task)
 
 LAST_LINES_KEPT = 40
 
@@ -75,8 +78,8 @@ def run_local(spec: LoRASpec, *, on_line: Callable[[str], None] = print, python:
         reason = f"the trainer exited with code {code}"
         if code < 0:
             reason = f"the trainer was killed by signal {-code}"
-        errors = [l for l in last if l.startswith("[lora-trainer] error:")]
+        errors = [line for line in last if line.startswith(ERROR_PREFIX.rstrip())]
         if errors:
-            reason += ": " + errors[-1].removeprefix("[lora-trainer] error: ")
+            reason += ": " + errors[-1].removeprefix(ERROR_PREFIX)
         raise TrainingFailed(reason, list(last))
     return load_run_result(spec.output_uri, client=client)
