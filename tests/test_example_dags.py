@@ -51,6 +51,7 @@ def _configure(monkeypatch, cluster, bucket: str) -> str:
     }
     for name, value in variables.items():
         monkeypatch.setenv(f"AIRFLOW_VAR_{name}", value)
+    cluster.create_namespace("ml")
     connect(monkeypatch, cluster, "gpu_cluster")
     boto3.client("s3").upload_file(str(DATA), bucket, "lora/datasets/train.jsonl")
     return f"s3://{bucket}/lora/datasets/train.jsonl"

@@ -426,6 +426,7 @@ def test_a_trainjob_update_is_validated_as_an_update(tmp_path, release):
     job["spec"]["trainer"]["command"] = ["sleep", "30"]  # only the API is under test
     overrides = "podTemplateOverrides" if shape == "v2.1" else "runtimePatches"
     with Cluster(tmp_path / "k8s", trainer_version=release) as cluster:
+        cluster.create_namespace("ml")
         cluster.create_secret("ml", "hf", {"token": "x"})
         cfg = client.Configuration()
         config.load_kube_config(config_file=str(cluster.kubeconfig), client_configuration=cfg)
@@ -504,3 +505,18 @@ def test_node_pods_rendezvous_through_node_zero_dns_name(tmp_path):
         log = logs[f"{name}-node-0-{index}"]
         assert f"master {name}-node-0-0.{name} 127.0.0.1" in log, log
         assert f"host {name}-node-0-{index}" in log and "unknown refused" in log
+
+
+def test_a_namespace_that_does_not_exist_is_refused_as_namespace_lifecycle_refuses_it(k8s_cluster, core):
+    """Kubernetes' NamespaceLifecycle admission: 404 `namespaces "<ns>" not found`, for pods and TrainJobs alike;
+    the test helper Cluster.create_namespace makes it exist."""
+    status, _, body = _create(core, _pod("cpu_defaults"), "nowhere")
+    assert (status, body["reason"], body["message"]) == (404, "NotFound", 'namespaces "nowhere" not found')
+    trainjob = _trainjob("v2.2")
+    trainjob["metadata"]["namespace"] = "nowhere"
+    with pytest.raises(ApiException) as info:
+        client.CustomObjectsApi(core.api_client).create_namespaced_custom_object(
+            "trainer.kubeflow.org", "v1alpha1", "nowhere", "trainjobs", trainjob)
+    assert info.value.status == 404 and json.loads(info.value.body)["message"] == 'namespaces "nowhere" not found'
+    k8s_cluster.create_namespace("nowhere")
+    assert _create(core, _pod("cpu_defaults"), "nowhere")[0] == 201

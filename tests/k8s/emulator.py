@@ -79,6 +79,9 @@ from tests.k8s.util import (FAULTS, HOST_IP, KINDS, RUNTIME_FAULTS, ApiError, _a
 from tests.k8s.validation import (check_pod_security, invalid, metadata_errors, unknown_field_warnings,
                                   validate_core)
 
+# The namespaces of a new cluster (as `kind create cluster` makes it), and Kubeflow Trainer's, which the emulated
+# controller runs in. Tests that launch elsewhere create theirs (Cluster.create_namespace), as a user would.
+INITIAL_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease", "kubeflow-system")
 
 
 class Cluster(TrainerController, Kubelet):
@@ -107,6 +110,8 @@ class Cluster(TrainerController, Kubelet):
         self._runs: dict[tuple[str, str], _PodRun] = {}
         self._faults: list[dict] = []
         self._namespace_labels: dict[str, dict[str, str]] = {}
+        # Namespaces that exist: a create in any other is refused, as NamespaceLifecycle admission refuses it.
+        self._existing_namespaces = set(INITIAL_NAMESPACES)
         self._tasks: set[asyncio.Task] = set()
         self._pumps: set[asyncio.Task] = set()  # output readers: let them finish on stop
         self._rv, self._rv_now, self._ips, self._event_ns = itertools.count(1), 0, itertools.count(2), 0
@@ -395,12 +400,24 @@ class Cluster(TrainerController, Kubelet):
             res("namespaces", "Namespace", ["get", "list"], ["ns"], namespaced=False)]})
 
     def namespace_labels(self, ns: str) -> dict[str, str]:
-        """Every namespace exists; its labels (Pod Security admission reads them) are set by `label_namespace`."""
+        """The namespace's labels (Pod Security admission reads them), set by `label_namespace`."""
         return {"kubernetes.io/metadata.name": ns, **self._namespace_labels.get(ns, {})}
 
+    def create_namespace(self, ns: str) -> None:
+        """Test helper: the namespace exists from now on (those of a new cluster: INITIAL_NAMESPACES)."""
+        self._call(lambda: self._existing_namespaces.add(ns))
+
     def label_namespace(self, ns: str, labels: dict[str, str]) -> None:
-        """Test helper: e.g. {"pod-security.kubernetes.io/enforce": "restricted"} makes admission enforce it."""
+        """Test helper: e.g. {"pod-security.kubernetes.io/enforce": "restricted"} makes admission enforce it
+        (the namespace is created if it does not exist)."""
+        self.create_namespace(ns)
         self._call(lambda: self._namespace_labels.setdefault(ns, {}).update(labels))
+
+    def require_namespace(self, ns: str) -> None:
+        """Kubernetes 1.33 NamespaceLifecycle admission (plugin/pkg/admission/namespace/lifecycle): an object is
+        created only in a namespace that exists; otherwise 404 NotFound `namespaces "<ns>" not found`."""
+        if ns not in self._existing_namespaces:
+            raise ApiError(404, f'namespaces "{ns}" not found', name=ns, kind="namespaces")
 
     def _namespace_obj(self, ns: str) -> dict:
         return {"kind": "Namespace", "apiVersion": "v1", "metadata": {
@@ -408,11 +425,12 @@ class Cluster(TrainerController, Kubelet):
             "labels": self.namespace_labels(ns)}, "status": {"phase": "Active"}}
 
     async def _namespaces(self, request):
-        names = {"default", "kube-system"}.union(*(s.keys() for s in self._store.values()))
+        names = self._existing_namespaces
         return _json({"kind": "NamespaceList", "apiVersion": "v1", "metadata": {"resourceVersion": str(self._rv_now)},
                       "items": [self._namespace_obj(n) for n in sorted(names)]})
 
-    async def _namespace(self, request):  # any namespace exists
+    async def _namespace(self, request):
+        self.require_namespace(request.match_info["ns"])
         return _json(self._namespace_obj(request.match_info["ns"]))
 
     # ----- CRUD -----
@@ -473,6 +491,7 @@ class Cluster(TrainerController, Kubelet):
         if md.get("namespace", ns) != ns:
             raise ApiError(400, "the namespace of the provided object does not match the namespace sent on the "
                                 "request")
+        self.require_namespace(ns)  # admission runs before validation
         if not md.get("name") and md.get("generateName"):
             md["name"] = md["generateName"] + uuid.uuid4().hex[:5]
         obj.update(kind=kind, apiVersion="v1")

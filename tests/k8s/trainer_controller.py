@@ -141,6 +141,7 @@ class TrainerController:
         if md.get("namespace", ns) != ns:
             raise ApiError(400, "the namespace of the provided object does not match the namespace sent on the "
                                 "request")
+        self.require_namespace(ns)  # admission runs before validation
         schema = release_schemas(self.trainer_version)["TrainJob"]["openAPIV3Schema"]
         dropped = validate_custom(obj, schema, kind="TrainJob", group=GROUP, plural=PLURAL,
                                   field_validation=request.query.get("fieldValidation"))
