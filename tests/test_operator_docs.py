@@ -72,10 +72,21 @@ def test_templated_column_follows_template_fields():
 
 def test_grouped_and_nested_entries_are_found():
     docs = reference.param_docs()
-    # ":param namespace, image_pull_policy, ..., volume_mounts: ..." spans two lines of names.
-    assert docs["volume_mounts"] == docs["namespace"]
+    assert docs["cluster_context"] == docs["config_file"]  # ":param config_file, cluster_context, in_cluster: ..."
     assert "`[operators] default_deferrable`" in docs["deferrable"]  # rst ``x`` became markdown `x`
     assert _rows()["trainer_runtime_kind"][4] == "See `trainer_runtime`."
+
+
+def test_every_pod_option_is_an_argument_described_where_podoptions_defines_it():
+    from airflow_provider_lora.core.render import PodOptions
+    from airflow_provider_lora.operators.lora import POD_FIELDS
+
+    rows = _rows()
+    assert set(POD_FIELDS) | {"image", "secret_env", "pod_template"} == set(PodOptions.model_fields)
+    for name in POD_FIELDS:
+        field = PodOptions.model_fields[name]
+        assert field.description and rows[name][4] == field.description.replace("``", "`") + ".", name
+        assert rows[name][2] == f"`{field.get_default(call_default_factory=True)!r}`", name
 
 
 def test_return_value_keys_are_what_the_code_publishes():

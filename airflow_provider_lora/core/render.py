@@ -76,26 +76,42 @@ class TaskIdentity(BaseModel):
 
 class PodOptions(BaseModel):
     """Where and as whom the training pod runs. Every field is a Kubernetes concept, spelled as the
-    KubernetesPodOperator spells it."""
+    KubernetesPodOperator spells it; the operator takes each as a keyword argument of the same name (its reference,
+    docs/operator.md, shows these descriptions) and the KFP component reads them from LORA_KFP_POD_OPTIONS."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    namespace: str = "default"
-    image: str  # no default: this project publishes no image, and a name nobody can pull only waits for a timeout
-    image_pull_policy: str | None = None
-    image_pull_secrets: tuple[str, ...] = ()
-    service_account_name: str | None = None
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: tuple[dict[str, Any], ...] = ()
-    affinity: dict[str, Any] | None = None
-    volumes: tuple[dict[str, Any], ...] = ()
-    volume_mounts: tuple[dict[str, Any], ...] = ()
-    secret_env: dict[str, SecretRef] = Field(default_factory=dict)  # ENV_NAME -> secret key, e.g. HF_TOKEN
-    pvc_claim_name: str | None = None  # a workspace PVC for data and output, mounted at pvc_mount_path
-    pvc_mount_path: str = "/mnt/lora"
-    pod_template: dict[str, Any] | None = None  # merged under our settings
-    s3_endpoint_url: str | None = None  # an S3-compatible store (MinIO, Ceph): the trainer's AWS_ENDPOINT_URL
-    shm_size: str | None = "16Gi"  # /dev/shm for dataloader workers and NCCL; None: no size limit
-    active_deadline_seconds: int | None = None
+    namespace: str = Field("default", description="the namespace the pod or TrainJob is created in")
+    # No default: this project publishes no image, and a name nobody can pull only waits for a timeout.
+    image: str = Field(description="the training image (built from trainer/Dockerfile and pushed where the "
+                                   "cluster pulls from)")
+    image_pull_policy: str | None = Field(None, description="``Always``, ``IfNotPresent`` or ``Never`` "
+                                                            "(None: Kubernetes' default for the tag)")
+    image_pull_secrets: tuple[str, ...] = Field((), description="names of Secrets holding registry credentials")
+    service_account_name: str | None = Field(None, description="the pod's service account (None: the namespace's "
+                                                               "default)")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="node labels the pod must match, "
+                                                                            "e.g. a GPU type")
+    tolerations: tuple[dict[str, Any], ...] = Field((), description="tolerations, as in a pod spec (e.g. of a "
+                                                                    "GPU node pool's taint)")
+    affinity: dict[str, Any] | None = Field(None, description="an affinity, as in a pod spec")
+    volumes: tuple[dict[str, Any], ...] = Field((), description="more volumes, as in a pod spec")
+    volume_mounts: tuple[dict[str, Any], ...] = Field((), description="mounts of those volumes in the training "
+                                                                      "container")
+    secret_env: dict[str, SecretRef] = Field(default_factory=dict, description="environment variables from "
+                                             "Secrets: ENV_NAME -> secret key, e.g. HF_TOKEN")
+    pvc_claim_name: str | None = Field(None, description="a PVC mounted as the workspace at ``pvc_mount_path``; put "
+                                       "``dataset``, ``output_uri`` and ``data_output_dir`` under it. A path "
+                                       "``output_uri`` must be on a mounted volume (this PVC or one in "
+                                       "``volumes``), or the task fails before launching")
+    pvc_mount_path: str = Field("/mnt/lora", description="where the workspace PVC is mounted")
+    pod_template: dict[str, Any] | None = Field(None, description="a pod manifest our settings are merged over")
+    s3_endpoint_url: str | None = Field(None, description="an S3-compatible endpoint (MinIO, Ceph, ...), e.g. "
+                                        "``http://minio.minio:9000``: the trainer's AWS_ENDPOINT_URL (None: "
+                                        "boto3's own)")
+    shm_size: str | None = Field("16Gi", description="the size of /dev/shm (dataloader workers and NCCL use it); "
+                                 "None: no size limit")
+    active_deadline_seconds: int | None = Field(None, description="stop the training after this many seconds (a "
+                                                "Pod's activeDeadlineSeconds; a TrainJob's needs Trainer v2.2+)")
 
     @field_validator("namespace")
     @classmethod

@@ -31,6 +31,10 @@ from airflow_provider_lora.core.spec import LoRASpec, SpecError
 from airflow_provider_lora.links import LoRAArtifactsLink, LossChartLink, push_loss_chart
 
 SPEC_FIELDS = tuple(LoRASpec.model_fields)
+# PodOptions fields taken as keyword arguments of the same name and default, as the spec's are; image (with its
+# configuration fallback), secret_env (secret references parsed after rendering) and pod_template (a dict or a file)
+# are the operator's own arguments.
+POD_FIELDS = tuple(name for name in PodOptions.model_fields if name not in ("image", "secret_env", "pod_template"))
 LAUNCHERS = (*cluster.CLUSTER_LAUNCHERS, LOCAL_LAUNCHER)
 ON_FINISH_ACTIONS = ("delete_pod", "delete_succeeded_pod", "keep_pod")
 # Fields a run cannot do without: a template that renders a missing value gives the string 'None'.
@@ -54,18 +58,11 @@ class LoRATrainingOperator(BaseOperator):
     :param trainer_api_version: the Kubeflow Trainer generation to render the TrainJob for: ``v2.0``
         (podSpecOverrides), ``v2.1`` (podTemplateOverrides) or ``v2.2`` (runtimePatches, also later versions).
         None (default): read from the cluster's ``kubeflow-system/kubeflow-trainer-public`` ConfigMap.
-    :param active_deadline_seconds: stop the training after this many seconds (a Pod's activeDeadlineSeconds;
-        a TrainJob's needs Trainer v2.2+).
     :param kubernetes_conn_id: the cncf-kubernetes connection, as KubernetesPodOperator uses it.
     :param config_file, cluster_context, in_cluster: override the connection, as in KubernetesHook.
     :param image: the training image (built from trainer/Dockerfile and pushed where the cluster pulls from), for
         ``launcher="pod"`` and ``"trainjob"``; default: ``[lora] image`` of the Airflow configuration. Required with
         those launchers: this project publishes no image.
-    :param namespace, image_pull_policy, image_pull_secrets, service_account_name, node_selector,
-        tolerations, affinity, volumes, volume_mounts: the pod's settings, spelled as in Kubernetes.
-    :param pvc_claim_name, pvc_mount_path: a PVC mounted as the workspace (default path /mnt/lora); put
-        ``dataset``, ``output_uri`` and ``data_output_dir`` under the mount path. A path ``output_uri`` must be on
-        a mounted volume (this PVC or one in ``volumes``), or the task fails before launching.
     :param pod_template: a pod manifest (dict, or a YAML/JSON file path) that our settings are merged over.
     :param hf_token_secret: ``"secret/key"`` holding a Hugging Face token, given to the pod as HF_TOKEN.
     :param secret_env: more environment variables from secrets: ``{"AWS_SECRET_ACCESS_KEY": "s3-creds/secret"}``.
@@ -80,18 +77,17 @@ class LoRATrainingOperator(BaseOperator):
         launching, the loss chart after the run); needs apache-airflow-providers-amazon. None (default): boto3's
         default chain (environment, ~/.aws, instance role). The pod never gets these credentials: give it its own
         with ``secret_env`` (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).
-    :param s3_endpoint_url: an S3-compatible endpoint (MinIO, Ceph, ...), e.g. ``http://minio.minio:9000``: used
-        by the worker's S3 client (over the connection's ``endpoint_url``) and given to the trainer as
-        AWS_ENDPOINT_URL. None (default): the connection's or boto3's own (AWS_ENDPOINT_URL).
+
+    Every PodOptions field (the pod's settings, spelled as in Kubernetes: ``namespace``, ``node_selector``,
+    ``tolerations``, ``pvc_claim_name``, ``shm_size``, ...; docs/operator.md lists them) is a keyword argument too.
+    ``s3_endpoint_url`` also serves the worker's own S3 client (over the connection's ``endpoint_url``).
     """
 
     # Every spec field, and every pod option users fill from params, Variables or connections; secret_env is kept
     # as given and parsed into secret references after rendering.
     template_fields: Sequence[str] = (
-        *SPEC_FIELDS, "image", "namespace", "kubernetes_conn_id", "config_file", "cluster_context",
-        "image_pull_secrets", "service_account_name", "node_selector", "tolerations", "affinity", "volumes",
-        "volume_mounts", "pvc_claim_name", "pvc_mount_path", "secret_env", "hf_token_secret", "aws_conn_id",
-        "s3_endpoint_url", "trainer_runtime",
+        *SPEC_FIELDS, *POD_FIELDS, "image", "kubernetes_conn_id", "config_file", "cluster_context", "secret_env",
+        "hf_token_secret", "aws_conn_id", "trainer_runtime",
     )
     ui_color = "#e8f0fe"
     operator_extra_links = (LoRAArtifactsLink(), LossChartLink())
@@ -104,18 +100,7 @@ class LoRATrainingOperator(BaseOperator):
         config_file: str | None = None,
         cluster_context: str | None = None,
         in_cluster: bool | None = None,
-        namespace: str = "default",
         image: str | None = None,
-        image_pull_policy: str | None = None,
-        image_pull_secrets: Sequence[str] = (),
-        service_account_name: str | None = None,
-        node_selector: dict[str, str] | None = None,
-        tolerations: Sequence[dict[str, Any]] = (),
-        affinity: dict[str, Any] | None = None,
-        volumes: Sequence[dict[str, Any]] = (),
-        volume_mounts: Sequence[dict[str, Any]] = (),
-        pvc_claim_name: str | None = None,
-        pvc_mount_path: str = PodOptions.model_fields["pvc_mount_path"].default,
         pod_template: dict[str, Any] | str | None = None,
         hf_token_secret: str | dict[str, str] | None = None,
         secret_env: dict[str, Any] | None = None,
@@ -125,17 +110,19 @@ class LoRATrainingOperator(BaseOperator):
         startup_timeout: float = cluster.DEFAULT_STARTUP_TIMEOUT,
         on_finish_action: str = "delete_succeeded_pod",
         aws_conn_id: str | None = None,
-        s3_endpoint_url: str | None = None,
         trainer_runtime: str = TrainJobOptions.model_fields["runtime_name"].default,
         trainer_runtime_kind: str = TrainJobOptions.model_fields["runtime_kind"].default,
         trainer_api_version: str | None = None,
-        active_deadline_seconds: int | None = None,
         **kwargs: Any,
     ) -> None:
         spec_values = {name: kwargs.pop(name) for name in SPEC_FIELDS if name in kwargs}
+        pod_values = {name: kwargs.pop(name) for name in POD_FIELDS if name in kwargs}
         super().__init__(**kwargs)
         for name in SPEC_FIELDS:
             setattr(self, name, spec_values.get(name, LoRASpec.model_fields[name].default))
+        for name in POD_FIELDS:
+            setattr(self, name, pod_values.get(name, PodOptions.model_fields[name].get_default(
+                call_default_factory=True)))
         if launcher not in LAUNCHERS:
             raise ValueError(f"launcher={launcher!r} is not valid: accepted: {', '.join(LAUNCHERS)}")
         cluster.check_timing(poll_interval, startup_timeout)
@@ -150,18 +137,7 @@ class LoRATrainingOperator(BaseOperator):
         self.config_file = config_file
         self.cluster_context = cluster_context
         self.in_cluster = in_cluster
-        self.namespace = namespace
         self.image = image
-        self.image_pull_policy = image_pull_policy
-        self.image_pull_secrets = tuple(image_pull_secrets)
-        self.service_account_name = service_account_name
-        self.node_selector = dict(node_selector or {})
-        self.tolerations = tuple(tolerations)
-        self.affinity = affinity
-        self.volumes = tuple(volumes)
-        self.volume_mounts = tuple(volume_mounts)
-        self.pvc_claim_name = pvc_claim_name
-        self.pvc_mount_path = pvc_mount_path
         self.pod_template = pod_template
         self.secret_env = dict(secret_env or {})
         self.hf_token_secret = hf_token_secret
@@ -170,17 +146,15 @@ class LoRATrainingOperator(BaseOperator):
         self.poll_interval = poll_interval
         self.startup_timeout = startup_timeout
         self.on_finish_action = on_finish_action
-        if s3_endpoint_url is not None and "{{" not in s3_endpoint_url:
-            _check_s3_endpoint(s3_endpoint_url)
+        if isinstance(self.s3_endpoint_url, str) and "{{" not in self.s3_endpoint_url:
+            _check_s3_endpoint(self.s3_endpoint_url)
         self.aws_conn_id = aws_conn_id
-        self.s3_endpoint_url = s3_endpoint_url
         self._s3_client: Any = None
         self.trainer_runtime = trainer_runtime
         self.trainer_runtime_kind = trainer_runtime_kind
         self.trainer_api_version = trainer_api_version
         if trainer_api_version is not None:
             TrainJobOptions(api_shape=trainer_api_version)  # a clear error at DAG parse
-        self.active_deadline_seconds = active_deadline_seconds
         self._launched: tuple[str, str] | None = None  # (name, namespace) of the pod/TrainJob once created or found
         # Fail at DAG parse for values that are already final (templated ones are checked after rendering).
         self._spec(final=False)
@@ -222,15 +196,8 @@ class LoRATrainingOperator(BaseOperator):
             import yaml
 
             template = yaml.safe_load(Path(template).read_text())
-        return PodOptions(
-            namespace=self.namespace, image=self.image, image_pull_policy=self.image_pull_policy,
-            image_pull_secrets=self.image_pull_secrets, service_account_name=self.service_account_name,
-            node_selector=self.node_selector, tolerations=self.tolerations, affinity=self.affinity,
-            volumes=self.volumes, volume_mounts=self.volume_mounts, pvc_claim_name=self.pvc_claim_name,
-            pvc_mount_path=self.pvc_mount_path, secret_env=self._secret_refs(),
-            pod_template=template, s3_endpoint_url=self.s3_endpoint_url,
-            active_deadline_seconds=self.active_deadline_seconds,
-        )
+        return PodOptions(image=self.image, secret_env=self._secret_refs(), pod_template=template,
+                          **{name: getattr(self, name) for name in POD_FIELDS})
 
     def _trainjob_options(self, api: Any) -> TrainJobOptions:
         shape = self.trainer_api_version
@@ -591,11 +558,12 @@ def _is_http_url(text: str) -> bool:
 
 
 def _signature() -> inspect.Signature:
-    """The operator's signature with every spec field as a keyword argument, for help() and IDEs."""
+    """The operator's signature with every pod option and spec field as a keyword argument, for help() and IDEs."""
     own = inspect.signature(LoRATrainingOperator.__init__)
     params = [p for p in own.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=field.default,
-                                 annotation=field.annotation) for name, field in LoRASpec.model_fields.items()]
+    derived = [(name, PodOptions.model_fields[name]) for name in POD_FIELDS] + list(LoRASpec.model_fields.items())
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=field.annotation,
+                                 default=field.get_default(call_default_factory=True)) for name, field in derived]
     params.append(inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD))
     return own.replace(parameters=params)
 

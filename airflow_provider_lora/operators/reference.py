@@ -20,7 +20,8 @@ from airflow_provider_lora.core.docs import write_or_check
 from airflow_provider_lora.core.results import TERMINATION_MESSAGE_BYTES, XCOM_HISTORY_POINTS
 from airflow_provider_lora.core.storage import artifact_uris
 from airflow_provider_lora.links import CHART_XCOM_KEY
-from airflow_provider_lora.operators.lora import SPEC_FIELDS, XCOM_LAUNCHED, LoRATrainingOperator
+from airflow_provider_lora.core.render import PodOptions
+from airflow_provider_lora.operators.lora import POD_FIELDS, SPEC_FIELDS, XCOM_LAUNCHED, LoRATrainingOperator
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "operator.md"
 COMMAND = "python -m airflow_provider_lora.operators.reference"
@@ -80,8 +81,10 @@ def _config_defaults() -> dict[str, str]:
 
 
 def arguments() -> list[Argument]:
-    """Every keyword argument of the operator that is not a spec field, in signature order."""
-    docs = param_docs()
+    """Every keyword argument of the operator that is not a spec field, in signature order; a pod option is
+    described where PodOptions defines it."""
+    docs = {name: _markdown(PodOptions.model_fields[name].description or "") + "." for name in POD_FIELDS}
+    docs.update(param_docs())
     from_config = _config_defaults()
     templated = set(LoRATrainingOperator.template_fields)
     out = []
