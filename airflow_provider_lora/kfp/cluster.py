@@ -9,7 +9,6 @@ starting a second training. The launched job is deleted once the result is colle
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -22,6 +21,7 @@ from airflow_provider_lora.core.render import (TRAINER_CONTAINER, PodOptions, Se
                                                merge_under, render_pod, render_trainjob, trainer_api_shape)
 from airflow_provider_lora.core.results import RunResult, load_run_result
 from airflow_provider_lora.core.spec import SECRET_NAME_PARTS, LoRASpec
+from airflow_provider_lora.kfp.runtime import json_object_setting
 
 ENV_SERVER = "KUBERNETES_SERVER_URL"
 ENV_TOKEN = "KUBERNETES_AUTH_TOKEN"
@@ -99,14 +99,8 @@ def launch_settings(env: Mapping[str, str], task_config: Any, pvc_path: str,
     """LORA_KFP_POD_OPTIONS (PodOptions fields as JSON) plus what the task's kubernetes_config passes through:
     volumes and mounts, node selector, tolerations and affinity; env entries (secrets only as references: a literal
     value under a secret-looking name is refused); resources under the spec's training_resource_* values."""
-    text = env.get(ENV_POD_OPTIONS, "").strip()
-    try:
-        options = json.loads(text) if text else {}
-    except ValueError as exc:
-        raise ValueError(f"{ENV_POD_OPTIONS} is not valid JSON ({exc}); expected an object of PodOptions fields such "
-                         'as {"namespace": "team-a", "pvc_claim_name": "workspace"}') from None
-    if not isinstance(options, dict):
-        raise ValueError(f"{ENV_POD_OPTIONS} must be a JSON object of PodOptions fields, got {type(options).__name__}")
+    options = json_object_setting(env, ENV_POD_OPTIONS, "PodOptions fields",
+                                  '{"namespace": "team-a", "pvc_claim_name": "workspace"}')
     unknown = sorted(set(options) - set(PodOptions.model_fields))
     if unknown:
         raise ValueError(f"{ENV_POD_OPTIONS} sets {', '.join(unknown)}: not PodOptions fields; accepted: "

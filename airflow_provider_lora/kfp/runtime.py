@@ -53,18 +53,22 @@ def spec_values(inputs: Mapping[str, Any]) -> dict[str, Any]:
     return {spec_field(name): value for name, value in inputs.items() if spec_field(name)}
 
 
+def json_object_setting(env: Mapping[str, str], variable: str, of: str, example: str) -> dict[str, Any]:
+    """The JSON object in environment variable ``variable`` ({} when unset); a clear error naming it otherwise."""
+    text = env.get(variable, "").strip()
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError as exc:
+        raise ValueError(f"{variable} is not valid JSON ({exc}); expected an object of {of} such as {example}") \
+            from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{variable} must be a JSON object of {of}, got {type(value).__name__}")
+    return value
+
+
 def extra_spec_values(env: Mapping[str, str]) -> dict[str, Any]:
     """LORA_KFP_SPEC: LoRASpec fields the seed has no input for. A seed field there is an error (it has an input)."""
-    text = env.get(ENV_SPEC, "").strip()
-    if not text:
-        return {}
-    try:
-        values = json.loads(text)
-    except ValueError as exc:
-        raise ValueError(f"{ENV_SPEC} is not valid JSON ({exc}); expected an object such as "
-                         '{"max_steps": 100, "save_merged": true}') from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{ENV_SPEC} must be a JSON object of LoRASpec fields, got {type(values).__name__}")
+    values = json_object_setting(env, ENV_SPEC, "LoRASpec fields", '{"max_steps": 100, "save_merged": true}')
     seed = set(seed_parameter_names())
     accepted = [n for n in LoRASpec.model_fields if n not in seed]
     for name in values:
