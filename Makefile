@@ -76,7 +76,7 @@ test: setup $(KFP_VENV)/.installed
 # trainer in the emulated cluster). Tests of Airflow 3 features (the Loss chart tab, the API server) and tests that
 # train in this python skip with their reason; the kubectl check tests the emulator, not Airflow (main suite).
 AF2_TESTS := tests/test_airflow_side.py tests/test_operator_local.py tests/test_operator_pod.py tests/test_trainjob.py \
-	tests/test_worker_s3.py tests/test_example_dag.py \
+	tests/test_worker_s3.py tests/test_example_dag.py tests/test_example_dags.py tests/test_launch_protocol.py \
 	tests/test_links_and_tab.py
 test-airflow2: setup $(AF2_VENV)/.installed
 	LORA_TEST_PYTHON=$(abspath $(PY)) $(AF2_PY) -m pytest $(AF2_TESTS) -k 'not kubectl'
