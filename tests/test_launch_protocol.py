@@ -116,20 +116,25 @@ def test_a_run_created_meanwhile_by_another_try_is_reattached(k8s_cluster, api, 
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_server_errors_on_create_are_retried(k8s_cluster, api, kind):
-    k8s_cluster.set_fault("api_error", path=r"/(pods|trainjobs)$", method="POST", status=503, times=2)
+@pytest.mark.parametrize("status", [500, 429, 503])  # 429 comes with Retry-After: 1
+def test_server_errors_on_create_are_retried(k8s_cluster, api, kind, status):
+    k8s_cluster.set_fault("api_error", path=r"/(pods|trainjobs)$", method="POST", status=status, times=2)
     job = _job(api, kind, "flaky")
     assert cluster.create_or_reattach(job, lambda line: None) is None
-    assert len(_creates(k8s_cluster)) == 3  # two 503s, then created
+    assert len(_creates(k8s_cluster)) == 3  # two refusals, then created
     assert job.read() is not None
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_an_api_that_keeps_failing_is_reported_after_the_attempts(k8s_cluster, api, kind):
     k8s_cluster.set_fault("api_error", path=r"/(pods|trainjobs)$", method="POST", status=500, times=None)
-    with pytest.raises(cluster.KubernetesApiError, match=f"failed {cluster.SYNC_ATTEMPTS} times"):
-        cluster.create_or_reattach(_job(api, kind, "down"), lambda line: None)
-    assert len(_creates(k8s_cluster)) == cluster.SYNC_ATTEMPTS
+    job = _job(api, kind, "down")
+    with pytest.raises(cluster.KubernetesApiError) as info:
+        cluster.create_or_reattach(job, lambda line: None)
+    message = str(info.value)  # what failed, how often, and the API's own words: not the raw response dump
+    assert f"create {job}: the Kubernetes API failed {cluster.SYNC_ATTEMPTS} times; last: (500)" in message
+    assert "injected fault" in message and "HTTP response headers" not in message, message
+    assert len(_creates(k8s_cluster)) == cluster.SYNC_ATTEMPTS and job.read() is None
 
 
 @pytest.mark.parametrize("kind", KINDS)

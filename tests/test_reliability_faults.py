@@ -173,26 +173,8 @@ def test_api_timeouts_are_retried_then_reported_with_what_failed(k8s_cluster, mo
     assert "TimeoutError" in event["description"], event
 
 
-@pytest.mark.parametrize("status", [500, 429, 503])
-def test_api_errors_on_create_are_retried(k8s_cluster, stand_in, status):
-    stand_in["script"] = RESULT
-    k8s_cluster.set_fault("api_error", path=r"/namespaces/default/pods$", method="POST", status=status, times=2)
-    result = operator(k8s_cluster, on_finish_action="delete_pod").execute({"ti": StandInTI()})
-    assert result["summary"]["global_step"] == 1
-    assert k8s_cluster.pods() == []
-
-
-def test_an_api_that_keeps_failing_on_create_fails_the_try_with_a_clear_error(k8s_cluster, stand_in):
-    from airflow_provider_lora.core.launchers.cluster import KubernetesApiError
-
-    k8s_cluster.set_fault("api_error", path=r"/namespaces/default/pods$", method="POST", status=500, times=None)
-    with pytest.raises(KubernetesApiError) as info:
-        operator(k8s_cluster).execute({"ti": StandInTI()})
-    message = str(info.value)
-    assert "failed 4 times" in message and "HTTP response headers" not in message, message
-    assert "create pod default/lora-reliability-train-" in message and "500" in message, message
-    assert "injected fault" in message and k8s_cluster.pods() == []
-
+# Create retries, refusals, a 409 race and replacing a failed run: tests/test_launch_protocol.py (Pod and TrainJob,
+# operator and KFP component alike).
 
 def test_the_log_read_failing_mid_run_loses_and_repeats_no_line(k8s_cluster, caplog):
     """The trigger reads logs by cursor (sinceTime), not by one long stream, so a cut or failed read is
@@ -226,37 +208,6 @@ def test_a_worker_killed_between_create_and_defer_is_reattached_never_duplicated
     [pod] = k8s_cluster.pods()
     assert pod["metadata"]["labels"]["lora.airflow-provider/try_number"] == "1"
     assert pod["metadata"]["name"] in json.dumps(ti.xcom)  # its identity is pushed before waiting
-
-
-def test_a_retry_after_a_failed_pod_replaces_it(k8s_cluster, stand_in):
-    k8s_cluster.set_fault("oom", pod="lora-*", after_lines=2)
-    fail_with(k8s_cluster, operator(k8s_cluster), StandInTI(try_number=1))
-    stand_in["script"] = RESULT
-    result = operator(k8s_cluster, on_finish_action="keep_pod").execute({"ti": StandInTI(try_number=2)})
-    assert result["summary"]["global_step"] == 1
-    [pod] = k8s_cluster.pods()
-    assert pod["metadata"]["labels"]["lora.airflow-provider/try_number"] == "2"
-
-
-def test_a_create_racing_another_worker_reattaches_on_already_exists(k8s_cluster, stand_in, monkeypatch):
-    """Two tries racing (a zombie worker and its retry): the second create answers 409 and is a reattach."""
-    from airflow_provider_lora.core.launchers import cluster
-
-    stand_in["script"] = "import time; time.sleep(1); " + RESULT
-    real_read = cluster.LaunchedPod.read
-    op = operator(k8s_cluster, on_finish_action="keep_pod")
-    manifest = render.render_pod(op._spec(), op._options(), render.TaskIdentity(
-        dag_id="reliability", task_id="train", run_id="r1", deployment=op.deployment))
-    create(k8s_cluster, manifest)  # the other worker's pod appears after our read, before our create
-    calls = {"n": 0}
-
-    def read_first_miss(job):
-        calls["n"] += 1
-        return None if calls["n"] == 1 else real_read(job)
-
-    monkeypatch.setattr(cluster.LaunchedPod, "read", read_first_miss)
-    assert op.execute({"ti": StandInTI(try_number=2)})["summary"]["global_step"] == 1
-    assert len(k8s_cluster.pods()) == 1
 
 
 def test_killing_a_deferred_task_deletes_its_pod(k8s_cluster, stand_in):
