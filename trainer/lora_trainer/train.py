@@ -104,6 +104,32 @@ def _check_spec(spec: LoRASpec) -> None:
         if value.startswith(("/", "./", "~", "file://")) and \
                 not Path(value.removeprefix("file://")).expanduser().exists():
             raise error(f"{name}={value!r}: no such file or directory")
+    _check_resume_path(spec)
+
+
+class CheckpointError(ValueError):
+    """resume_from_checkpoint names something that is not a checkpoint."""
+
+
+def _check_resume_path(spec: LoRASpec) -> None:
+    """A resume_from_checkpoint path must be a checkpoint (transformers' checkpoint-N directory): refused before the
+    model and data load. 'latest' is looked up at the start of training."""
+    value = spec.resume_from_checkpoint
+    if value is None or value == "latest":
+        return
+    path = Path(value.removeprefix("file://")).expanduser()
+    if (path / "trainer_state.json").is_file():
+        return
+    if not path.exists():
+        reason = "no such file or directory"
+    elif not path.is_dir():
+        reason = "a file, not a checkpoint directory"
+    else:
+        inner = sorted((p for p in path.glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
+                       key=lambda p: int(p.name.rsplit("-", 1)[-1]) if p.name.rsplit("-", 1)[-1].isdigit() else -1)
+        reason = "holds no checkpoint (no trainer_state.json)" + (
+            f"; it holds checkpoint directories, the newest being {str(inner[-1])!r}" if inner else "")
+    raise CheckpointError(f"resume_from_checkpoint={value!r}: {reason}; give a checkpoint-N directory, or 'latest'")
 
 
 def _check_output(spec: LoRASpec, state: Any) -> RunResult | None:
@@ -334,10 +360,7 @@ def _resume_checkpoint(spec: LoRASpec, checkpoint_dir: Path) -> str | None:
     if spec.resume_from_checkpoint is None:
         return None
     if spec.resume_from_checkpoint != "latest":
-        path = Path(spec.resume_from_checkpoint)
-        if not (path / "trainer_state.json").exists():
-            raise ValueError(f"resume_from_checkpoint={spec.resume_from_checkpoint!r} is not a checkpoint "
-                             "directory (no trainer_state.json); give one, or 'latest'")
+        path = Path(spec.resume_from_checkpoint.removeprefix("file://")).expanduser()  # checked by _check_spec
         log(f"resuming from {path}")
         return str(path)
     checkpoints = sorted(checkpoint_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
@@ -463,7 +486,7 @@ def main_entry(spec: LoRASpec, work_dir: str | None = None) -> int:
     """Run and map known user errors to exit code 2 with a one-line reason (no traceback)."""
     try:
         run(spec, work_dir)
-    except (data_lib.DataError, model_lib.ModelError, storage.OutputExistsError,
+    except (data_lib.DataError, model_lib.ModelError, CheckpointError, storage.OutputExistsError,
             storage.OutputNotWritableError) as exc:
         print(f"{ERROR_PREFIX}{exc}", file=sys.stderr, flush=True)
         return 2
