@@ -590,3 +590,17 @@ def test_a_retry_of_the_same_execution_collects_the_published_run_without_traini
     assert first["output_metrics"].metadata["global_step"] == 4
     assert (Path(second["output_model"].path) / "adapter" / "adapter_model.safetensors").is_file()
     assert Path(second["output_loss_chart"].path).read_text() == Path(first["output_loss_chart"].path).read_text()
+
+
+def test_a_compressed_dataset_artifact_is_staged_with_its_compressed_suffix(tmp_path):
+    import gzip
+
+    stage = tmp_path / "ws" / "lora-data" / "k"
+    src = tmp_path / "rows.jsonl.gz"
+    src.write_bytes(gzip.compress(b'{"text": "one"}\n'))
+    assert runtime.stage_dataset(artifact(src), {}, stage) == str(stage / "data.jsonl.gz")
+    assert gzip.decompress((stage / "data.jsonl.gz").read_bytes()) == b'{"text": "one"}\n'
+    for name, body, suffix in (("rows.csv.gz", b"text\none\n", ".csv.gz"), ("dataset", b'[{"text": "a"}]', ".json.gz"),
+                               ("dataset2", b'{"text": "a"}\n', ".jsonl.gz")):
+        (tmp_path / name).write_bytes(gzip.compress(body))
+        assert runtime._suffix_for(tmp_path / name) == suffix

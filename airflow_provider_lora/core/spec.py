@@ -269,7 +269,9 @@ class LoRASpec(BaseModel):
 
     # ---- what the trainer needs beyond the seed ---------------------------------------------------------------
     dataset: str = _field("", "Training data: a local file or directory (PVC path), s3://bucket/key, a Hugging Face "
-                          "dataset id or hf://id. JSONL, JSON, parquet or CSV.", DATA)
+                          "dataset id or hf://id. JSONL, JSON, parquet or CSV files, gzip-compressed .jsonl.gz, "
+                          ".json.gz or .csv.gz, or a directory written by datasets' save_to_disk (its train split).",
+                          DATA)
     dataset_format: Literal[DATASET_FORMATS] = _field(  # type: ignore[valid-type]
         "auto", "Row format: auto, messages, conversations, alpaca, prompt_completion or text.", DATA)
     eval_fraction: float = _field(0.0, "Share of rows held out for evaluation loss (0 = none, < 0.5).", DATA,

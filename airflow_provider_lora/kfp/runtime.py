@@ -119,12 +119,29 @@ def run_key(output_model: Any) -> str:
 
 # ---- the dataset -----------------------------------------------------------------------------------------------
 
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
 def _suffix_for(path: Path) -> str:
     """A reader suffix for a data file that has none (KFP names artifacts without one)."""
     if path.suffix in DATA_FILE_BUILDERS:
         return path.suffix
+    inner = Path(path.stem).suffix
+    if path.suffix == ".gz" and DATA_FILE_BUILDERS.get(inner) in ("json", "csv"):
+        return inner + ".gz"  # rows.jsonl.gz: the trainer reads it compressed, by its inner suffix
     with path.open("rb") as f:
         head = f.read(4096)
+    if head.startswith(_GZIP_MAGIC):  # a compressed artifact without a suffix: look inside
+        import gzip
+        import zlib
+
+        try:
+            with gzip.open(path, "rb") as f:
+                inside = f.read(4096).lstrip()[:1]
+        except (OSError, EOFError, zlib.error):
+            inside = b""
+        if inside in (b"[", b"{"):
+            return (".json" if inside == b"[" else ".jsonl") + ".gz"
     if head.startswith(_PARQUET_MAGIC):
         return ".parquet"
     first = head.lstrip()[:1]
