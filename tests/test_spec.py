@@ -525,6 +525,19 @@ def test_plan_batches_seed_defaults():
     assert (plan.micro_batch, plan.grad_accum) == (2, 8)
 
 
+def test_a_prime_effective_batch_is_said_with_a_multiple_to_choose():
+    # 4 rows fit per micro-batch, but 13 is prime: micro-batch 1 x accumulation 13, said with 12 or 16 instead.
+    spec = LoRASpec.parse({"effective_batch_size": 13, "max_seq_len": 512, "max_tokens_per_gpu": 2048})
+    plan = plan_batches(spec, 1)
+    assert (plan.micro_batch, plan.grad_accum) == (1, 13)
+    warning = plan.warning(spec)
+    assert "micro-batch 1 x gradient accumulation 13" in warning and "micro-batches of 4" in warning
+    assert "choose a multiple of 4, such as 12 or 16" in warning
+    assert plan_batches(LoRASpec(), 1).warning(LoRASpec()) is None  # 128 with room for 2: no warning
+    one_fits = LoRASpec.parse({"effective_batch_size": 13, "max_seq_len": 512, "max_tokens_per_gpu": 512})
+    assert plan_batches(one_fits, 1).warning(one_fits) is None  # micro-batch 1 is all that fits anyway
+
+
 def test_plan_batches_world_must_divide():
     with pytest.raises(SpecError, match="effective_batch_size=128 is not divisible by the world size 3"):
         plan_batches(LoRASpec(), 3)

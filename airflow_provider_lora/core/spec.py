@@ -533,6 +533,22 @@ class BatchPlan(BaseModel):
                 f"accumulation {self.grad_accum} x {self.world_size} process(es); at most "
                 f"{self.max_tokens_per_micro_batch} tokens per micro-batch")
 
+    def warning(self, spec: LoRASpec) -> str | None:
+        """Said when the micro-batch is at most half of what max_tokens_per_gpu allows only because it must divide
+        the per-process batch (a prime effective batch runs one row at a time), with the nearest batch sizes that
+        would not be."""
+        per_process = self.effective_batch_size // self.world_size
+        fits = min(max(1, spec.max_tokens_per_gpu // spec.max_seq_len), per_process)
+        if self.micro_batch * 2 > fits:  # within half of what fits: not worth a warning
+            return None
+        step = fits * self.world_size
+        lower, upper = self.effective_batch_size // step * step, -(-self.effective_batch_size // step) * step
+        choices = " or ".join(str(n) for n in dict.fromkeys((lower, upper)) if n > 0)
+        return (f"effective_batch_size={self.effective_batch_size} gives {per_process} rows per process, which "
+                f"only micro-batches of {self.micro_batch} divide, so it runs as micro-batch {self.micro_batch} x "
+                f"gradient accumulation {self.grad_accum} though max_tokens_per_gpu allows micro-batches of {fits} "
+                f"(slower); choose a multiple of {step}, such as {choices}")
+
 
 def plan_batches(spec: LoRASpec, world_size: int) -> BatchPlan:
     """The largest micro-batch that divides the per-process batch and keeps micro_batch x max_seq_len within

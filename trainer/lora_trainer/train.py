@@ -165,6 +165,8 @@ def _check_machine(spec: LoRASpec, state: Any) -> _Setup:
     log(f"device: {'cuda x ' + str(torch.cuda.device_count()) if on_gpu else 'cpu'}, dtype {str(dtype)[6:]}, "
         f"{state.num_processes} process(es)")
     log(plan.describe())
+    if (batch_warning := plan.warning(spec)) is not None:
+        log(f"WARNING: {batch_warning}")
     if spec.lora_sample_packing and not packing_used:
         log(f"WARNING: sample packing requested but {packing_note}")
     return _Setup(dtype, plan, on_gpu, packing_used, packing_note)
