@@ -3,7 +3,8 @@ training and what must not. A user marking the task failed or successful through
 triggerer calls the trigger's on_kill, which reads the task state through the execution API); a triggerer that loses
 the trigger to another one (its heartbeat lapsed) does not; execution_timeout fails a deferred task and deletes its
 pod. The pod runs a stand-in trainer (the DAG file replaces the trainer's command) that prints a line every half
-second and then a result line."""
+second and then a result line: after ``lines`` lines, or as soon as the test creates the DAG's release file (a test
+that needs the training to end lets it end once what it checks has happened, instead of a fixed wait)."""
 
 from __future__ import annotations
 
@@ -36,8 +37,10 @@ from airflow_provider_lora.core import render
 from airflow_provider_lora.operators.lora import LoRATrainingOperator
 
 SCRIPT = """
-import json, time
+import json, os, time
 for i in range({lines}):
+    if os.path.exists({release!r}):
+        break
     print("working", i, flush=True)
     time.sleep(0.5)
 print("LORA_RESULT " + json.dumps({{"summary": {{"global_step": 1}}, "history": [], "artifacts": {{}}}}), flush=True)
@@ -77,7 +80,8 @@ def dag(airflow, k8s_cluster):
 
     def start(dag_id: str, lines: int = 240, extra: str = "", wait: bool = True) -> str:
         (airflow.dags_folder / f"{dag_id}.py").write_text(DAG_FILE.format(
-            dag_id=dag_id, lines=lines, mount=str(cluster.root / "mnt" / "lora"), extra=extra))
+            dag_id=dag_id, lines=lines, mount=str(cluster.root / "mnt" / "lora"), extra=extra,
+            release=str(release_file(airflow, dag_id))))
         airflow.wait_for_dag(dag_id)
         run_id = airflow.trigger_run(dag_id)
         if wait:
@@ -88,6 +92,11 @@ def dag(airflow, k8s_cluster):
                      f"{dag_id}: deferred, its pod followed by a triggerer", airflow)
         return run_id
     return start
+
+
+def release_file(airflow, dag_id: str):
+    """Once this file exists, the stand-in trainer of ``dag_id`` (every try) prints its result line and ends."""
+    return airflow.home.parent / f"{dag_id}.release"
 
 
 def wait_for(test, what: str, airflow, timeout: float = 120.0) -> None:
@@ -134,7 +143,13 @@ def test_clearing_a_deferred_task_deletes_its_pod_and_the_next_try_starts_a_new_
     run_id = dag(dag_id, lines=40)
     airflow.api("POST", f"/dags/{dag_id}/clearTaskInstances", {
         "dry_run": False, "only_failed": False, "task_ids": ["train"], "dag_run_id": run_id})
-    state = airflow.wait_for_run(dag_id, run_id, timeout=180)
+    release = release_file(airflow, dag_id)
+
+    def release_once_a_pod_is_deleted() -> None:  # try 1's: then try 2's pod need not print its 40 lines
+        if not release.exists() and deletes(k8s_cluster):
+            release.touch()
+
+    state = airflow.wait_for_run(dag_id, run_id, timeout=180, on_poll=release_once_a_pod_is_deleted)
     log = airflow.task_log(dag_id, run_id, "train")
     assert state == "success", log[-6000:]
     assert "deleted pod" in log and "the task is now" in log, log[-6000:]  # on_kill of try 1's trigger
@@ -149,7 +164,7 @@ def test_a_triggerer_that_loses_the_trigger_to_another_leaves_the_training_runni
     user's action, on_kill. Before: on_kill deleted the pod and the task failed with "Deleted". Now the task is
     still deferred, nothing is deleted, and the training finishes under the second triggerer."""
     dag_id = "lora_takeover"
-    run_id = dag(dag_id, lines=120)
+    run_id = dag(dag_id, lines=360)  # three minutes at most: it ends once the first triggerer called on_kill
     first = airflow.task_instance(dag_id, run_id, "train")["triggerer_job"]["id"]
     start_second_triggerer(airflow)
     group = airflow.procs["triggerer"].pid
@@ -159,7 +174,12 @@ def test_a_triggerer_that_loses_the_trigger_to_another_leaves_the_training_runni
                  not in (None, first), "taken over by the second triggerer", airflow, timeout=90)
     finally:
         os.killpg(group, signal.SIGCONT)
-    state = airflow.wait_for_run(dag_id, run_id, timeout=180)
+    # Woken, the first triggerer cancels the trigger it lost and calls on_kill while the pod still runs; then the
+    # training may end.
+    wait_for(lambda: "the task is still deferred" in airflow.task_log(dag_id, run_id, "train"),
+             "on_kill called by the first triggerer", airflow, timeout=90)
+    release_file(airflow, dag_id).touch()
+    state = airflow.wait_for_run(dag_id, run_id, timeout=240)
     log = airflow.task_log(dag_id, run_id, "train")
     assert state == "success", log[-6000:]
     assert deletes(k8s_cluster) == [], log[-6000:]
