@@ -19,10 +19,13 @@ from airflow_provider_lora.core import storage
 from airflow_provider_lora.core.contract import DATA_FILE_BUILDERS
 from airflow_provider_lora.core.spec import LoRASpec
 
-# Used only when the tokenizer has no chat template of its own (ChatML, the most common open format).
+# Used only when the tokenizer has no chat template of its own (ChatML, the most common open format). A base
+# model's eos is rarely <|im_end|>: the template then writes the eos after each assistant turn's <|im_end|>, so
+# the eos is trained (it lies in the assistant's span) and generation stops after an answer.
 DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>"
+    "{% if message['role'] == 'assistant' and eos_token and eos_token != '<|im_end|>' %}{{ eos_token }}{% endif %}"
+    "\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
                 "bot": "assistant", "system": "system", "tool": "tool"}
@@ -448,7 +451,10 @@ def prepare(spec: LoRASpec, tokenizer: Any, *, is_main_process: bool, wait_for_m
     fmt, examples = to_examples(rows, spec.dataset_format)
     used_default_template = any(e.messages for e in examples) and ensure_chat_template(tokenizer)
     if used_default_template:
-        log("the tokenizer has no chat template: using the default ChatML template")
+        eos = tokenizer.eos_token
+        log("the tokenizer has no chat template: using the default ChatML template" + (
+            f"; its turns end with <|im_end|>, so the tokenizer's eos {eos!r} is written and trained after each "
+            "assistant turn (generation stops at it)" if eos and eos != "<|im_end|>" else ""))
     fingerprint = hashlib.sha256(json.dumps({
         "rows": [e.__dict__ for e in examples],
         "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -487,7 +493,11 @@ def prepare(spec: LoRASpec, tokenizer: Any, *, is_main_process: bool, wait_for_m
             _check_split(eval_ds, "eval", "the eval split is empty of trainable tokens, so it gives no eval loss; "
                          "add rows, raise max_seq_len or set eval_fraction=0")
         lengths = [len(t["input_ids"]) for t in tokenized]
-        stats = {"format": fmt, "rows": len(rows), "train_rows": len(ds), "eval_rows": len(eval_ds or []),
+        # trl drops rows without a trained token: count what is trained, and say what is dropped.
+        train_rows, eval_rows = _trained_rows(ds), _trained_rows(eval_ds) if eval_ds is not None else 0
+        dropped_train, dropped_eval = len(ds) - train_rows, len(eval_ds or []) - eval_rows
+        stats = {"format": fmt, "rows": len(rows), "train_rows": train_rows, "eval_rows": eval_rows,
+                 "dropped_train_rows": dropped_train, "dropped_eval_rows": dropped_eval,
                  "truncated_rows": truncated, "rows_without_trainable_tokens": untrainable,
                  "tokens": sum(lengths), "trainable_tokens": sum(sum(t["assistant_masks"]) for t in tokenized),
                  "max_row_tokens": max(lengths), "default_chat_template": bool(used_default_template),
@@ -496,7 +506,9 @@ def prepare(spec: LoRASpec, tokenizer: Any, *, is_main_process: bool, wait_for_m
             log(f"WARNING: {truncated} of {len(rows)} rows are longer than max_seq_len={spec.max_seq_len} tokens "
                 "and were truncated")
         if untrainable:
-            log(f"WARNING: {untrainable} rows have no trainable token left after truncation")
+            log(f"WARNING: {untrainable} rows have no trainable token left after truncation and are dropped: "
+                f"{train_rows} train rows are trained ({dropped_train} dropped), {eval_rows} eval rows evaluated "
+                f"({dropped_eval} dropped)")
         return PreparedData(ds, eval_ds, stats)
 
     if cache is None:
@@ -512,6 +524,11 @@ def prepare(spec: LoRASpec, tokenizer: Any, *, is_main_process: bool, wait_for_m
     splits = datasets.load_from_disk(str(cache / "data"))
     stats = json.loads((cache / "fingerprint.json").read_text())["stats"]
     return PreparedData(splits["train"], splits.get("eval"), stats)
+
+
+def _trained_rows(split: Any) -> int:
+    """Rows with at least one trained token (the others carry no loss and are dropped by trl)."""
+    return sum(1 in mask for mask in split["assistant_masks"])
 
 
 def _check_split(split: Any, name: str, message: str) -> None:

@@ -85,20 +85,57 @@ def load_model(spec: LoRASpec, dtype: Any) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def linear_module_names(model: Any) -> list[str]:
-    """Leaf names of every linear projection except the output head: LoRA's default targets."""
+def _projection_types() -> tuple:
+    """The layer types LoRA can wrap: torch's Linear, transformers' Conv1D (the GPT-2 family's projections) and
+    bitsandbytes' quantised Linear layers."""
     import torch
+    from transformers.pytorch_utils import Conv1D
 
+    types: tuple = (torch.nn.Linear, Conv1D)
     try:
         import bitsandbytes as bnb
 
-        linear_types: tuple = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+        types += (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
     except ImportError:
-        linear_types = (torch.nn.Linear,)
+        pass
+    return types
+
+
+def projection_names(model: Any) -> list[str]:
+    """Full names of every linear projection (Linear, Conv1D, bitsandbytes) except the output head."""
+    types = _projection_types()
     output_head = model.get_output_embeddings()
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-             if isinstance(module, linear_types) and module is not output_head}
-    return sorted(names)
+    return [name for name, module in model.named_modules()
+            if name and isinstance(module, types) and module is not output_head]
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """Leaf names of every linear projection except the output head: LoRA's default targets."""
+    return sorted({name.rsplit(".", 1)[-1] for name in projection_names(model)})
+
+
+def _matches(target: str, name: str) -> bool:
+    """peft's rule for a target given as a string list: the module's full name is the target or ends with
+    '.' + target (so 'q_proj' and 'self_attn.q_proj' both name model.layers.0.self_attn.q_proj)."""
+    return name == target or name.endswith("." + target)
+
+
+def resolve_targets(model: Any, spec: LoRASpec) -> list[str]:
+    """The target modules for ``spec``: its lora_target_modules, each of which must name a projection (peft's
+    suffix match), or every projection's leaf name. A model with no projection LoRA can wrap is refused."""
+    names = projection_names(model)
+    available = linear_module_names(model)
+    if not names:
+        raise ModelError(f"base_model={spec.base_model!r}: no layer LoRA can wrap was found (it looks for "
+                         "torch.nn.Linear, transformers' Conv1D and bitsandbytes Linear layers other than the output "
+                         "head); use a model built from such projections")
+    targets = spec.target_modules or available
+    unknown = [t for t in targets if not any(_matches(t, n) for n in names)]
+    if unknown:
+        raise ModelError(f"lora_target_modules={spec.lora_target_modules!r}: {', '.join(unknown)} not found in "
+                         f"{spec.base_model}; its linear projections are: {', '.join(available)} (a dotted name "
+                         "such as 'self_attn.q_proj' matches the modules whose full name ends with it)")
+    return targets
 
 
 def add_lora(model: Any, spec: LoRASpec) -> tuple[Any, list[str]]:
@@ -106,12 +143,7 @@ def add_lora(model: Any, spec: LoRASpec) -> tuple[Any, list[str]]:
     import torch
     from unsloth import FastLanguageModel
 
-    available = linear_module_names(model)
-    targets = spec.target_modules or available
-    unknown = sorted(set(targets) - set(available))
-    if unknown:
-        raise ModelError(f"lora_target_modules={spec.lora_target_modules!r}: {', '.join(unknown)} not found in "
-                         f"{spec.base_model}; its linear projections are: {', '.join(available)}")
+    targets = resolve_targets(model, spec)
     peft_model = FastLanguageModel.get_peft_model(
         model,
         r=spec.lora_r,
@@ -128,7 +160,22 @@ def add_lora(model: Any, spec: LoRASpec) -> tuple[Any, list[str]]:
     return peft_model, targets
 
 
+def parameter_count(param: Any) -> int:
+    """The parameters a tensor holds: bitsandbytes packs two 4-bit values per byte into a Params4bit, whose numel
+    is half the real count (its quant_state keeps the original shape)."""
+    if type(param).__name__ == "Params4bit":
+        shape = getattr(getattr(param, "quant_state", None), "shape", None)
+        if shape is not None:
+            count = 1
+            for dim in shape:
+                count *= int(dim)
+            return count
+        return param.numel() * 2
+    return param.numel()
+
+
 def count_parameters(model: Any) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """Trainable and total parameters, counting 4-bit weights as parameters, not packed bytes."""
+    trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(parameter_count(p) for p in model.parameters())
     return trainable, total
