@@ -538,6 +538,20 @@ def test_a_prime_effective_batch_is_said_with_a_multiple_to_choose():
     assert plan_batches(one_fits, 1).warning(one_fits) is None  # micro-batch 1 is all that fits anyway
 
 
+def test_warmup_longer_than_the_run_is_said_with_the_numbers():
+    from airflow_provider_lora.core.spec import optimizer_steps, warmup_warning
+
+    # Defaults (warmup 10, 3 epochs) on 40 rows at batch 8: 5 steps an epoch, 15 in all.
+    spec = LoRASpec.parse({"effective_batch_size": 8, "max_seq_len": 64, "max_tokens_per_gpu": 256})
+    plan = plan_batches(spec, 1)
+    assert optimizer_steps(spec, plan, 40) == 15 and warmup_warning(spec, 15) is None
+    assert optimizer_steps(spec, plan, 16) == 6
+    warning = warmup_warning(spec, 6)
+    assert "lr_warmup_steps=10 is at least the run's 6 optimizer step(s)" in warning
+    assert "climbs to 1.20e-04 of learning_rate=0.0002" in warning and "such as 0" in warning
+    assert optimizer_steps(spec.model_copy(update={"max_steps": 3}), plan, 1000) == 3
+
+
 def test_plan_batches_world_must_divide():
     with pytest.raises(SpecError, match="effective_batch_size=128 is not divisible by the world size 3"):
         plan_batches(LoRASpec(), 3)

@@ -143,3 +143,48 @@ def test_rows_without_a_trained_token_are_not_counted_as_trained(tiny_model_dir,
     prepared = data_lib.prepare(spec, tokenizer, is_main_process=True, wait_for_main=lambda: None, log=logs.append)
     assert prepared.stats["train_rows"] == 6 and prepared.stats["dropped_train_rows"] == 2
     assert any("6 train rows are trained (2 dropped)" in line for line in logs)
+
+
+# ---- G, D, I: a run of the trainer ---------------------------------------------------------------------------------
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("the model was loaded: the data checks should have stopped the run before")
+
+
+@pytest.mark.slow
+def test_row_errors_exit_2_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
+    from tests.test_data_defects import _run_cli
+
+    monkeypatch.setattr("lora_trainer.model.load_model", _no_model)
+    rows = arithmetic_rows(3) + [{"messages": [{"role": "user", "content": "no answer"}]}]
+    dataset = write_jsonl(tmp_path / "d.jsonl", rows)
+    code, err = _run_cli(["--base-model", str(tiny_model_dir), "--dataset", str(dataset), "--output-uri",
+                          str(tmp_path / "out")])
+    assert code == 2 and "row 3: has no assistant turn to learn from" in err
+
+
+@pytest.mark.slow
+def test_a_short_run_warns_of_its_warmup_and_saves_the_base_tokenizer_settings(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from tests.trainer_helpers import train
+
+    dataset = write_jsonl(tmp_path / "d.jsonl", arithmetic_rows(16))
+    train(tiny_model_dir, dataset, tmp_path / "out", lr_warmup_steps=10, num_epochs=1)  # 2 steps of 8 rows
+    out = capsys.readouterr().out
+    assert "plan: 2 optimizer step(s), warmup 10" in out
+    assert "WARNING: lr_warmup_steps=10 is at least the run's 2 optimizer step(s)" in out
+    base = json.loads((tiny_model_dir / "tokenizer_config.json").read_text())
+    saved = json.loads((tmp_path / "out/adapter/tokenizer_config.json").read_text())
+    assert (saved.get("model_max_length"), saved.get("padding_side")) == \
+        (base.get("model_max_length"), base.get("padding_side"))
+
+
+@pytest.mark.slow
+def test_a_gpt2_model_trains_with_lora_on_its_conv1d_projections(gpt2_dir, tmp_path):
+    from tests.trainer_helpers import train
+
+    outcome = train(gpt2_dir, write_jsonl(tmp_path / "d.jsonl", arithmetic_rows(16)), tmp_path / "out")
+    assert outcome.summary["lora"]["target_modules"] == ["c_attn", "c_fc", "c_proj"]
+    assert outcome.summary["global_step"] == 2 and outcome.summary["trainable_parameters"] > 0
+    assert (tmp_path / "out/adapter/adapter_model.safetensors").exists()

@@ -562,3 +562,23 @@ def plan_batches(spec: LoRASpec, world_size: int) -> BatchPlan:
     return BatchPlan(micro_batch=micro, grad_accum=per_process // micro, world_size=world_size,
                      effective_batch_size=spec.effective_batch_size,
                      max_tokens_per_micro_batch=micro * spec.max_seq_len)
+
+
+def optimizer_steps(spec: LoRASpec, plan: BatchPlan, train_rows: int) -> int:
+    """The optimizer steps a run of ``train_rows`` rows takes (transformers' count: micro-batches per epoch over
+    the accumulation, at least one per epoch), or max_steps when set."""
+    if spec.max_steps:
+        return spec.max_steps
+    micro_batches = -(-train_rows // (plan.micro_batch * plan.world_size))
+    return max(1, micro_batches // plan.grad_accum) * int(spec.num_epochs)
+
+
+def warmup_warning(spec: LoRASpec, steps: int) -> str | None:
+    """Said when lr_warmup_steps covers the whole run: the learning rate then never reaches learning_rate."""
+    warmup = spec.lr_warmup_steps or 0
+    if warmup < steps or steps <= 0:
+        return None
+    peak = spec.learning_rate * steps / warmup
+    return (f"lr_warmup_steps={warmup} is at least the run's {steps} optimizer step(s): the learning rate only "
+            f"climbs to {peak:.2e} of learning_rate={spec.learning_rate:g} and the run barely trains; set "
+            f"lr_warmup_steps to a fraction of the run, such as {max(0, steps // 10)}, or add rows or epochs")

@@ -228,9 +228,10 @@ def to_examples(rows: list[dict[str, Any]], dataset_format: str) -> tuple[str, l
             message = f"row {index}: {exc}"
             errors.append(message if not isinstance(exc, KeyError) else f"row {index}: missing column {exc}")
     if errors:
-        shown = "\n  ".join(errors[:MAX_REPORTED_ROW_ERRORS])
-        more = f"\n  ... and {len(errors) - MAX_REPORTED_ROW_ERRORS} more" if len(errors) > MAX_REPORTED_ROW_ERRORS else ""
-        raise DataError(f"{len(errors)} of {len(rows)} rows are not valid {fmt!r} rows:\n  {shown}{more}")
+        # One line (the command line's error is one line): the first rows' reasons, then how many more.
+        shown = "; ".join(errors[:MAX_REPORTED_ROW_ERRORS])
+        more = f"; ... and {len(errors) - MAX_REPORTED_ROW_ERRORS} more" if len(errors) > MAX_REPORTED_ROW_ERRORS else ""
+        raise DataError(f"{len(errors)} of {len(rows)} rows are not valid {fmt!r} rows: {shown}{more}")
     return fmt, examples
 
 
@@ -441,14 +442,36 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256((body + extra).encode()).hexdigest()
 
 
-def prepare(spec: LoRASpec, tokenizer: Any, *, is_main_process: bool, wait_for_main: Any,
-            download_dir: Path | None = None, log: Any = print) -> PreparedData:
-    """Load, convert, tokenise, truncate and split the dataset, reusing ``data_output_dir`` only when its
-    fingerprint (rows + tokenizer + the fields that shape the data) matches."""
-    import datasets
+@dataclass
+class CheckedRows:
+    """The rows as read and converted, before any tokenizer or model is needed."""
 
+    rows: list[dict[str, Any]]
+    format: str
+    examples: list[Example]
+
+
+def read_and_check(spec: LoRASpec, download_dir: Path | None = None, log: Any = print) -> CheckedRows:
+    """Read the rows and check what needs no tokenizer: every row's shape, and room for an eval split. Run before
+    the model loads, so a data mistake fails in seconds."""
     rows = load_rows(spec.dataset, download_dir, log=log)
     fmt, examples = to_examples(rows, spec.dataset_format)
+    if spec.eval_fraction > 0 and max(1, round(len(rows) * spec.eval_fraction)) >= len(rows):
+        raise DataError(f"eval_fraction={spec.eval_fraction}: the dataset has {len(rows)} row(s), too few to hold "
+                        f"out {max(1, round(len(rows) * spec.eval_fraction))} for evaluation and still train on some; "
+                        "add rows or set eval_fraction=0")
+    return CheckedRows(rows, fmt, examples)
+
+
+def prepare(spec: LoRASpec, tokenizer: Any, *, is_main_process: bool, wait_for_main: Any,
+            download_dir: Path | None = None, log: Any = print, checked: CheckedRows | None = None) -> PreparedData:
+    """Load, convert, tokenise, truncate and split the dataset, reusing ``data_output_dir`` only when its
+    fingerprint (rows + tokenizer + the fields that shape the data) matches. ``checked``: the rows already read
+    by :func:`read_and_check`."""
+    import datasets
+
+    checked = checked or read_and_check(spec, download_dir, log=log)
+    rows, fmt, examples = checked.rows, checked.format, checked.examples
     used_default_template = any(e.messages for e in examples) and ensure_chat_template(tokenizer)
     if used_default_template:
         eos = tokenizer.eos_token

@@ -32,7 +32,7 @@ from airflow_provider_lora.core.contract import (ADAPTER_DIR, CHECKPOINT_METRICS
                                                  REMOTE_CHECKPOINTS_DIR, RESULT_PREFIX, STAGED_DATA_DIR,
                                                  SUMMARY_FILE, TERMINATION_LOG, TERMINATION_LOG_ENV)
 from airflow_provider_lora.core.results import RunResult, is_own_run, load_run_result, termination_message
-from airflow_provider_lora.core.spec import BatchPlan, LoRASpec, plan_batches
+from airflow_provider_lora.core.spec import BatchPlan, LoRASpec, optimizer_steps, plan_batches, warmup_warning
 from lora_trainer import data as data_lib
 from lora_trainer import export
 from lora_trainer import model as model_lib
@@ -69,8 +69,9 @@ def run(spec: LoRASpec, work_dir: str | Path | None = None) -> Outcome:
         return Outcome(own.summary, None, None)
     run_dir = _run_dir(spec, work_dir)
     setup = _check_machine(spec, state)
+    checked = _check_data(spec, run_dir)
     # 2. load: the model, the data, the LoRA adapter
-    loaded = _load(spec, setup, state, run_dir)
+    loaded = _load(spec, setup, state, run_dir, checked)
     # 3. train
     trained = _train(spec, setup, loaded, state, run_dir)
     # 4. export (rank 0): summary, adapter, merged model, the published run, the result line
@@ -172,6 +173,28 @@ def _check_machine(spec: LoRASpec, state: Any) -> _Setup:
     return _Setup(dtype, plan, on_gpu, packing_used, packing_note)
 
 
+def _check_data(spec: LoRASpec, run_dir: Path) -> _CheckedData:
+    """The rows read and their shapes checked, and the base tokenizer's own settings read (a tokenizer loads in
+    moments), all before the model loads."""
+    from transformers import AutoTokenizer
+
+    rows = data_lib.read_and_check(spec, run_dir / STAGED_DATA_DIR, log=log)
+    try:
+        base = AutoTokenizer.from_pretrained(spec.base_model, token=os.environ.get("HF_TOKEN") or None)
+        settings = {"model_max_length": base.model_max_length, "padding_side": base.padding_side}
+    except Exception as exc:  # the model load that follows says what is wrong with the model
+        log(f"the base tokenizer could not be read before the model ({type(exc).__name__}); the tokenizer saved "
+            "with the adapter keeps the loader's settings")
+        settings = {}
+    return _CheckedData(rows, settings)
+
+
+@dataclass
+class _CheckedData:
+    rows: data_lib.CheckedRows
+    tokenizer_settings: dict[str, Any]  # the base tokenizer's model_max_length and padding_side
+
+
 # ---- 2. load -------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -182,24 +205,32 @@ class _Loaded:
     targets: list[str]  # the modules the adapter wraps
     trainable: int
     total: int
+    tokenizer_settings: dict[str, Any]  # the base tokenizer's, restored in what is saved with the adapter
 
 
-def _load(spec: LoRASpec, setup: _Setup, state: Any, run_dir: Path) -> _Loaded:
+def _load(spec: LoRASpec, setup: _Setup, state: Any, run_dir: Path, checked: _CheckedData) -> _Loaded:
     """The base model and tokenizer, the tokenised data, then the LoRA adapter on the model."""
     model, tokenizer = model_lib.load_model(spec, setup.dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     prepared = data_lib.prepare(spec, tokenizer, is_main_process=state.is_main_process,
                                 wait_for_main=state.wait_for_everyone, download_dir=run_dir / STAGED_DATA_DIR,
-                                log=log)
-    log(f"data: {prepared.stats['rows']} rows ({prepared.stats['format']}), {prepared.stats['train_rows']} train / "
-        f"{prepared.stats['eval_rows']} eval, {prepared.stats['trainable_tokens']} of {prepared.stats['tokens']} "
-        "tokens trained")
+                                log=log, checked=checked.rows)
+    stats = prepared.stats
+    dropped = stats.get("dropped_train_rows", 0) + stats.get("dropped_eval_rows", 0)
+    log(f"data: {stats['rows']} rows ({stats['format']}), {stats['train_rows']} train / {stats['eval_rows']} eval "
+        f"trained{f' ({dropped} dropped: no trainable token)' if dropped else ''}, {stats['trainable_tokens']} of "
+        f"{stats['tokens']} tokens trained")
+    steps = optimizer_steps(spec, setup.plan, stats["train_rows"])
+    log(f"plan: {steps} optimizer step(s), warmup {spec.lr_warmup_steps}, learning rate {spec.learning_rate:g} "
+        f"({spec.lr_scheduler})")
+    if (warning := warmup_warning(spec, steps)) is not None:
+        log(f"WARNING: {warning}")
     model, targets = model_lib.add_lora(model, spec)
     trainable, total = model_lib.count_parameters(model)
     log(f"LoRA r={spec.lora_r} alpha={spec.lora_alpha} on {', '.join(targets)}: {trainable:,} trainable of "
         f"{total:,} parameters")
-    return _Loaded(model, tokenizer, prepared, targets, trainable, total)
+    return _Loaded(model, tokenizer, prepared, targets, trainable, total, checked.tokenizer_settings)
 
 
 # ---- 3. train ------------------------------------------------------------------------------------------------------
@@ -306,6 +337,9 @@ def _export(spec: LoRASpec, setup: _Setup, loaded: _Loaded, trained: _Trained, r
         )
     trainer.save_model(str(run_dir / ADAPTER_DIR))  # collective under DDP; writes on rank 0 only
     if trainer.is_world_process_zero():
+        # The loader sets its own model_max_length (max_seq_len) and padding side: save the base tokenizer's.
+        for name, value in loaded.tokenizer_settings.items():
+            setattr(loaded.tokenizer, name, value)
         loaded.tokenizer.save_pretrained(str(run_dir / ADAPTER_DIR))
         if spec.save_merged:
             export.save_merged(loaded.model, loaded.tokenizer, run_dir / MERGED_DIR)
