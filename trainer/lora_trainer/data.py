@@ -230,7 +230,8 @@ def to_examples(rows: list[dict[str, Any]], dataset_format: str) -> tuple[str, l
     if errors:
         # One line (the command line's error is one line): the first rows' reasons, then how many more.
         shown = "; ".join(errors[:MAX_REPORTED_ROW_ERRORS])
-        more = f"; ... and {len(errors) - MAX_REPORTED_ROW_ERRORS} more" if len(errors) > MAX_REPORTED_ROW_ERRORS else ""
+        extra = len(errors) - MAX_REPORTED_ROW_ERRORS
+        more = f"; ... and {extra} more" if extra > 0 else ""
         raise DataError(f"{len(errors)} of {len(rows)} rows are not valid {fmt!r} rows: {shown}{more}")
     return fmt, examples
 
