@@ -35,8 +35,6 @@ from airflow_provider_lora.kube import (
 
 # Consecutive failed API calls tolerated (with backoff) before the trigger gives up with an error event.
 MAX_API_FAILURES = 5
-# on_kill reads a task still "deferred" again after these pauses before leaving its training running.
-STATE_RECHECK_SECONDS = (1.0, 2.0)
 
 
 class LoRATrainingTrigger(BaseTrigger):
@@ -254,13 +252,6 @@ class LoRATrainingTrigger(BaseTrigger):
             return True, "the task was killed"
         try:
             state = await task_state(ti)
-            for wait in STATE_RECHECK_SECONDS:
-                if state != "deferred":
-                    break
-                # A cancellation can reach the triggerer before the state change that caused it is readable
-                # (seen under load with a clear): read again before concluding another triggerer owns the trigger.
-                await asyncio.sleep(wait)
-                state = await task_state(ti)
         except Exception as exc:  # keeping a training that should stop beats deleting one that should not
             return False, (f"could not read the state of task instance {ti.dag_id}/{ti.run_id}/{ti.task_id} "
                            f"({type(exc).__name__}: {exc}); it keeps running: delete it by hand if the task ended")
