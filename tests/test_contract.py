@@ -86,7 +86,6 @@ def test_the_old_homes_of_contract_names_still_answer_with_the_contract_values()
     assert pod.RESULT_PREFIX is contract.RESULT_PREFIX
     assert storage.COMPLETE_MARKER is contract.COMPLETE_MARKER
     assert storage.SUMMARY_FILE is contract.SUMMARY_FILE and storage.METRICS_FILE is contract.METRICS_FILE
-    assert results.TASK_ENV is contract.TASK_ENV
     assert results.TERMINATION_MESSAGE_BYTES == contract.TERMINATION_MESSAGE_BYTES
 
 

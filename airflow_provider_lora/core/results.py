@@ -23,7 +23,6 @@ from typing import Any
 from airflow_provider_lora.core import storage
 from airflow_provider_lora.core.contract import (ARTIFACTS_KEY, HISTORY_KEY, METRICS_FILE, SUMMARY_FILE, SUMMARY_KEY,
                                                  TERMINATION_MESSAGE_BYTES, TERMINATION_SUMMARY_KEYS)
-from airflow_provider_lora.core.contract import TASK_ENV  # noqa: F401  re-exported: the operator imports it from here
 
 # Points drawn per series and rows in the HTML table: enough to see the curve, small enough that a 100k-step run
 # still gives a chart of a few hundred KB.

@@ -238,11 +238,8 @@ def _timing(env: Mapping[str, str]) -> tuple[float, float]:
     for name, default in defaults.items():
         text = env.get(name, "").strip()
         try:
-            values.append(float(text) if text else default)
+            seconds = float(text) if text else default
         except ValueError:
-            raise ValueError(f"{name}={text!r} is not valid: give a number of seconds > 0") from None
-    try:
-        return cluster.check_timing(*values)
-    except ValueError as exc:  # name the variable the user set
-        raise ValueError(str(exc).replace("poll_interval", ENV_POLL).replace("startup_timeout", ENV_STARTUP_TIMEOUT)) \
-            from None
+            seconds = text  # refused below, naming the variable
+        values.append(cluster.check_seconds(name, seconds))
+    return values[0], values[1]

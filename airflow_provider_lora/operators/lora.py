@@ -125,7 +125,8 @@ class LoRATrainingOperator(BaseOperator):
                 call_default_factory=True)))
         if launcher not in LAUNCHERS:
             raise ValueError(f"launcher={launcher!r} is not valid: accepted: {', '.join(LAUNCHERS)}")
-        cluster.check_timing(poll_interval, startup_timeout)
+        cluster.check_seconds("poll_interval", poll_interval)
+        cluster.check_seconds("startup_timeout", startup_timeout)
         image = image or conf.get("lora", "image", fallback=None) or None
         if launcher != "local":
             _check_image(image, launcher)
@@ -316,7 +317,7 @@ class LoRATrainingOperator(BaseOperator):
 
     def _execute_local(self, spec: LoRASpec, context: Context) -> dict[str, Any]:
         from airflow_provider_lora.core.launchers.local import TrainingFailed, run_local
-        from airflow_provider_lora.core.results import TASK_ENV
+        from airflow_provider_lora.core.contract import TASK_ENV
 
         task = _task_of(context.get("ti"), self.deployment)
         own = self._check_output_free(spec, task)
@@ -510,7 +511,7 @@ def _add_task_env(manifest: dict[str, Any], task: dict[str, Any] | None) -> None
     """Tell the trainer which task instance launches it (it records it with the run). '$' is doubled: Kubernetes
     expands $(VAR) in env values, and a run id is the user's text."""
     from airflow_provider_lora.core.render import TRAINER_CONTAINER
-    from airflow_provider_lora.core.results import TASK_ENV
+    from airflow_provider_lora.core.contract import TASK_ENV
 
     if task is None:
         return

@@ -20,7 +20,7 @@ from kubernetes_asyncio.client import CoreV1Api
 
 from airflow_provider_lora.compat import BaseTrigger, TriggerEvent
 from airflow_provider_lora.core.launchers.cluster import (
-    CLUSTER_LAUNCHERS, DEFAULT_POLL_SECONDS, DEFAULT_STARTUP_TIMEOUT, check_timing, startup_verdict,
+    CLUSTER_LAUNCHERS, DEFAULT_POLL_SECONDS, DEFAULT_STARTUP_TIMEOUT, check_seconds, startup_verdict,
 )
 from airflow_provider_lora.core.launchers.pod import (
     LOG_CURSOR_ANNOTATION, PENDING, RESULT_PREFIX, SUCCEEDED, LogCursor, PodState, classify_pod, find_result,
@@ -59,7 +59,8 @@ class LoRATrainingTrigger(BaseTrigger):
         super().__init__()
         if launcher not in CLUSTER_LAUNCHERS:
             raise ValueError(f"launcher={launcher!r} is not valid: accepted: {', '.join(CLUSTER_LAUNCHERS)}")
-        check_timing(poll_interval, startup_timeout)
+        check_seconds("poll_interval", poll_interval)
+        check_seconds("startup_timeout", startup_timeout)
         self.name = name
         self.namespace = namespace
         self.launcher = launcher

@@ -51,12 +51,11 @@ class LaunchRefused(ValueError):
     would be refused the same way."""
 
 
-def check_timing(poll_interval: Any, startup_timeout: Any) -> tuple[float, float]:
-    """Both as positive floats; a ValueError naming the parameter otherwise."""
-    for name, seconds in (("poll_interval", poll_interval), ("startup_timeout", startup_timeout)):
-        if isinstance(seconds, bool) or not (isinstance(seconds, (int, float)) and seconds > 0):
-            raise ValueError(f"{name}={seconds!r} is not valid: give a number of seconds > 0")
-    return float(poll_interval), float(startup_timeout)
+def check_seconds(name: str, seconds: Any) -> float:
+    """``seconds`` (poll_interval, startup_timeout) as a positive float; a ValueError naming ``name`` otherwise."""
+    if isinstance(seconds, bool) or not (isinstance(seconds, (int, float)) and seconds > 0):
+        raise ValueError(f"{name}={seconds!r} is not valid: give a number of seconds > 0")
+    return float(seconds)
 
 
 def call_with_retries(what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
@@ -163,7 +162,15 @@ class LaunchedPod:
 
     def delete(self) -> bool:
         """Delete it; False when it was already gone."""
-        return self._absent_is_none(lambda: self._delete() or True) is not None
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self._delete()
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
 
     def wait_until_gone(self, timeout: float = DELETE_WAIT_SECONDS) -> None:
         deadline = time.monotonic() + timeout
