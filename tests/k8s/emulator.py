@@ -414,8 +414,9 @@ class Cluster(TrainerController, Kubelet):
         self._call(lambda: self._namespace_labels.setdefault(ns, {}).update(labels))
 
     def require_namespace(self, ns: str) -> None:
-        """Kubernetes 1.33 NamespaceLifecycle admission (plugin/pkg/admission/namespace/lifecycle): an object is
-        created only in a namespace that exists; otherwise 404 NotFound `namespaces "<ns>" not found`."""
+        """Kubernetes' NamespaceLifecycle admission (k8s.io/apiserver, pkg/admission/plugin/namespace/lifecycle/
+        admission.go): an object is created only in a namespace that exists; otherwise the namespace lookup's own
+        404 NotFound, `namespaces "<ns>" not found`."""
         if ns not in self._existing_namespaces:
             raise ApiError(404, f'namespaces "{ns}" not found', name=ns, kind="namespaces")
 
