@@ -9,7 +9,6 @@ that needs the training to end lets it end once what it checks has happened, ins
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 import urllib.error
@@ -171,13 +170,9 @@ def test_a_triggerer_that_loses_the_trigger_to_another_leaves_the_training_runni
     run_id = dag(dag_id, lines=360)  # three minutes at most: it ends once the first triggerer called on_kill
     first = airflow.task_instance(dag_id, run_id, "train")["triggerer_job"]["id"]
     start_second_triggerer(airflow)
-    group = airflow.procs["triggerer"].pid
-    os.killpg(group, signal.SIGSTOP)
-    try:
+    with airflow.paused("triggerer"):
         wait_for(lambda: (airflow.task_instance(dag_id, run_id, "train").get("triggerer_job") or {}).get("id")
                  not in (None, first), "taken over by the second triggerer", airflow, timeout=90)
-    finally:
-        os.killpg(group, signal.SIGCONT)
     # Woken, the first triggerer cancels the trigger it lost and calls on_kill while the pod still runs; then the
     # training may end.
     wait_for(lambda: "the task is still deferred" in airflow.task_log(dag_id, run_id, "train"),
