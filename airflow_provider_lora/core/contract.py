@@ -17,6 +17,9 @@ ERROR_PREFIX = LOG_PREFIX + "error: "
 # The trainer's last stdout line: this prefix, then the result as one JSON object (RESULT_KEYS). Launchers find it
 # in the pod log, so they need no access to the output location.
 RESULT_PREFIX = "LORA_RESULT "
+# ``lora-train --plan`` prints its plan (data, model, memory and time estimates; nothing trained) as one JSON object
+# on a line after this prefix.
+PLAN_PREFIX = "LORA_PLAN "
 
 # ---- the result object (result line, XCom, trigger event, termination message) -----------------------------------
 

@@ -28,6 +28,17 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--spec", type=Path, help="JSON file with spec fields; flags override it")
     source.add_argument("--spec-json", help="the spec as a JSON string (how pods receive it); flags override it")
     parser.add_argument("--work-dir", help="local staging directory when output_uri is s3:// (default: a temp dir)")
+    plan = parser.add_argument_group("preflight plan (nothing is trained or written)")
+    plan.add_argument("--plan", action="store_true",
+                      help="read the data and the model's config as the training would, and print the dataset, "
+                           "model, memory and time estimates (and a LORA_PLAN JSON line) instead of training; exit "
+                           "code 2 when the run would not fit in memory")
+    plan.add_argument("--plan-memory-gib", type=float, metavar="GIB",
+                      help="memory per process the plan compares its estimate with (default: this machine's GPU, "
+                           "else resource_memory_per_worker when the spec sets it, else this machine's free memory)")
+    plan.add_argument("--plan-measure", action=argparse.BooleanOptionalAction, default=True,
+                      help="measure throughput with a few forward/backward passes of the model (loads its weights) "
+                           "to estimate the time per epoch")
     group = parser.add_argument_group("spec fields (see docs/parameters.md)")
     for name, field in LoRASpec.model_fields.items():
         help_text = (field.description or "").replace("%", "%%")
@@ -69,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as exc:
         print(f"lora-train: {exc}", file=sys.stderr)
         return 2
+    if args.plan:
+        from lora_trainer.plan import main_entry as plan_entry  # torch, transformers; not unsloth
+
+        return plan_entry(spec, args.plan_memory_gib, args.plan_measure)
     from lora_trainer.train import main_entry  # heavy: torch, unsloth
 
     return main_entry(spec, args.work_dir)
