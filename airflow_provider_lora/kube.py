@@ -292,10 +292,12 @@ async def async_trainjob(api_client: Any, name: str, namespace: str) -> dict[str
                             TRAINJOB_VERSION, namespace, TRAINJOB_PLURAL, name)
 
 
-async def async_delete_trainjob(api_client: Any, name: str, namespace: str) -> None:
+async def async_delete_trainjob(api_client: Any, name: str, namespace: str, options: Any = None) -> None:
+    """Delete the TrainJob and, before it goes, its pods; ``options``: V1DeleteOptions (preconditions)."""
     from kubernetes_asyncio.client import CustomObjectsApi
 
     from airflow_provider_lora.core.render import TRAINJOB_GROUP, TRAINJOB_PLURAL, TRAINJOB_VERSION
 
     await CustomObjectsApi(api_client).delete_namespaced_custom_object(
-        TRAINJOB_GROUP, TRAINJOB_VERSION, namespace, TRAINJOB_PLURAL, name, propagation_policy="Foreground")
+        TRAINJOB_GROUP, TRAINJOB_VERSION, namespace, TRAINJOB_PLURAL, name, propagation_policy="Foreground",
+        body=options)

@@ -112,7 +112,17 @@ def test_sync_client_create_get_list_delete(k8s_cluster, core):
     assert core.read_namespaced_pod("pod-a", NS).metadata.annotations == {"lora/step": "7"}
 
     k8s_cluster.wait_for_pod(NS, "pod-a")
-    core.delete_namespaced_pod("pod-a", NS, grace_period_seconds=0)
+    # DeleteOptions.preconditions: kube-apiserver answers a uid mismatch 409 Conflict with these words
+    # (k8s.io/apiserver pkg/storage Preconditions.Check) and deletes nothing.
+    with pytest.raises(ApiException) as err:
+        core.delete_namespaced_pod("pod-a", NS, grace_period_seconds=0,
+                                   body=client.V1DeleteOptions(preconditions=client.V1Preconditions(uid="other")))
+    status = json.loads(body(err))
+    assert err.value.status == 409 and status["reason"] == "Conflict"
+    assert status["message"] == (f'Operation cannot be fulfilled on pods "pod-a": Precondition failed: UID in '
+                                 f"precondition: other, UID in object meta: {pod.metadata.uid}")
+    core.delete_namespaced_pod("pod-a", NS, grace_period_seconds=0,
+                               body=client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=pod.metadata.uid)))
     with pytest.raises(ApiException) as err:
         core.read_namespaced_pod("pod-a", NS)
     status = json.loads(body(err))

@@ -71,7 +71,7 @@ def _deletes(k8s_cluster) -> list:
 def test_absent_is_created(k8s_cluster, api, kind):
     lines: list[str] = []
     job = _job(api, kind, "absent")
-    assert cluster.create_or_reattach(job, lines.append) is None
+    assert cluster.create_or_reattach(job, lines.append, 2) is None
     assert lines == [f"created {job}"] and len(_creates(k8s_cluster)) == 1
     _wait_for(job, "running")
 
@@ -83,7 +83,7 @@ def test_a_running_or_succeeded_run_is_reattached_never_duplicated(k8s_cluster, 
     assert earlier.create()
     _wait_for(earlier, phase)
     lines: list[str] = []
-    assert cluster.create_or_reattach(_job(api, kind, "earlier", script), lines.append) is None
+    assert cluster.create_or_reattach(_job(api, kind, "earlier", script), lines.append, 2) is None
     assert len(lines) == 1 and lines[0].startswith(f"reattaching to {earlier} ({phase}")
     assert len(_creates(k8s_cluster)) == 1 and _deletes(k8s_cluster) == []
 
@@ -95,11 +95,55 @@ def test_a_failed_run_is_deleted_and_replaced(k8s_cluster, api, kind):
     _wait_for(earlier, FAILED)
     lines: list[str] = []
     job = _job(api, kind, "retry", QUICK)
-    assert cluster.create_or_reattach(job, lines.append) is None
-    assert "of an earlier try failed" in lines[0] and "replacing it" in lines[0] and lines[1] == f"created {job}"
+    assert cluster.create_or_reattach(job, lines.append, 2) is None
+    assert f"{job} (failed" in lines[0] and "replacing it" in lines[0] and lines[1] == f"created {job}"
     assert len(_deletes(k8s_cluster)) == 1 and len(_creates(k8s_cluster)) == 2
     state, _ = cluster.follow(job, 0.2, 60, lambda line: None)
     assert state.phase == SUCCEEDED
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_run_handed_to_an_earlier_tries_trigger_is_replaced_not_adopted(k8s_cluster, api, kind):
+    """A deferred task ends only with its trigger's event (the same try resumes) or by a clear, a mark or a
+    timeout. Before: after a clear on an active DAG, try 2 could adopt try 1's running training, which try 1's
+    on_kill then deleted under it (seen with a real Airflow 3.3 scheduler and triggerer)."""
+    earlier = _job(api, kind, "cleared")
+    assert earlier.create()
+    _wait_for(earlier, "running")
+    earlier.mark_deferred(1)
+    uid = earlier.read()["metadata"]["uid"]
+    lines: list[str] = []
+    job = _job(api, kind, "cleared", QUICK)
+    assert cluster.create_or_reattach(job, lines.append, 2) is None
+    assert lines[0].startswith(f"{job} (running") and "handed to the trigger of try 1" in lines[0], lines
+    assert lines[1:] == [f"created {job}"]
+    assert len(_deletes(k8s_cluster)) == 1 and job.read()["metadata"]["uid"] != uid
+    assert cluster.follow(job, 0.2, 60, lambda line: None)[0].phase == SUCCEEDED
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_try_that_handed_its_run_to_its_trigger_reattaches_to_it(k8s_cluster, api, kind):
+    earlier = _job(api, kind, "same-try")
+    assert earlier.create()
+    earlier.mark_deferred(3)
+    lines: list[str] = []
+    assert cluster.create_or_reattach(_job(api, kind, "same-try"), lines.append, 3) is None
+    assert len(lines) == 1 and lines[0].startswith(f"reattaching to {earlier}") and _deletes(k8s_cluster) == []
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_delete_for_a_replaced_run_deletes_nothing(k8s_cluster, api, kind):
+    """The uid precondition: a delete meant for the run that was read does not hit the one created since under
+    the same name (the API server answers 409 Conflict, "Precondition failed: UID in precondition")."""
+    first = _job(api, kind, "renamed")
+    assert first.create()
+    stale_uid = first.read()["metadata"]["uid"]
+    assert first.delete()
+    first.wait_until_gone()
+    second = _job(api, kind, "renamed")
+    assert second.create()
+    assert second.delete(uid=stale_uid) is False
+    assert second.read()["metadata"]["uid"] != stale_uid
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -111,7 +155,7 @@ def test_a_run_created_meanwhile_by_another_try_is_reattached(k8s_cluster, api, 
     job = _job(api, kind, "race")
     monkeypatch.setattr(job, "read", lambda: None)  # our read came before the other try's create
     lines: list[str] = []
-    assert cluster.create_or_reattach(job, lines.append) is None
+    assert cluster.create_or_reattach(job, lines.append, 2) is None
     assert lines == [f"{job} was created meanwhile (by another try of this task): reattaching"]
 
 
@@ -120,7 +164,7 @@ def test_a_run_created_meanwhile_by_another_try_is_reattached(k8s_cluster, api, 
 def test_server_errors_on_create_are_retried(k8s_cluster, api, kind, status):
     k8s_cluster.set_fault("api_error", path=r"/(pods|trainjobs)$", method="POST", status=status, times=2)
     job = _job(api, kind, "flaky")
-    assert cluster.create_or_reattach(job, lambda line: None) is None
+    assert cluster.create_or_reattach(job, lambda line: None, 1) is None
     assert len(_creates(k8s_cluster)) == 3  # two refusals, then created
     assert job.read() is not None
 
@@ -130,7 +174,7 @@ def test_an_api_that_keeps_failing_is_reported_after_the_attempts(k8s_cluster, a
     k8s_cluster.set_fault("api_error", path=r"/(pods|trainjobs)$", method="POST", status=500, times=None)
     job = _job(api, kind, "down")
     with pytest.raises(cluster.KubernetesApiError) as info:
-        cluster.create_or_reattach(job, lambda line: None)
+        cluster.create_or_reattach(job, lambda line: None, 1)
     message = str(info.value)  # what failed, how often, and the API's own words: not the raw response dump
     assert f"create {job}: the Kubernetes API failed {cluster.SYNC_ATTEMPTS} times; last: (500)" in message
     assert "injected fault" in message and "HTTP response headers" not in message, message
@@ -142,7 +186,7 @@ def test_a_refused_create_is_not_retried(k8s_cluster, api, kind):
     job = _job(api, kind, "refused")
     job.manifest["metadata"]["labels"] = {"map_index": "-1"}  # a label value must begin alphanumeric: 422
     with pytest.raises(cluster.LaunchRefused, match=r"the cluster refused the (pod|TrainJob): \(422\)"):
-        cluster.create_or_reattach(job, lambda line: None)
+        cluster.create_or_reattach(job, lambda line: None, 1)
     assert len(_creates(k8s_cluster)) == 1 and job.read() is None
 
 

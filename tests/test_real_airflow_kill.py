@@ -135,13 +135,12 @@ def test_marking_a_deferred_task_failed_or_successful_deletes_its_pod(airflow, k
     assert f"the task is now {new_state}" in airflow.task_log(dag_id, run_id, "train")
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known race, seen in 2 of 3 clean CI runs: the scheduler can start try 2, which reattaches to try 1's running "
-    "pod, before the triggerer calls try 1's on_kill; on_kill then either keeps the pod (try 2 finishes it) or "
-    "deletes it under try 2 (try 2 fails). Open defect: on_kill cannot tell try 2's deferral from its own."))
-def test_clearing_a_deferred_task_deletes_its_pod_and_the_next_try_starts_a_new_one(airflow, k8s_cluster, dag):
-    """Clear (the UI's and the REST API's): the triggerer cancels the trigger and calls on_kill, which finds the task
-    no longer deferred and deletes try 1's pod; try 2 starts its own and succeeds."""
+def test_clearing_a_deferred_task_stops_its_training_and_the_next_try_starts_a_new_one(airflow, k8s_cluster, dag):
+    """Clear (the UI's and the REST API's). The triggerer cancels try 1's trigger and calls its on_kill; the
+    scheduler starts try 2, often before that call (seen in 2 of 3 CI runs). Whichever comes first stops try 1's
+    training: on_kill deletes the pod, or try 2 replaces it (a run handed to another try's trigger is never
+    adopted); try 2 trains in its own pod and succeeds. Before: try 2 could adopt try 1's pod, which on_kill then
+    kept (the stopped training finished) or deleted under try 2 (it failed with "Deleted")."""
     dag_id = "lora_clear"
     run_id = dag(dag_id, lines=40)
     airflow.api("POST", f"/dags/{dag_id}/clearTaskInstances", {
@@ -155,8 +154,10 @@ def test_clearing_a_deferred_task_deletes_its_pod_and_the_next_try_starts_a_new_
     state = airflow.wait_for_run(dag_id, run_id, timeout=180, on_poll=release_once_a_pod_is_deleted)
     log = airflow.task_log(dag_id, run_id, "train")
     assert state == "success", log[-6000:]
-    assert "deleted pod" in log and "the task is now" in log, log[-6000:]  # on_kill of try 1's trigger
-    assert len(deletes(k8s_cluster)) >= 1
+    stopped_by_on_kill = "deleted pod" in log and "the task is now" in log
+    stopped_by_try_2 = "handed to the trigger of try 1" in log and "replacing it" in log
+    assert stopped_by_on_kill or stopped_by_try_2, log[-6000:]
+    assert len(deletes(k8s_cluster)) >= 1, log[-6000:]
     [pod] = k8s_cluster.pods()
     assert pod["metadata"]["labels"]["lora.airflow-provider/try_number"] == "2"
 

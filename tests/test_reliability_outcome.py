@@ -242,6 +242,32 @@ def test_on_kill_deletes_only_when_the_task_is_no_longer_deferred(k8s_cluster, s
         assert not [r for r in k8s_cluster.request_log if r[0] == "DELETE"]
 
 
+@pytest.mark.parametrize("state_seen_by_on_kill", ["scheduled", "deferred"])
+def test_after_a_clear_the_next_try_replaces_the_run_and_the_cleared_tries_on_kill_leaves_it(
+        k8s_cluster, stand_in, monkeypatch, state_seen_by_on_kill):
+    """The race a real Airflow 3.3 showed (a clear on an active DAG): try 2 starts before the triggerer calls try
+    1's on_kill. Try 2 does not adopt the training its user stopped: it replaces it. Try 1's on_kill, whatever state
+    it then reads (try 2 not yet deferred, or deferred), leaves try 2's run alone. Before: try 2 adopted try 1's pod
+    and on_kill either kept it (the stopped training finished) or deleted it under try 2 (try 2 failed)."""
+    async def state_now(ti):
+        return state_seen_by_on_kill
+
+    monkeypatch.setattr(trigger_module, "task_state", state_now)
+    first, _ = deferred(operator(k8s_cluster, deferrable=True), StandInTI(try_number=1))
+    first.task_instance = TriggererTI()  # try 1
+    k8s_cluster.wait_for_pod("default", first.name, until="Running")
+    first_uid = k8s_cluster.pods()[0]["metadata"]["uid"]
+    second, _ = deferred(operator(k8s_cluster, deferrable=True), StandInTI(try_number=2))
+    assert second.name == first.name  # the same name for every try
+    [pod] = k8s_cluster.pods()
+    assert pod["metadata"]["uid"] != first_uid
+    assert pod["metadata"]["labels"]["lora.airflow-provider/try_number"] == "2"
+    assert pod["metadata"]["annotations"]["lora.airflow-provider/deferred-by-try"] == "2"
+    kill(first)
+    assert [p["metadata"]["uid"] for p in k8s_cluster.pods()] == [pod["metadata"]["uid"]]
+    assert len([r for r in k8s_cluster.request_log if r[0] == "DELETE"]) == 1  # try 2's, of try 1's pod
+
+
 def test_on_kill_after_the_trigger_fired_its_event_deletes_nothing(k8s_cluster, stand_in, monkeypatch):
     """The event is out: the task resumes with it (and collects the result from the pod if it must)."""
     async def ended(ti):

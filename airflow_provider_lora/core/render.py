@@ -25,6 +25,7 @@ MANAGED_BY = "airflow-provider-lora"
 # path (validation.IsDomainPrefixedPath in pkg/runtime/framework/plugins/jobset/jobset.go), such as "acme.io/foo".
 RUNTIME_PATCH_MANAGER = "lora.airflow-provider/operator"
 IDENTITY_KEYS = ("dag_id", "task_id", "run_id", "map_index", "try_number")
+TRY_NUMBER_LABEL = LABEL_PREFIX + "try_number"  # the try that created the run (its name is the same for every try)
 SHM_VOLUME = "lora-dshm"
 # Where a pod's trainer stages an s3:// run (an emptyDir; local/PVC output is written in place).
 WORK_DIR = "/tmp/lora-work"
@@ -324,7 +325,7 @@ class _Workload(BaseModel):
                     *mounts],
             scheduling={k: v for k, v in scheduling.items() if v is not None},
             labels={**spec.labels, **identity_labels(identity),
-                    LABEL_PREFIX + "try_number": str(identity.try_number)},
+                    TRY_NUMBER_LABEL: str(identity.try_number)},
             annotations={**spec.annotations,
                          **{LABEL_PREFIX + k: str(getattr(identity, k)) for k in IDENTITY_KEYS}},
         )

@@ -211,7 +211,7 @@ def train_on_cluster(spec: LoRASpec, launcher: str, launch: Launch, *, key: str,
     def say(line: str) -> None:
         log(f"[train_model] {line}")
 
-    cluster.create_or_reattach(job, say)
+    cluster.create_or_reattach(job, say, identity.try_number)
     try:
         state, log_pod = cluster.follow(job, poll, startup_timeout, log)
         if state.phase != SUCCEEDED:

@@ -353,8 +353,9 @@ class LoRATrainingOperator(BaseOperator):
             raise AirflowFailException(f"{self.task_id}: {exc}") from None
         name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
         self._launched = (name, namespace)
+        job = cluster.for_manifest(api, manifest)
         try:
-            own = cluster.create_or_reattach(cluster.for_manifest(api, manifest), self.log.info,
+            own = cluster.create_or_reattach(job, self.log.info, identity.try_number,
                                              before_create=lambda: self._check_output_free(spec, task))
         except cluster.LaunchRefused as exc:  # a retry would be refused the same way
             raise AirflowFailException(f"{self.task_id}: {exc}") from None
@@ -368,6 +369,7 @@ class LoRATrainingOperator(BaseOperator):
             # (when it ends the deferral, the task fails without deleting the run).
             timeout = (None if deadline is None else
                        datetime.timedelta(seconds=max(0.0, deadline - time.time())) + DEFER_TIMEOUT_PADDING)
+            job.mark_deferred(identity.try_number)
             self.defer(trigger=self._trigger(name, namespace, deadline), method_name="execute_complete",
                        timeout=timeout)
         return self.execute_complete(context, self._wait_in_worker(name, namespace, deadline))

@@ -16,11 +16,11 @@ from typing import Any, AsyncIterator
 
 # Imported here, not in run(): the triggerer loads this module once, while an import inside run() would block its
 # event loop (about 0.3 s) the first time a trigger starts.
-from kubernetes_asyncio.client import CoreV1Api
+from kubernetes_asyncio.client import CoreV1Api, V1DeleteOptions, V1Preconditions
 
 from airflow_provider_lora.compat import BaseTrigger, TriggerEvent
 from airflow_provider_lora.core.launchers.cluster import (
-    CLUSTER_LAUNCHERS, DEFAULT_POLL_SECONDS, DEFAULT_STARTUP_TIMEOUT, check_seconds, startup_verdict,
+    CLUSTER_LAUNCHERS, DEFAULT_POLL_SECONDS, DEFAULT_STARTUP_TIMEOUT, check_seconds, deferring_try, startup_verdict,
 )
 from airflow_provider_lora.core.launchers.pod import (
     LOG_CURSOR_ANNOTATION, PENDING, RESULT_PREFIX, SUCCEEDED, LogCursor, PodState, classify_pod, find_result,
@@ -220,7 +220,9 @@ class LoRATrainingTrigger(BaseTrigger):
         """Airflow 3.3+: the triggerer cancelled this trigger as for a user's action (kill, clear, mark failed or
         success). It does the same for a trigger it merely no longer owns (its heartbeat lapsed; another triggerer
         takes the trigger over), so the training is stopped only when the task really ended: not after this
-        trigger fired its event (the task resumes with it), and not while the task is still deferred."""
+        trigger fired its event (the task resumes with it), and not while the task is still deferred. And only
+        while this trigger's try still holds the run: after a clear, the next try may already have replaced it
+        under the same name."""
         if self._fired:
             self.log.info("not deleting %s %s/%s: this trigger already fired its event", self.kind, self.namespace,
                           self.name)
@@ -234,17 +236,38 @@ class LoRATrainingTrigger(BaseTrigger):
         token = object()
         client = await shared_async_client(self.cluster, holder=token)
         try:
-            if self.launcher == "pod":
-                await call_with_fresh_credentials(client, CoreV1Api(client).delete_namespaced_pod, self.name,
-                                                  self.namespace, grace_period_seconds=30)
-            else:
-                await call_with_fresh_credentials(client, async_delete_trainjob, client, self.name, self.namespace)
-            self.log.info("deleted %s %s/%s (%s)", self.kind, self.namespace, self.name, why)
-        except Exception as exc:
-            if _status(exc) != 404:
-                raise
+            await self._delete_if_held(client, why)
         finally:
             await release_async_client(self.cluster, token)
+
+    async def _delete_if_held(self, client: Any, why: str) -> None:
+        api = CoreV1Api(client)
+        try:
+            if self.launcher == "pod":
+                obj = await call_with_fresh_credentials(client, async_json, api.read_namespaced_pod, self.name,
+                                                        self.namespace)
+            else:
+                obj = await call_with_fresh_credentials(client, async_trainjob, client, self.name, self.namespace)
+            own_try = getattr(getattr(self, "task_instance", None), "try_number", None)
+            holder = deferring_try(obj)
+            if own_try is not None and holder != str(own_try):
+                self.log.info("not deleting %s %s/%s: try %s of the task holds it now, not this trigger's try %s",
+                              self.kind, self.namespace, self.name, holder, own_try)
+                return
+            # Only the object read above: not one the next try created under the same name meanwhile.
+            options = V1DeleteOptions(preconditions=V1Preconditions(uid=obj["metadata"]["uid"]))
+            if self.launcher == "pod":
+                await call_with_fresh_credentials(client, api.delete_namespaced_pod, self.name, self.namespace,
+                                                  grace_period_seconds=30, body=options)
+            else:
+                await call_with_fresh_credentials(client, async_delete_trainjob, client, self.name, self.namespace,
+                                                  options)
+            self.log.info("deleted %s %s/%s (%s)", self.kind, self.namespace, self.name, why)
+        except Exception as exc:
+            if _status(exc) not in (404, 409):  # gone, or replaced since it was read: nothing of ours to delete
+                raise
+            self.log.info("not deleting %s %s/%s: already deleted or replaced (%s)", self.kind, self.namespace,
+                          self.name, why)
 
     async def _task_ended(self) -> tuple[bool, str]:
         """(whether the task instance is no longer deferred, why), from its state in Airflow's database."""

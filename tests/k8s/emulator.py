@@ -24,6 +24,7 @@ How a pod runs (differences from a cluster, on purpose):
 - stdout and stderr lines are stored with their arrival time (ns) and served by pods/log like the kubelet does.
 - Containers run once (as with restartPolicy Never); initContainers and probes are ignored.
 - An image that is no valid reference waits with InvalidImageName (and events), as the kubelet leaves it.
+- DeleteOptions.preconditions (uid, resourceVersion) as kube-apiserver checks them: 409 Conflict on a mismatch.
 - RBAC (opt-in): `cluster.rbac_rules = role["rules"]` checks every API request against a Role's rules and answers
   403 Forbidden outside them; `cluster.denied` lists the refused requests.
 - Short-lived tokens (opt-in): `Cluster(token_lifetime=SECONDS)` writes a kubeconfig whose user is a kubeconfig
@@ -75,7 +76,7 @@ from tests.k8s.exec_credential import verify as verify_token
 from tests.k8s.kubelet import Kubelet, _PodRun
 from tests.k8s.trainer_controller import TrainerController
 from tests.k8s.util import (FAULTS, HOST_IP, KINDS, RUNTIME_FAULTS, ApiError, _age, _flag, _int, _json, _make_tls,
-                            _merge_patch, _nano, _now_s, field_selector, label_selector)
+                            _merge_patch, _nano, _now_s, check_preconditions, field_selector, label_selector)
 from tests.k8s.validation import (check_pod_security, invalid, metadata_errors, unknown_field_warnings,
                                   validate_core)
 
@@ -549,11 +550,12 @@ class Cluster(TrainerController, Kubelet):
 
     async def _delete(self, request, res: str, ns: str, name: str):
         obj = self._get(res, ns, name)
+        opts = ((await self._body(request)) if request.can_read_body else None) or {}
+        check_preconditions(obj, opts.get("preconditions"), res, name)
         if res != "pods":
             del self._store[res][ns][name]
             return _json({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
                           "details": {"name": name, "kind": res, "uid": obj["metadata"]["uid"]}})
-        opts = ((await self._body(request)) if request.can_read_body else None) or {}
         grace = _int(request.query, "gracePeriodSeconds")
         grace = grace if grace is not None else opts.get("gracePeriodSeconds")
         grace = obj["spec"]["terminationGracePeriodSeconds"] if grace is None else grace
@@ -591,14 +593,12 @@ class Cluster(TrainerController, Kubelet):
             raise ApiError(415, "the body of the request was in an unknown format - accepted media types include: "
                                 "application/merge-patch+json, application/strategic-merge-patch+json")
         obj, patch = self._get(res, ns, name), await self._body(request)
-        if res == "pods":  # enough for labels/annotations; a pod's spec is (nearly) immutable anyway
-            if set(patch) - {"metadata", "kind", "apiVersion"}:
-                raise ApiError(422, f'Pod "{name}" is invalid: spec: Forbidden: pod updates may not change fields '
-                                    f"other than metadata.labels and metadata.annotations (emulator)")
-            patch = {"metadata": {k: v for k, v in (patch.get("metadata") or {}).items()
-                                  if k in ("labels", "annotations")}}
-        else:
-            patch.pop("metadata", None)
+        if res == "pods" and set(patch) - {"metadata", "kind", "apiVersion"}:  # a pod's spec is (nearly) immutable
+            raise ApiError(422, f'Pod "{name}" is invalid: spec: Forbidden: pod updates may not change fields '
+                                f"other than metadata.labels and metadata.annotations (emulator)")
+        # Of the metadata, labels and annotations change (any object); the rest is the server's.
+        metadata = {k: v for k, v in (patch.get("metadata") or {}).items() if k in ("labels", "annotations")}
+        patch = {**patch, "metadata": metadata} if metadata else {k: v for k, v in patch.items() if k != "metadata"}
         patched = json.loads(json.dumps(obj))
         _merge_patch(patched, patch)
         errors = metadata_errors(patched["metadata"])
@@ -700,3 +700,4 @@ class Cluster(TrainerController, Kubelet):
         except (ConnectionResetError, RuntimeError):  # the client went away
             pass
         return resp
+

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from tests.k8s.util import ApiError, _json, _merge_patch, _now_s, label_selector
+from tests.k8s.util import ApiError, _json, _merge_patch, _now_s, check_preconditions, label_selector
 from tests.k8s.validation import (FieldError, check_pod_security, dns1035_label, domain_prefixed_path,
                                   unknown_field_warnings, validate_core, validate_custom)
 
@@ -306,6 +306,8 @@ class TrainerController:
         if request.method == "GET":
             return _json(obj)
         if request.method == "DELETE":
+            options = ((await self._body(request)) if request.can_read_body else None) or {}
+            check_preconditions(obj, options.get("preconditions"), f"{PLURAL}.{GROUP}", name)
             del self._store[PLURAL][ns][name]
             self._bump(obj)
             obj["metadata"]["deletionTimestamp"] = _now_s()

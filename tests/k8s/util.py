@@ -70,6 +70,17 @@ class ApiError(Exception):
                      self.code, self.headers)
 
 
+def check_preconditions(obj: dict, preconditions: dict | None, resource: str, name: str) -> None:
+    """DeleteOptions.preconditions as kube-apiserver checks them (k8s.io/apiserver pkg/storage Preconditions.Check,
+    answered as a Conflict): the object must still have that uid / resourceVersion."""
+    for field, label in (("uid", "UID"), ("resourceVersion", "ResourceVersion")):
+        wanted, actual = (preconditions or {}).get(field), obj["metadata"].get(field)
+        if wanted is not None and wanted != actual:
+            raise ApiError(409, f'Operation cannot be fulfilled on {resource} "{name}": Precondition '
+                                f"failed: {label} in precondition: {wanted}, {label} in object meta: {actual}",
+                           reason="Conflict", name=name, kind=resource.partition(".")[0])
+
+
 def _json(obj: Any, code: int = 200, headers: dict | None = None) -> web.Response:
     return web.Response(body=json.dumps(obj, separators=(",", ":")).encode(), status=code,
                         content_type="application/json", headers=headers)

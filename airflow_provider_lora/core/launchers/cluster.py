@@ -19,7 +19,7 @@ from airflow_provider_lora.core.launchers.pod import (FAILED, PENDING, STUCK_WAI
 from airflow_provider_lora.core.launchers.trainjob import (classify_trainjob, failed_nodes, node_pod_selector,
                                                            rank0_pod)
 from airflow_provider_lora.core.render import (LABEL_PREFIX, TRAINER_CONTAINER, TRAINJOB_GROUP, TRAINJOB_NODE_JOB,
-                                               TRAINJOB_PLURAL, TRAINJOB_VERSION)
+                                               TRAINJOB_PLURAL, TRAINJOB_VERSION, TRY_NUMBER_LABEL)
 
 Log = Callable[[str], None]
 CLUSTER_LAUNCHERS = ("pod", "trainjob")  # a training Pod, or a Kubeflow Trainer TrainJob
@@ -40,6 +40,18 @@ MAX_BACKOFF_SECONDS = 8.0
 API_TIMEOUT_SECONDS = 30.0
 # Answers to a create that a new try would get again: the manifest, the namespace or the permissions are wrong.
 REFUSED_STATUSES = frozenset({400, 403, 404, 422})
+# Written on the run by the try that hands it to its trigger (defers). A deferred task ends only with its trigger's
+# event (the same try resumes) or by a user's action (clear, mark) or a timeout: so a later try that finds this
+# annotation replaces the run instead of adopting it, and the trigger's on_kill deletes only a run its own try holds.
+DEFERRED_BY_ANNOTATION = LABEL_PREFIX + "deferred-by-try"
+
+
+def deferring_try(obj: dict[str, Any]) -> str | None:
+    """The try whose trigger holds the run ``obj``: its DEFERRED_BY_ANNOTATION, else (a run launched before that
+    annotation existed) the try that created it."""
+    meta = obj.get("metadata") or {}
+    return (meta.get("annotations") or {}).get(DEFERRED_BY_ANNOTATION) or (meta.get("labels") or {}).get(
+        TRY_NUMBER_LABEL)
 
 
 class KubernetesApiError(RuntimeError):
@@ -131,9 +143,12 @@ class LaunchedPod:
     def _create(self) -> None:
         call_with_retries(f"create {self}", self.core.create_namespaced_pod, self.namespace, self.manifest)
 
-    def _delete(self) -> None:
+    def _delete(self, options: Any) -> None:
         call_with_retries(f"delete {self}", self.core.delete_namespaced_pod, self.name, self.namespace,
-                          grace_period_seconds=30)
+                          grace_period_seconds=30, body=options)
+
+    def _patch(self, body: dict[str, Any]) -> None:
+        call_with_retries(f"patch {self}", self.core.patch_namespaced_pod, self.name, self.namespace, body)
 
     def observe(self, obj: dict[str, Any]) -> tuple[PodState, str | None]:
         """The state of ``obj`` (as read) and the pod whose log holds the result (None before it exists)."""
@@ -160,17 +175,23 @@ class LaunchedPod:
                 raise LaunchRefused(f"the cluster refused the {self.kind}: {describe_api_error(exc)}") from None
             raise
 
-    def delete(self) -> bool:
-        """Delete it; False when it was already gone."""
+    def delete(self, uid: str | None = None) -> bool:
+        """Delete it (only the object with ``uid``, when given: not one created under the same name since it was
+        read); False when it was already gone or replaced."""
+        from kubernetes.client import V1DeleteOptions, V1Preconditions
         from kubernetes.client.exceptions import ApiException
 
         try:
-            self._delete()
+            self._delete(V1DeleteOptions(preconditions=V1Preconditions(uid=uid)) if uid else None)
             return True
         except ApiException as exc:
-            if exc.status == 404:
+            if exc.status in (404, 409):  # 409: the uid precondition failed, another object holds the name now
                 return False
             raise
+
+    def mark_deferred(self, try_number: int) -> None:
+        """Record that ``try_number`` hands this run to its trigger (DEFERRED_BY_ANNOTATION)."""
+        self._patch({"metadata": {"annotations": {DEFERRED_BY_ANNOTATION: str(try_number)}}})
 
     def wait_until_gone(self, timeout: float = DELETE_WAIT_SECONDS) -> None:
         deadline = time.monotonic() + timeout
@@ -260,9 +281,12 @@ class LaunchedTrainJob(LaunchedPod):
         call_with_retries(f"create {self}", self.custom.create_namespaced_custom_object, *self._args, self.manifest,
                           field_validation="Strict")
 
-    def _delete(self) -> None:
+    def _delete(self, options: Any) -> None:
         call_with_retries(f"delete {self}", self.custom.delete_namespaced_custom_object, *self._args, self.name,
-                          propagation_policy="Foreground")
+                          propagation_policy="Foreground", body=options)
+
+    def _patch(self, body: dict[str, Any]) -> None:
+        call_with_retries(f"patch {self}", self.custom.patch_namespaced_custom_object, *self._args, self.name, body)
 
     def node_pods(self) -> list[dict[str, Any]]:
         return _json(call_with_retries(f"list the pods of {self}", self.core.list_namespaced_pod, self.namespace,
@@ -290,21 +314,24 @@ def for_manifest(core_api: Any, manifest: dict[str, Any]) -> LaunchedPod:
                     manifest["metadata"]["name"], manifest["metadata"]["namespace"], manifest)
 
 
-def create_or_reattach(job: LaunchedPod, log: Log, before_create: Callable[[], Any] | None = None) -> Any:
-    """Create the run, unless this task execution already has one (names are deterministic per task execution):
-    a running or succeeded one (say, from a try whose worker died) is reattached, never duplicated; a failed one
-    is deleted and replaced. ``before_create`` runs just before creating; what it returns other than None is
-    returned instead of creating (the operator's own published run). Returns None otherwise."""
+def create_or_reattach(job: LaunchedPod, log: Log, try_number: int,
+                       before_create: Callable[[], Any] | None = None) -> Any:
+    """Create the run, unless this task instance already has one (names are the same for every try): a running or
+    succeeded one that an earlier try followed from its worker (that worker died, say) is reattached, never
+    duplicated; one that is failed, being deleted, or was handed to the trigger of another try is deleted and
+    replaced. ``before_create`` runs just before creating; what it returns other than None is returned instead of
+    creating (the operator's own published run). Returns None otherwise."""
     existing = job.read()
     if existing is not None:
         state, _ = job.observe(existing)
-        made_by = (existing["metadata"].get("labels") or {}).get(LABEL_PREFIX + "try_number")
+        made_by = (existing["metadata"].get("labels") or {}).get(TRY_NUMBER_LABEL)
         by = f", created by try {made_by}" if made_by else ""
-        if state.phase != FAILED:
+        why = _not_adoptable(existing, state, try_number)
+        if why is None:
             log(f"reattaching to {job} ({state.phase}{by})")
             return None
-        log(f"{job} of an earlier try failed ({state.describe()}{by}): replacing it")
-        job.delete()
+        log(f"{job} ({state.phase}{by}) {why}: replacing it")
+        job.delete(uid=existing["metadata"].get("uid"))
         job.wait_until_gone()
     if before_create is not None:
         instead = before_create()
@@ -314,6 +341,21 @@ def create_or_reattach(job: LaunchedPod, log: Log, before_create: Callable[[], A
         log(f"created {job}")
     else:
         log(f"{job} was created meanwhile (by another try of this task): reattaching")
+    return None
+
+
+def _not_adoptable(obj: dict[str, Any], state: PodState, try_number: int) -> str | None:
+    """Why try ``try_number`` must not adopt ``obj`` (in ``state``), the existing run of its name; None when it
+    may."""
+    meta = obj["metadata"]
+    deferred_by = (meta.get("annotations") or {}).get(DEFERRED_BY_ANNOTATION)
+    if meta.get("deletionTimestamp"):
+        return "is being deleted"
+    if deferred_by is not None and deferred_by != str(try_number):
+        return (f"was handed to the trigger of try {deferred_by}, which ended while deferred (a clear, a mark or a "
+                f"timeout): its training ends with that try")
+    if state.phase == FAILED:
+        return f"failed: {state.describe()}"
     return None
 
 
