@@ -26,6 +26,8 @@ MANAGED_BY = "airflow-provider-lora"
 RUNTIME_PATCH_MANAGER = "lora.airflow-provider/operator"
 IDENTITY_KEYS = ("dag_id", "task_id", "run_id", "map_index", "try_number")
 TRY_NUMBER_LABEL = LABEL_PREFIX + "try_number"  # the try that created the run (its name is the same for every try)
+PURPOSE_LABEL = LABEL_PREFIX + "purpose"  # "plan" on a dry run's pod
+PLAN_SUFFIX = "-plan"
 SHM_VOLUME = "lora-dshm"
 # Where a pod's trainer stages an s3:// run (an emptyDir; local/PVC output is written in place).
 WORK_DIR = "/tmp/lora-work"
@@ -213,6 +215,14 @@ def spec_argument(spec: LoRASpec) -> str:
     return spec.model_dump_json().replace("$", "$$")
 
 
+def plan_argv(spec: LoRASpec, memory_gib: float | None) -> list[str]:
+    """The dry run's command: the trainer's preflight plan of ``spec`` (nothing trained or written). Throughput is
+    not measured: the plan pod has no GPU, and a time measured on its CPU would say nothing of the training's."""
+    argv = ["python", "-m", "lora_trainer", "--plan", "--no-plan-measure", "--spec-json", spec_argument(spec),
+            "--work-dir", WORK_DIR]
+    return argv + (["--plan-memory-gib", f"{memory_gib:g}"] if memory_gib is not None else [])
+
+
 # ---- the pod ---------------------------------------------------------------------------------------------------
 
 RESTRICTED_POD_SECURITY = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
@@ -268,6 +278,27 @@ def render_pod(spec: LoRASpec, options: PodOptions, identity: TaskIdentity) -> d
             pod_spec["automountServiceAccountToken"] = template_spec["automountServiceAccountToken"]
         pod = merge_under(options.pod_template, pod)
     return pod
+
+
+def render_plan_pod(spec: LoRASpec, options: PodOptions, identity: TaskIdentity,
+                    memory_gib: float | None = None) -> dict[str, Any]:
+    """The dry run's pod: the training's own pod for one worker (image, service account, secrets, volumes,
+    scheduling) without a GPU request, running the plan of the real ``spec`` (every worker and GPU it asks for).
+    An image that does not pull, a missing Secret, data or a model the pod cannot read fail there in seconds, on a
+    CPU node, before any GPU is reserved. ``memory_gib``: the accelerator memory per process to plan against."""
+    one_cpu_worker = spec.model_copy(update={"resource_num_workers": 1, "resource_gpu_per_worker": 0,
+                                             "resource_num_procs_per_worker": "1"})
+    pod = render_pod(one_cpu_worker, options, identity)
+    pod["metadata"]["name"] = plan_pod_name(identity)
+    pod["metadata"]["labels"][PURPOSE_LABEL] = "plan"
+    [trainer] = [c for c in pod["spec"]["containers"] if c["name"] == TRAINER_CONTAINER]
+    trainer["command"] = plan_argv(spec, memory_gib)
+    return pod
+
+
+def plan_pod_name(identity: TaskIdentity) -> str:
+    """The dry run's pod: its own name, so it never meets the training's pod."""
+    return _task_object_name(identity, 63 - len(PLAN_SUFFIX)) + PLAN_SUFFIX
 
 
 class _Workload(BaseModel):

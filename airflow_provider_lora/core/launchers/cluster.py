@@ -13,9 +13,10 @@ import json
 import time
 from typing import Any, Callable
 
-from airflow_provider_lora.core.launchers.pod import (FAILED, PENDING, STUCK_WAITING_REASONS, LogCursor,
-                                                      PodState, classify_pod, find_result, new_log_lines,
-                                                      seconds_since)
+from airflow_provider_lora.core.contract import ERROR_PREFIX
+from airflow_provider_lora.core.launchers.pod import (FAILED, PENDING, STUCK_WAITING_REASONS, SUCCEEDED, LogCursor,
+                                                      PlanRefused, PodState, classify_pod, find_plan, find_result,
+                                                      new_log_lines, seconds_since)
 from airflow_provider_lora.core.launchers.trainjob import (classify_trainjob, failed_nodes, node_pod_selector,
                                                            rank0_pod)
 from airflow_provider_lora.core.render import (LABEL_PREFIX, TRAINER_CONTAINER, TRAINJOB_GROUP, TRAINJOB_NODE_JOB,
@@ -357,6 +358,31 @@ def _not_adoptable(obj: dict[str, Any], state: PodState, try_number: int) -> str
     if state.phase == FAILED:
         return f"failed: {state.describe()}"
     return None
+
+
+def run_plan(job: LaunchedPod, poll: float, startup_timeout: float, log: Log) -> dict[str, Any]:
+    """The dry run: create the plan pod (one of an earlier try is replaced: a plan is never reused), follow its
+    log, and return the plan it printed; PlanRefused when the trainer refused the run, RuntimeError when the pod
+    failed otherwise (its last log lines say why). The pod is deleted in every case: a dry run leaves nothing."""
+    if job.read() is not None:
+        log(f"{job} of an earlier try: replacing it")
+        job.delete()
+        job.wait_until_gone()
+    job.create()
+    log(f"created {job} (dry run: the plan, no GPU requested)")
+    try:
+        state, log_pod = follow(job, poll, startup_timeout, log)
+        text = job.log_tail(log_pod, RESULT_LOG_LINES) if log_pod else ""
+        plan = find_plan(text)
+        if state.phase == SUCCEEDED and plan is not None:
+            return plan
+        errors = [line.partition(ERROR_PREFIX)[2] for line in text.splitlines() if ERROR_PREFIX in line]
+        if errors:
+            raise PlanRefused(errors[-1], plan)
+        raise RuntimeError(f"dry run {job} {state.phase} without a plan: {state.describe()}\n"
+                           f"{job.failure_logs(log_pod)}")
+    finally:
+        job.delete()
 
 
 def follow(job: LaunchedPod, poll: float, startup_timeout: float, log: Log) -> tuple[PodState, str | None]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from airflow_provider_lora.core.render import LABEL_PREFIX, TRAINER_CONTAINER
 
-from airflow_provider_lora.core.contract import RESULT_PREFIX
+from airflow_provider_lora.core.contract import PLAN_PREFIX, RESULT_PREFIX
 LOG_CURSOR_ANNOTATION = LABEL_PREFIX + "log-cursor"
 # Waiting reasons that waiting does not clear, with the seconds the trigger still waits before failing the task
 # (at most startup_timeout): an invalid image name never becomes valid; a missing Secret or ConfigMap key may still
@@ -182,14 +182,33 @@ def _sort_key(timestamp: str) -> tuple[str, str]:
 
 
 def find_result(log_text: str) -> dict[str, Any] | None:
-    """The trainer's result line (RunResult.to_xcom() JSON) in a log text; None when absent or damaged.
+    """The trainer's result line (RunResult.to_xcom() JSON) in a log text; None when absent or damaged."""
+    return find_json_line(log_text, RESULT_PREFIX)
+
+
+def find_plan(log_text: str) -> dict[str, Any] | None:
+    """The plan ``lora-train --plan`` printed, in a log text; None when absent or damaged."""
+    return find_json_line(log_text, PLAN_PREFIX)
+
+
+class PlanRefused(ValueError):
+    """The trainer's plan says the training cannot run as asked (it does not fit, or its data or model is
+    refused); ``plan`` holds the plan when one was made."""
+
+    def __init__(self, message: str, plan: dict[str, Any] | None):
+        super().__init__(message)
+        self.plan = plan
+
+
+def find_json_line(log_text: str, prefix: str) -> dict[str, Any] | None:
+    """The JSON object on the last line starting with ``prefix`` in a log text; None when absent or damaged.
 
     The container runtime cuts lines longer than 16 KiB into parts, and a ``timestamps=true`` log puts each part's
     timestamp in front of it, glued to the previous part: those timestamps are taken out again."""
     for raw in reversed(log_text.split("\n")):
         _, _, line = raw.partition(" ") if raw[:4].isdigit() else ("", "", raw)
-        if line.startswith(RESULT_PREFIX):
-            text = line[len(RESULT_PREFIX):]
+        if line.startswith(prefix):
+            text = line[len(prefix):]
             for candidate in (text, _PART_TIMESTAMP.sub("", text)):
                 try:
                     return json.loads(candidate)
