@@ -256,6 +256,9 @@ def component_inputs(tmp_path: Path, **overrides) -> dict:
      r"'max_stepz', which is not a LoRASpec field; accepted: dataset, .*max_steps"),
     ({"LORA_KFP_LAUNCHER": "in-task", "LORA_KFP_SPEC": "[1]"}, {}, r"LORA_KFP_SPEC must be a JSON object"),
     ({"LORA_KFP_LAUNCHER": "in-task"}, {"pvc_path": "/no/such/dir"}, r"pvc_path='/no/such/dir' is not a directory"),
+    ({"LORA_KFP_DRY_RUN": "maybe"}, {}, r"LORA_KFP_DRY_RUN='maybe' is not valid: give true or false"),
+    ({"LORA_KFP_DRY_RUN": "true", "LORA_KFP_PLAN_MEMORY_GIB": "80GB"}, {},
+     r"LORA_KFP_PLAN_MEMORY_GIB='80GB' is not valid: give the accelerator memory per process in GiB"),
 ])
 def test_bad_input_fails_before_anything_launches_naming_the_input(tmp_path, env, overrides, message):
     env = {"LORA_KFP_TRAINING_IMAGE": KFP_IMAGE, **env}  # what the compiled component sets
@@ -501,6 +504,26 @@ def test_a_failed_training_pod_fails_the_task_with_its_reason_and_is_deleted(kfp
     assert f"training pod default/{name} failed: OOMKilled (exit code 137)" in output
     assert f"last 30 log lines of {name}:" in output
     assert k8s_cluster.pods() == []  # deleted after the failure was read
+
+
+@pytest.mark.slow
+def test_a_dry_run_runs_the_plan_in_one_cpu_pod_writes_it_and_trains_nothing(kfp_python, k8s_cluster,
+                                                                             tiny_model_dir, tmp_path):
+    """LORA_KFP_DRY_RUN with the default launcher (a TrainJob): the plan runs in one pod of the training's image,
+    service account and volumes, without a GPU; its figures become the metrics, the plan the page."""
+    report, seen = run_on_cluster(kfp_python, k8s_cluster, tiny_model_dir, tmp_path, LORA_KFP_DRY_RUN="true",
+                                  LORA_KFP_PLAN_MEMORY_GIB="80")
+    assert report["status"] == "dry run: plan written"
+    metrics = report["metrics"]
+    assert metrics["dataset_rows"] == 32 and metrics["memory_fits"] == 1
+    assert metrics["memory_available_bytes"] == 80 * 2 ** 30 and metrics["model_trainable_parameters"] > 0
+    assert "Preflight plan" in Path(report["chart_path"]).read_text()
+    [(key, pod)] = seen.items()
+    assert key.startswith("Pod/") and pod["metadata"]["name"].endswith("-plan")
+    assert "nvidia.com/gpu" not in json.dumps(pod["spec"]["containers"][0]["resources"])
+    assert "--plan" in pod["spec"]["containers"][0]["command"]
+    assert k8s_cluster.pods() == [] and k8s_cluster.trainjobs() == []
+    assert not list((tmp_path / "kfp").rglob("adapter_config.json"))  # nothing trained
 
 
 def test_docs_name_every_setting_and_every_extra_spec_field():

@@ -18,10 +18,11 @@ from airflow_provider_lora.core.launchers.pod import SUCCEEDED
 from airflow_provider_lora.core.launchers.trainjob import installed_trainer_version
 from airflow_provider_lora.core.limits import check_manifest
 from airflow_provider_lora.core.render import (TRAINER_CONTAINER, PodOptions, SecretRef, TaskIdentity, TrainJobOptions,
-                                               merge_under, render_pod, render_trainjob, trainer_api_shape)
+                                               merge_under, render_plan_pod, render_pod, render_trainjob,
+                                               trainer_api_shape)
 from airflow_provider_lora.core.results import RunResult, load_run_result
 from airflow_provider_lora.core.spec import SECRET_NAME_PARTS, LoRASpec
-from airflow_provider_lora.kfp.runtime import json_object_setting
+from airflow_provider_lora.kfp.runtime import ENV_DRY_RUN, ENV_PLAN_MEMORY, json_object_setting
 
 ENV_SERVER = "KUBERNETES_SERVER_URL"
 ENV_TOKEN = "KUBERNETES_AUTH_TOKEN"
@@ -37,7 +38,7 @@ SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/names
 # Task environment variables that never go to the launched job: the launcher's own settings and credentials.
 NOT_FORWARDED = {ENV_SERVER, ENV_TOKEN, ENV_CA, ENV_POD_OPTIONS, ENV_HF_TOKEN_SECRET, ENV_TRAINER_RUNTIME,
                  ENV_TRAINER_API, ENV_POLL, ENV_STARTUP_TIMEOUT, ENV_TRAINING_IMAGE, "LORA_KFP_LAUNCHER",
-                 "LORA_KFP_SPEC"}
+                 "LORA_KFP_SPEC", ENV_DRY_RUN, ENV_PLAN_MEMORY}
 
 
 # ---- the cluster -------------------------------------------------------------------------------------------------
@@ -188,7 +189,7 @@ def train_on_cluster(spec: LoRASpec, launcher: str, launch: Launch, *, key: str,
     its log, collect the published run, delete the job."""
     from kubernetes import client
 
-    identity = TaskIdentity(dag_id="kfp", task_id="train_model", run_id=key, deployment="kfp")
+    identity = _identity(key)
     core = client.CoreV1Api(api_client(env))
     poll, startup_timeout = _timing(env)
     try:  # a bad combination fails here, before anything launches
@@ -229,6 +230,24 @@ def train_on_cluster(spec: LoRASpec, launcher: str, launch: Launch, *, key: str,
     finally:
         if job.delete():
             say(f"deleted {job}")
+
+
+def plan_on_cluster(spec: LoRASpec, launch: Launch, *, key: str, env: Mapping[str, str], memory_gib: float | None,
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The dry run: the training's pod (whichever launcher would train) without a GPU, running the plan of
+    ``spec``; the plan, or PlanRefused. Nothing is left running."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(api_client(env))
+    poll, startup_timeout = _timing(env)
+    manifest = render_plan_pod(spec, _pod_options(launch), _identity(key), memory_gib)
+    check_manifest(manifest, spec)
+    return cluster.run_plan(cluster.for_manifest(core, manifest), poll, startup_timeout, log)
+
+
+def _identity(key: str) -> TaskIdentity:
+    """The task execution, as the labels and names of what it launches see it."""
+    return TaskIdentity(dag_id="kfp", task_id="train_model", run_id=key, deployment="kfp")
 
 
 def _timing(env: Mapping[str, str]) -> tuple[float, float]:

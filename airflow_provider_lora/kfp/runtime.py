@@ -7,6 +7,9 @@ environment (docs/kfp.md):
 - ``LORA_KFP_LAUNCHER``: ``trainjob`` (the default, as the seed), ``pod`` or ``local`` (training in the task's own
   pod; ``in-task`` is accepted as another name for it).
 - ``LORA_KFP_SPEC``: JSON object of the LoRASpec fields beyond the seed's (dataset, save_merged, max_steps, ...).
+- ``LORA_KFP_DRY_RUN``: ``true`` runs the preflight plan (data, model, memory estimate) where the training would
+  run, without a GPU, and writes it to output_metrics and output_loss_chart instead of training;
+  ``LORA_KFP_PLAN_MEMORY_GIB`` states the accelerator memory per process it compares its estimate with.
 - ``LORA_KFP_POD_OPTIONS``, ``LORA_KFP_HF_TOKEN_SECRET``, ``KUBERNETES_SERVER_URL``...: where and how a pod or
   TrainJob is launched (see cluster.py).
 """
@@ -34,6 +37,9 @@ OTHER_NAMES = {"in-task": LOCAL_LAUNCHER}  # the name the KFP docs used first
 DEFAULT_LAUNCHER = "trainjob"
 ENV_LAUNCHER = "LORA_KFP_LAUNCHER"
 ENV_SPEC = "LORA_KFP_SPEC"
+ENV_DRY_RUN = "LORA_KFP_DRY_RUN"
+ENV_PLAN_MEMORY = "LORA_KFP_PLAN_MEMORY_GIB"
+DRY_RUN_STATUS = "dry run: plan written"
 RUNS_DIR = "lora-runs"  # under pvc_path: one directory per task execution
 DATA_DIR = "lora-data"  # under pvc_path: the dataset staged for that execution, copied fresh every time
 HYPERPARAMETER_SECTIONS = (LORA, QUANT, TRAINING, DATA)
@@ -109,6 +115,45 @@ def check_base_model(base_model: str) -> None:
         raise ValueError(f"training_base_model={base_model!r}: oci:// models (modelcars) are not supported by this "
                          "component yet; give a Hugging Face id, a path on the workspace (pvc_path) or a mounted "
                          "volume, or an s3:// model directory copied to the workspace first")
+
+
+def dry_run_setting(env: Mapping[str, str]) -> tuple[bool, float | None]:
+    """LORA_KFP_DRY_RUN (true/false) and LORA_KFP_PLAN_MEMORY_GIB (a number of GiB > 0), each checked."""
+    text = env.get(ENV_DRY_RUN, "").strip().lower()
+    if text not in ("", "true", "false", "1", "0"):
+        raise ValueError(f"{ENV_DRY_RUN}={env[ENV_DRY_RUN]!r} is not valid: give true or false")
+    memory_text = env.get(ENV_PLAN_MEMORY, "").strip()
+    try:
+        memory = float(memory_text) if memory_text else None
+    except ValueError:
+        memory = -1.0
+    if memory is not None and not memory > 0:
+        raise ValueError(f"{ENV_PLAN_MEMORY}={memory_text!r} is not valid: give the accelerator memory per process "
+                         "in GiB, such as 80")
+    return text in ("true", "1"), memory
+
+
+def plan_metrics(plan: dict[str, Any]) -> dict[str, float]:
+    """The plan's numbers, one level deep, as ``<section>_<name>`` (booleans as 0/1)."""
+    out: dict[str, float] = {}
+    for section, values in plan.items():
+        for name, value in (values.items() if isinstance(values, dict) else ()):
+            if isinstance(value, (bool, int, float)) and value == value:
+                out[f"{section}_{name}"] = float(value)
+    return out
+
+
+def write_plan_outputs(plan: dict[str, Any], output_metrics: Any, output_page: Any) -> None:
+    """A dry run's outputs: the plan's numbers as metrics, the whole plan as a page (the loss chart's output)."""
+    import html
+
+    for name, value in plan_metrics(plan).items():
+        output_metrics.log_metric(name, value)
+    page = Path(output_page.path)
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text("<!doctype html><meta charset=utf-8><title>LoRA preflight plan</title><h1>Preflight plan "
+                    "(nothing trained; every figure of memory and time is an estimate)</h1><pre>"
+                    + html.escape(json.dumps(plan, indent=2)) + "</pre>", encoding="utf-8")
 
 
 def run_key(output_model: Any) -> str:
@@ -244,6 +289,7 @@ def run_component(inputs: dict[str, Any], *, env: Mapping[str, str] | None = Non
     """The body of train_model: validate everything, launch, collect, write the outputs."""
     env = os.environ if env is None else env
     launcher = choose_launcher(env)
+    dry_run, plan_memory_gib = dry_run_setting(env)
     extras = extra_spec_values(env)
     values = spec_values(inputs)
     check_base_model(values.get("base_model") or "")
@@ -265,6 +311,19 @@ def run_component(inputs: dict[str, Any], *, env: Mapping[str, str] | None = Non
     log(f"[train_model] launcher={launcher} base_model={spec.base_model} dataset={spec.dataset} "
         f"output={spec.output_uri}")
 
+    if dry_run:
+        if launcher == LOCAL_LAUNCHER:
+            from airflow_provider_lora.core.launchers.local import plan_local
+
+            plan = plan_local(spec, on_line=log, memory_gib=plan_memory_gib)
+        else:
+            from airflow_provider_lora.kfp.cluster import plan_on_cluster
+
+            plan = plan_on_cluster(spec, launch, key=key, env=env, memory_gib=plan_memory_gib, log=log)
+        write_plan_outputs(plan, inputs["output_metrics"], inputs["output_loss_chart"])
+        log(f"[train_model] dry run: the plan fits ({plan['memory']['required_bytes'] / 2 ** 30:.2f} GiB estimated "
+            f"of {plan['memory']['available_bytes'] / 2 ** 30:.2f} GiB); nothing was trained")
+        return DRY_RUN_STATUS
     if storage.is_complete(spec.output_uri) and not spec.overwrite_output:
         # A retry after the training finished: collect what the earlier try published instead of training again.
         log(f"[train_model] {spec.output_uri} already holds this execution's completed run: collecting it")
