@@ -78,6 +78,26 @@ def test_published_run_is_complete_and_readable(base_run):
     assert (output / "loss_chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_adapter_has_a_model_card_the_hub_classes_load(base_run, tiny_model_dir, dataset):
+    """Issue 17: README.md in the adapter directory, written and read back with huggingface_hub's classes; peft's
+    empty template text is gone, its metadata kept."""
+    from huggingface_hub import ModelCard
+
+    output, outcome = base_run
+    summary = outcome.summary
+    card = ModelCard.load(output / "adapter" / "README.md")
+    assert card.data.base_model == str(tiny_model_dir) and card.data.library_name == "peft"
+    assert card.data.datasets == [str(dataset)] and {"lora", "peft"} <= set(card.data.tags)
+    [result] = card.data.eval_results
+    assert (result.metric_type, result.metric_value) == ("loss", summary["final_eval_loss"])
+    assert f"| final training loss | {summary['final_loss']} |" in card.text
+    assert f"| target modules | {', '.join(summary['lora']['target_modules'])} |" in card.text
+    assert f"transformers {summary['versions']['transformers']}" in card.text
+    assert "![training loss](../loss_chart.png)" in card.text
+    assert "More Information Needed" not in card.text
+    assert "adapter/README.md" in json.loads((output / storage.COMPLETE_MARKER).read_text())["files"]
+
+
 def test_saved_adapter_reloads_with_plain_peft_and_gives_the_same_logits(base_run, tiny_model_dir):
     output, outcome = base_run
     reloaded = _peft_model(tiny_model_dir, output / "adapter")

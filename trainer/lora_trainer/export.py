@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from airflow_provider_lora.core import results, storage
-from airflow_provider_lora.core.contract import (CHART_HTML, CHART_PNG, CHECKPOINTS_DIR, STAGED_DATA_DIR, SUMMARY_FILE,
-                                                 TASK_ENV)
+from airflow_provider_lora.core.contract import (ADAPTER_DIR, CHART_HTML, CHART_PNG, CHECKPOINTS_DIR, STAGED_DATA_DIR,
+                                                 SUMMARY_FILE, TASK_ENV)
 from airflow_provider_lora.core.spec import LoRASpec
 
 VERSIONED_PACKAGES = ("torch", "transformers", "peft", "trl", "unsloth", "datasets", "bitsandbytes")
@@ -116,13 +116,74 @@ def _short(uri: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
+MODEL_CARD = "README.md"  # where the Hugging Face Hub (and peft's save_pretrained) keep a model card
+CARD_TAGS = ("lora", "peft", "airflow-provider-lora")
+
+
+def write_model_card(adapter_dir: Path, spec: LoRASpec, summary: dict[str, Any]) -> Path:
+    """The adapter's model card (README.md), with huggingface_hub's classes: the Hub's metadata (base_model,
+    library_name peft, tags, datasets as given: a Hub id or a URI, eval results), then what a person needs to judge
+    and reuse the adapter: the results, the parameters that matter, the framework versions and the loss chart.
+    peft's own card (its metadata and tags) is kept and completed; its empty template text is replaced."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    path = adapter_dir / MODEL_CARD
+    data = ModelCard.load(path).data if path.exists() else ModelCardData()
+    data.base_model = spec.base_model
+    data.library_name = "peft"
+    data.datasets = [spec.dataset]
+    data.tags = sorted(set(data.tags or ()) | set(CARD_TAGS))
+    data.pipeline_tag = data.pipeline_tag or "text-generation"
+    data.model_name = f"{_short(spec.base_model)}-lora-r{spec.lora_r}"
+    if summary.get("final_eval_loss") is not None:  # the held-out split's loss: the figure to compare runs by
+        data.eval_results = [EvalResult(task_type="text-generation", dataset_type=spec.dataset,
+                                        dataset_name=_short(spec.dataset), dataset_split="held-out "
+                                        f"{spec.eval_fraction:g}", metric_type="loss",
+                                        metric_value=summary["final_eval_loss"])]
+    lora = summary["lora"]
+    batch = summary.get("batch") or {}
+    rows = [("base model", spec.base_model), ("dataset", spec.dataset),
+            ("LoRA", f"r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']}"
+                     + (", rsLoRA" if lora.get("rslora") else "") + (", DoRA" if lora.get("dora") else "")),
+            ("target modules", ", ".join(lora["target_modules"])),
+            ("quantisation", f"{summary['quantisation']['bits']}-bit" if summary.get("quantisation") else "none"),
+            ("dtype", summary.get("dtype")), ("learning rate", spec.learning_rate),
+            ("epochs / steps", f"{summary.get('epochs')} / {summary.get('global_step')}"),
+            ("effective batch", batch.get("effective_batch_size", spec.effective_batch_size)),
+            ("max sequence length", spec.max_seq_len), ("seed", spec.seed)]
+    results_rows = [(name, summary.get(key)) for name, key in (
+        ("final training loss", "final_loss"), ("lowest training loss", "min_loss"),
+        ("final held-out loss", "final_eval_loss"), ("lowest held-out loss", "min_eval_loss"),
+        ("tokens trained", "tokens"), ("training time (s)", "train_runtime_seconds"),
+        ("trainable parameters", "trainable_parameters")) if summary.get(key) is not None]
+    versions = ", ".join(f"{name} {version}" for name, version in (summary.get("versions") or {}).items())
+    text = "\n".join([
+        f"# {data.model_name}", "",
+        f"A LoRA adapter for `{spec.base_model}`, fine-tuned on `{spec.dataset}` with airflow-provider-lora. Load it "
+        "with peft: `PeftModel.from_pretrained(base_model, \"<this directory>\")`.", "",
+        "## Results", "", _table(results_rows), "",
+        f"![training loss](../{CHART_PNG})", "",
+        "## Training", "", _table(rows), "",
+        "## Framework versions", "", versions, ""])
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}")
+    card.save(path)
+    return path
+
+
+def _table(rows: list[tuple[str, Any]]) -> str:
+    cells = [f"| {name} | {value} |" for name, value in rows]
+    return "\n".join(["| | |", "|---|---|", *cells])
+
+
 def finish(spec: LoRASpec, run_dir: Path, summary: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, str]:
-    """Write summary.json and the chart, then publish the run (the completion marker goes last)."""
+    """Write summary.json, the chart and the adapter's model card, then publish the run (the completion marker goes
+    last)."""
     quant = summary["quantisation"]
     bits = f" · {quant['bits']}-bit" if quant else ""
     title = f"{_short(spec.base_model)} · LoRA r={spec.lora_r} α={spec.lora_alpha}{bits} · {_short(spec.dataset)}"
     results.draw_loss_chart(history, title=title, png_path=run_dir / CHART_PNG, html_path=run_dir / CHART_HTML)
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
+    write_model_card(run_dir / ADAPTER_DIR, spec, summary)
     artifacts = storage.publish_run(run_dir, spec.output_uri, overwrite=spec.overwrite_output,
                                     exclude=(CHECKPOINTS_DIR, STAGED_DATA_DIR))
     return artifacts
