@@ -26,7 +26,29 @@ How a pod runs (differences from a cluster, on purpose):
 - An image that is no valid reference waits with InvalidImageName (and events), as the kubelet leaves it.
 - DeleteOptions.preconditions (uid, resourceVersion) as kube-apiserver checks them: 409 Conflict on a mismatch.
 - RBAC (opt-in): `cluster.rbac_rules = role["rules"]` checks every API request against a Role's rules and answers
-  403 Forbidden outside them; `cluster.denied` lists the refused requests.
+  403 Forbidden outside them; `cluster.denied` lists the refused requests. A list with `watch=1` is verb "watch".
+
+Watches (pods, secrets, configmaps, events, TrainJobs; one namespace or all), as kube-apiserver serves them from
+its watch cache (k8s.io/apiserver pkg/storage/cacher: watch_cache.go, cache_watcher.go; and the Kubernetes API
+concepts page, "Efficient detection of changes" and "Watch bookmarks",
+https://kubernetes.io/docs/reference/using-api/api-concepts/):
+- Every change of a stored object is recorded once (`_bump`): ADDED, MODIFIED, DELETED with a snapshot of the object
+  at its new resourceVersion. A resource keeps its last `watch_cache_size` changes (the watch cache's window);
+  `compact()` forgets them all at once, as an etcd compaction past them would.
+- `?watch=1` answers 200 with a chunked stream of JSON lines {"type", "object"}. resourceVersion unset or "0": the
+  current objects as ADDED, then every change; resourceVersion V: every change after V, in order (V in the future:
+  those after V). V older than the window: one ERROR event carrying a 410 Expired Status, "too old resource
+  version: V (oldest-1)", then the end of the stream: the cacher's errWatcher answers so once the request has
+  been accepted. A list with resourceVersionMatch=Exact and such a V is refused with a plain 410 Expired ("The
+  resourceVersion for the provided list is too old.", etcd3 store's interpretListError); an Exact V in the window
+  answers the state at V. Lists carry the current resourceVersion.
+- label and field selectors filter the events as the cacheWatcher does: an object that starts matching is sent as
+  ADDED, one that stops matching as DELETED (its previous content at the change's resourceVersion).
+- allowWatchBookmarks=true: a BOOKMARK (the kind, apiVersion and metadata.resourceVersion only) every
+  `watch_bookmark_interval` seconds (the cacher's bookmarkFrequency: a minute) when nothing else is pending.
+- timeoutSeconds ends the stream cleanly after that long; without it, kube-apiserver's default: a random time
+  between `watch_min_request_timeout` (--min-request-timeout, 1800 s) and twice that.
+- Left out: sendInitialEvents (streaming lists), Table watches, ending watchers too slow to keep up.
 - Short-lived tokens (opt-in): `Cluster(token_lifetime=SECONDS)` writes a kubeconfig whose user is a kubeconfig
   `exec` credential plugin (exec_credential.py, like `aws eks get-token`) issuing tokens valid that long; the server
   then accepts only unexpired tokens that plugin issued and answers 401 Unauthorized (a Status, as kube-apiserver)
@@ -48,6 +70,9 @@ Faults (`Cluster.set_fault(kind, pod="glob", times=1, **params)`; `times=None` m
 - api_error (path regex, method, status 500|429|503): next `times` matching requests fail; 429 has Retry-After: 1.
 - api_timeout (path, method, seconds): next matching requests hang `seconds`, then are answered.
 - log_stream_drop (after_lines, mode "eof"|"reset"): a follow log stream ends (cleanly or abruptly) after N lines.
+- watch_drop (path, method, after_events, mode "eof"|"reset"): the next `times` matching watches end (cleanly, or
+  without the final chunk) after N events (bookmarks not counted; default 1), as a load balancer or an apiserver
+  restart ends them.
 Pod faults match the pod name with a glob (`pod="lora-*"`); api faults match request.path with a regex.
 """
 
@@ -56,11 +81,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import bisect
+import collections
 import datetime as dt
 import fnmatch
 import itertools
 import json
+import math
 import os
+import random
 import re
 import socket
 import sys
@@ -74,6 +102,7 @@ from aiohttp import web
 
 from tests.k8s.exec_credential import verify as verify_token
 from tests.k8s.kubelet import Kubelet, _PodRun
+from tests.k8s.trainer_controller import PLURAL as TRAINJOBS
 from tests.k8s.trainer_controller import TrainerController
 from tests.k8s.util import (FAULTS, HOST_IP, KINDS, RUNTIME_FAULTS, ApiError, _age, _flag, _int, _json, _make_tls,
                             _merge_patch, _nano, _now_s, check_preconditions, field_selector, label_selector)
@@ -108,6 +137,16 @@ class Cluster(TrainerController, Kubelet):
         self.rbac_rules: list[dict] | None = None
         self.denied: list[tuple[str, str, str, str]] = []
         self._store: dict[str, dict[str, dict[str, dict]]] = {r: {} for r in KINDS}  # resource -> ns -> name -> obj
+        # Watches (see the module docstring). `_history[res]`: its kept changes (rv, type, object, previous
+        # object), oldest first; `_latest`: each object's last snapshot, the "previous object" of its next change.
+        self.watch_cache_size = 1000  # changes kept per resource
+        self.watch_bookmark_interval = 60.0
+        self.watch_min_request_timeout = 1800.0
+        self._history: dict[str, collections.deque] = {}
+        self._latest: dict[tuple[str, str, str], dict] = {}
+        self._evicted: dict[str, int] = {}  # resource -> the newest version it no longer has all changes after
+        self._compacted = 0
+        self._watchers: dict[str, set[asyncio.Queue]] = {}
         self._runs: dict[tuple[str, str], _PodRun] = {}
         self._faults: list[dict] = []
         self._namespace_labels: dict[str, dict[str, str]] = {}
@@ -204,12 +243,21 @@ class Cluster(TrainerController, Kubelet):
         if kind not in FAULTS or set(params) - FAULTS[kind]:
             raise ValueError(f"unknown fault {kind!r} or parameter in {sorted(params)}; see FAULTS")
         fault = {"kind": kind, "pod": pod, "times": times, **params}
-        if kind.startswith("api_"):
+        if "path" in FAULTS[kind]:
             fault["path"] = re.compile(params.get("path", ".*"))
         self._call(self._add_fault, fault)
 
     def clear_faults(self) -> None:
         self._call(self._faults.clear)
+
+    def compact(self) -> None:
+        """Test helper: forget every kept change, as an etcd compaction at the current version (and a watch cache
+        window that has moved past it): a watch from any older version gets 410 Expired."""
+        def run():
+            for history in self._history.values():
+                history.clear()
+            self._compacted = self._rv_now
+        self._call(run)
 
     def stop(self) -> None:
         if self._loop.is_running():
@@ -243,6 +291,9 @@ class Cluster(TrainerController, Kubelet):
         await web.SockSite(self._runner, self._sock, ssl_context=self._ssl).start()
 
     async def _shutdown(self):
+        for queues in self._watchers.values():
+            for queue in queues:
+                queue.put_nowait(None)  # end the watches
         for run in self._runs.values():
             run.removed = True
             run.kill()
@@ -354,13 +405,44 @@ class Cluster(TrainerController, Kubelet):
 
     # ----- store -----
 
-    def _bump(self, obj: dict):
+    _WATCHED = {**{kind: res for res, kind in KINDS.items()}, "TrainJob": TRAINJOBS}  # kind -> resource
+
+    def _bump(self, obj: dict, change: str = "MODIFIED"):
+        """A new resourceVersion for a change of `obj` (already stored, or already removed for DELETED)."""
         self._rv_now = next(self._rv)
         obj["metadata"]["resourceVersion"] = str(self._rv_now)
+        self._record(change, obj)
 
     def _put(self, resource: str, obj: dict):
-        self._bump(obj)
-        self._store[resource].setdefault(obj["metadata"]["namespace"], {})[obj["metadata"]["name"]] = obj
+        md = obj["metadata"]
+        objects = self._store[resource].setdefault(md["namespace"], {})
+        change = "MODIFIED" if md["name"] in objects else "ADDED"
+        objects[md["name"]] = obj
+        self._bump(obj, change)
+
+    def _record(self, change: str, obj: dict):
+        """Keep the change in its resource's history and hand it to that resource's watches."""
+        md, res = obj["metadata"], self._WATCHED.get(obj.get("kind"))
+        ns = md.get("namespace", "")
+        if res is None or change == "MODIFIED" and self._store[res].get(ns, {}).get(md["name"]) is not obj:
+            return  # not watchable, or a stale copy of an object already gone: no change any reader could see
+        key, snapshot = (res, ns, md["name"]), json.loads(json.dumps(obj))
+        prev = self._latest.pop(key, None) if change == "DELETED" else self._latest.get(key)
+        if change != "DELETED":
+            self._latest[key] = snapshot
+        entry = (self._rv_now, change, snapshot, prev)
+        history = self._history.setdefault(res, collections.deque())
+        history.append(entry)
+        while len(history) > self.watch_cache_size:
+            history.popleft()
+            self._evicted[res] = history[0][0] - 1 if history else self._rv_now
+        for queue in self._watchers.get(res, ()):
+            queue.put_nowait(entry)
+
+    def _horizon(self, res: str) -> int:
+        """The oldest version a watch of `res` can start from: every change after it is kept (watch_cache.go's
+        `oldest-1`)."""
+        return max(self._compacted, self._evicted.get(res, 0))
 
     def _get(self, resource: str, ns: str, name: str) -> dict:
         obj = self._store[resource].get(ns, {}).get(name)
@@ -460,24 +542,134 @@ class Cluster(TrainerController, Kubelet):
             return await self._patch(request, res, ns, name)
         raise web.HTTPMethodNotAllowed(request.method, ["GET", "DELETE", "PATCH"])
 
-    async def _list(self, request, res: str, ns: str | None):
-        q = request.query
+    async def _list(self, request, res: str, ns: str | None, kind: str | None = None, api_version: str = "v1"):
+        """A list of the collection (`ns` None: every namespace) or, with ?watch, a watch of it."""
+        q, kind = request.query, kind or KINDS[res]
         by_label = label_selector(q.get("labelSelector", ""))
         by_field = field_selector(res, q.get("fieldSelector", ""))
-        spaces = [ns] if ns else sorted(self._store[res])
-        items = [o for n in spaces for _, o in sorted(self._store[res].get(n, {}).items())
-                 if by_label(o) and by_field(o)]
-        if _flag(q, "watch"):  # a short watch: the current objects as ADDED, then the stream ends
-            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
-            await resp.prepare(request)
-            for obj in items:
-                await resp.write(json.dumps({"type": "ADDED", "object": obj}).encode() + b"\n")
-            await resp.write_eof()
-            return resp
+        match = lambda obj: by_label(obj) and by_field(obj)  # noqa: E731
+        if _flag(q, "watch"):
+            return await self._watch(request, res, ns, match, kind, api_version)
+        at = None
+        if q.get("resourceVersionMatch") == "Exact" and (at := self._since(q)) is not None and \
+                at < self._horizon(res):  # as the etcd3 store answers a read at a compacted revision
+            raise ApiError(410, "The resourceVersion for the provided list is too old.", reason="Expired")
+        items = self._objects(res, ns, match, at)
         if res == "pods" and "as=Table" in request.headers.get("Accept", ""):
             return _json(self._table(items))
-        return _json({"kind": KINDS[res] + "List", "apiVersion": "v1",
-                      "metadata": {"resourceVersion": str(self._rv_now)}, "items": items})
+        return _json({"kind": kind + "List", "apiVersion": api_version,
+                      "metadata": {"resourceVersion": str(at or self._rv_now)}, "items": items})
+
+    @staticmethod
+    def _since(q) -> int | None:
+        """The request's resourceVersion; None when unset or "0" (any version: the current state)."""
+        text = q.get("resourceVersion", "")
+        if text in ("", "0"):
+            return None
+        if not text.isdigit():
+            raise ApiError(400, f'invalid resource version "{text}"')
+        return int(text)
+
+    def _objects(self, res: str, ns: str | None, match: Callable[[dict], bool], at: int | None = None) -> list[dict]:
+        """The matching objects in (ns, name) order: as they are, or as they were at version `at` (the kept
+        changes after it undone)."""
+        spaces = [ns] if ns else list(self._store[res])
+        objs = {(n, name): o for n in spaces for name, o in self._store[res].get(n, {}).items()}
+        for rv, _, obj, prev in reversed(self._history.get(res, ()) if at is not None else ()):
+            if rv <= at:
+                break
+            key = (obj["metadata"].get("namespace", ""), obj["metadata"]["name"])
+            if ns in (None, key[0]):
+                objs.pop(key, None) if prev is None else objs.__setitem__(key, prev)
+        return [o for _, o in sorted(objs.items()) if match(o)]
+
+    async def _watch(self, request, res: str, ns: str | None, match: Callable[[dict], bool], kind: str,
+                     api_version: str):
+        """A watch as kube-apiserver's cacher serves it (module docstring): the backlog (current objects, or the
+        kept changes after the requested version) and then each change as it is recorded, from a queue this
+        watch registers in the same step, so no change falls between the two."""
+        q, loop = request.query, asyncio.get_running_loop()
+        since, horizon = self._since(q), self._horizon(res)
+        floor = self._rv_now if since is None else since  # changes up to this one are in the backlog (or unwanted)
+        if since is None:  # the watch cache's getIntervalFromStore: the current objects as ADDED
+            backlog = collections.deque((0, "ADDED", o, None) for o in json.loads(json.dumps(
+                self._objects(res, ns, match))))
+        elif since >= horizon:
+            history = self._history.get(res, collections.deque())
+            start = bisect.bisect_right(history, since, key=lambda entry: entry[0])
+            backlog = collections.deque(itertools.islice(history, start, None))
+        else:
+            backlog = None
+        # handlers/watch.go: timeoutSeconds, else a random time in [min-request-timeout, 2 x min-request-timeout)
+        timeout = _int(q, "timeoutSeconds") or self.watch_min_request_timeout * (1 + random.random())
+        deadline = loop.time() + timeout
+        interval = self.watch_bookmark_interval if _flag(q, "allowWatchBookmarks") else math.inf
+        next_bookmark = loop.time() + interval
+        drop = self._take_fault(("watch_drop",), request=request)
+        limit = drop.get("after_events", 1) if drop else math.inf
+        queue: asyncio.Queue = asyncio.Queue()
+        watchers = self._watchers.setdefault(res, set())
+        watchers.add(queue)
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.enable_chunked_encoding()
+
+        async def send(etype: str, obj: dict):
+            await resp.write(json.dumps({"type": etype, "object": obj}, separators=(",", ":")).encode() + b"\n")
+
+        def visible(obj: dict | None) -> bool:
+            return obj is not None and ns in (None, obj["metadata"].get("namespace")) and match(obj)
+
+        sent = 0
+        try:
+            await resp.prepare(request)
+            if backlog is None:  # 200, then the Status as an ERROR event (the cacher's errWatcher)
+                await send("ERROR", ApiError(410, f"too old resource version: {since} ({horizon})",
+                                             reason="Expired").status())
+            while backlog is not None and sent < limit:
+                now = loop.time()
+                if now >= deadline:
+                    break
+                if now >= next_bookmark and not backlog and queue.empty():  # all changes up to now are sent
+                    await send("BOOKMARK", {"kind": kind, "apiVersion": api_version,
+                                            "metadata": {"resourceVersion": str(max(self._rv_now, floor))}})
+                    next_bookmark = now + interval
+                    continue
+                if backlog:
+                    entry = backlog.popleft()
+                else:
+                    try:
+                        entry = await asyncio.wait_for(queue.get(), min(deadline, next_bookmark) - now)
+                    except asyncio.TimeoutError:
+                        continue
+                if entry is None or request.transport is None:
+                    break  # the server stops, or the client has gone (noticed at the next change)
+                if entry[0] and entry[0] <= floor:
+                    continue
+                if event := self._watch_event(entry, visible):
+                    await send(*event)
+                    sent += 1
+            if sent >= limit and drop.get("mode") == "reset":  # no final chunk: the client sees a broken stream
+                request.transport.close()
+                return resp
+            await resp.write_eof()
+        except (ConnectionResetError, RuntimeError):  # the client went away
+            pass
+        finally:
+            watchers.discard(queue)
+        return resp
+
+    @staticmethod
+    def _watch_event(entry: tuple, visible: Callable[[dict | None], bool]) -> tuple[str, dict] | None:
+        """What a watch with these selectors sees of a change (cache_watcher.go's convertToWatchEvent)."""
+        rv, change, obj, prev = entry
+        now_in, was_in = change != "DELETED" and visible(obj), visible(prev)
+        if now_in:
+            return ("MODIFIED" if was_in else "ADDED"), obj
+        if not was_in:
+            return None
+        if change == "DELETED":
+            return "DELETED", obj
+        return "DELETED", {**prev, "metadata": {**prev["metadata"], "resourceVersion": str(rv)}}
 
     async def _body(self, request) -> Any:
         try:
@@ -554,6 +746,7 @@ class Cluster(TrainerController, Kubelet):
         check_preconditions(obj, opts.get("preconditions"), res, name)
         if res != "pods":
             del self._store[res][ns][name]
+            self._bump(obj, "DELETED")
             return _json({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
                           "details": {"name": name, "kind": res, "uid": obj["metadata"]["uid"]}})
         grace = _int(request.query, "gracePeriodSeconds")
@@ -582,7 +775,7 @@ class Cluster(TrainerController, Kubelet):
         md = run.pod["metadata"]
         if self._store["pods"].get(md["namespace"], {}).get(md["name"]) is run.pod:
             del self._store["pods"][md["namespace"]][md["name"]]
-            self._bump(run.pod)
+            self._bump(run.pod, "DELETED")
         if self._runs.get((md["namespace"], md["name"])) is run:
             del self._runs[(md["namespace"], md["name"])]
         run.removed = True

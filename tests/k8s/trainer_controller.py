@@ -34,7 +34,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from tests.k8s.util import ApiError, _json, _merge_patch, _now_s, check_preconditions, label_selector
+from tests.k8s.util import ApiError, _json, _merge_patch, _now_s, check_preconditions
 from tests.k8s.validation import (FieldError, check_pod_security, dns1035_label, domain_prefixed_path,
                                   unknown_field_warnings, validate_core, validate_custom)
 
@@ -119,19 +119,12 @@ class TrainerController:
              "kind": "ClusterTrainingRuntime", "verbs": ["create", "delete", "get", "list"]}]})
 
     async def _trainjob_list_all(self, request):
-        return self._trainjob_list(request, None)
-
-    def _trainjob_list(self, request, ns: str | None):
-        match = label_selector(request.query.get("labelSelector", ""))
-        spaces = [ns] if ns else sorted(self._store[PLURAL])
-        items = [o for n in spaces for _, o in sorted(self._store[PLURAL].get(n, {}).items()) if match(o)]
-        return _json({"kind": "TrainJobList", "apiVersion": API_VERSION,
-                      "metadata": {"resourceVersion": str(self._rv_now)}, "items": items})
+        return await self._list(request, PLURAL, None, "TrainJob", API_VERSION)
 
     async def _trainjob_collection(self, request):
         ns = request.match_info["ns"]
-        if request.method == "GET":
-            return self._trainjob_list(request, ns)
+        if request.method == "GET":  # a list or a watch (emulator.py)
+            return await self._list(request, PLURAL, ns, "TrainJob", API_VERSION)
         if request.method != "POST":
             raise web.HTTPMethodNotAllowed(request.method, ["GET", "POST"])
         obj = await self._body(request)
@@ -309,8 +302,8 @@ class TrainerController:
             options = ((await self._body(request)) if request.can_read_body else None) or {}
             check_preconditions(obj, options.get("preconditions"), f"{PLURAL}.{GROUP}", name)
             del self._store[PLURAL][ns][name]
-            self._bump(obj)
             obj["metadata"]["deletionTimestamp"] = _now_s()
+            self._bump(obj, "DELETED")  # after the timestamp: watches see the object as it was deleted
             for pod in self._node_pods(obj):  # owner references: the garbage collector deletes the pods
                 if not pod["metadata"].get("deletionTimestamp"):
                     self._delete_pod(pod, pod["spec"].get("terminationGracePeriodSeconds", 30))

@@ -29,6 +29,7 @@ FIELDS = {
                "source", "type"},
     "secrets": {"metadata.name", "metadata.namespace", "type"},
     "configmaps": {"metadata.name", "metadata.namespace"},
+    "trainjobs": {"metadata.name", "metadata.namespace"},  # what every custom resource supports
 }
 FAULTS = {  # kind -> the parameters it takes (besides pod and times); see emulator.py
     "oom": {"after_seconds", "after_lines", "container"},
@@ -39,6 +40,7 @@ FAULTS = {  # kind -> the parameters it takes (besides pod and times); see emula
     "api_error": {"path", "method", "status"},
     "api_timeout": {"path", "method", "seconds"},
     "log_stream_drop": {"after_lines", "mode"},
+    "watch_drop": {"path", "method", "after_events", "mode"},  # `path` a regex, as api faults
     "trainjob_creation_failed": {"message"},  # trainer_controller.py; `pod` globs the TrainJob's name
 }
 RUNTIME_FAULTS = ("oom", "evict", "node_lost")
@@ -64,10 +66,12 @@ class ApiError(Exception):
         self.code, self.message, self.headers, self.details = code, message, headers, details
         self.reason = reason or self.REASONS.get(code, "InternalError")
 
+    def status(self) -> dict:
+        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": self.message,
+                "reason": self.reason, "details": self.details, "code": self.code}
+
     def response(self) -> web.Response:
-        return _json({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                      "message": self.message, "reason": self.reason, "details": self.details, "code": self.code},
-                     self.code, self.headers)
+        return _json(self.status(), self.code, self.headers)
 
 
 def check_preconditions(obj: dict, preconditions: dict | None, resource: str, name: str) -> None:
