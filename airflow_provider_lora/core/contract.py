@@ -68,3 +68,17 @@ TASK_ENV = "LORA_TASK"
 # Data files the trainer reads, by suffix, with the `datasets` builder that reads each. A dataset file without one
 # of these suffixes (a KFP artifact) is given one before the trainer sees it.
 DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+# ---- running out of memory (docs/concepts.md, "Out-of-memory policy") -----------------------------------------------
+
+# The trainer ran out of memory at micro-batch 1, with nothing left to halve: it prints OOM_ERROR and why on stderr
+# and exits with OOM_EXIT_CODE, which no retry can fix (the operator does not retry it). Under torchrun it prints
+# OOM_ERROR for any micro-batch (a rank cannot recover alone) and torchrun exits 1: the pod's log tail, its
+# termination message, then carries OOM_ERROR, and the next try halves the micro-batch.
+OOM_ERROR = ERROR_PREFIX + "out of memory: "
+OOM_EXIT_CODE = 3
+# What earlier tries' out-of-memory failures changed, as JSON {"micro_batch", "gradient_checkpointing",
+# "adjustments"}: the operator sets it on a retry's trainer container; the trainer applies it.
+OOM_SETTINGS_ENV = "LORA_OOM_SETTINGS"
+# summary.json (and so the XCom summary): every change made after running out of memory, in order.
+OOM_ADJUSTMENTS_KEY = "oom_adjustments"

@@ -21,8 +21,10 @@ from airflow_provider_lora.compat import AirflowException, AirflowFailException,
 from airflow_provider_lora.core.launchers import cluster
 from airflow_provider_lora.core.launchers.local import LOCAL_LAUNCHER
 from airflow_provider_lora.core.launchers.pod import fails_again
+from airflow_provider_lora.core.contract import OOM_ADJUSTMENTS_KEY, OOM_EXIT_CODE
 from airflow_provider_lora.core.launchers.trainjob import installed_trainer_version
 from airflow_provider_lora.core.limits import check_manifest
+from airflow_provider_lora.core.oom import describe as oom_describe
 from airflow_provider_lora.core.render import (
     IMAGE_REFERENCE, PodOptions, SecretRef, TaskIdentity, TrainJobOptions, render_pod, render_trainjob,
     trainer_api_shape,
@@ -348,6 +350,7 @@ class LoRATrainingOperator(BaseOperator):
             else:
                 manifest = render_pod(spec, self._options(), identity)
             _add_task_env(manifest, task)
+            self._adjust_after_out_of_memory(api, manifest, spec, identity.try_number)
             check_manifest(manifest, spec)
         except ValueError as exc:
             raise AirflowFailException(f"{self.task_id}: {exc}") from None
@@ -373,6 +376,40 @@ class LoRATrainingOperator(BaseOperator):
             self.defer(trigger=self._trigger(name, namespace, deadline), method_name="execute_complete",
                        timeout=timeout)
         return self.execute_complete(context, self._wait_in_worker(name, namespace, deadline))
+
+    def _adjust_after_out_of_memory(self, api: Any, manifest: dict[str, Any], spec: LoRASpec,
+                                    try_number: int) -> None:
+        """A retry whose previous try ran out of memory (OOMKilled: the kernel's SIGKILL, which the trainer cannot
+        catch) runs with half that try's micro-batch, the same effective batch and gradient checkpointing on
+        (core/oom.py), read from the run that try left under the same name; it resumes from that try's checkpoint
+        as every retry does. The trainer gets the settings in OOM_SETTINGS_ENV and records them in summary.json."""
+        if try_number <= 1:
+            return
+        from airflow_provider_lora.core import oom
+        from airflow_provider_lora.core.contract import OOM_SETTINGS_ENV
+
+        job = cluster.for_manifest(api, manifest)
+        previous = job.read()
+        if previous is None:
+            self.log.warning(
+                "try %s: %s of the previous try is gone (on_finish_action=%r%s), so whether it ran out of memory "
+                "cannot be read: this try runs with the spec's micro-batch, not a halved one", try_number, job,
+                self.on_finish_action, ", which deletes failed runs too" if self.on_finish_action == "delete_pod"
+                else "; it was deleted")
+            return
+        state, _ = job.observe(previous)
+        try:
+            settings = oom.retry_settings(previous, state, spec, try_number)
+        except oom.OutOfMemoryAtMicroBatch1 as exc:
+            raise AirflowFailException(f"{self.task_id}: {exc}") from None
+        if settings is None:
+            return
+        if oom.was_out_of_memory(state):
+            self.log.warning("try %s: %s", try_number, oom.describe(settings["adjustments"][-1]))
+        else:
+            self.log.info("try %s keeps the earlier tries' out-of-memory settings: micro-batch %s, gradient "
+                          "checkpointing on", try_number, settings["micro_batch"])
+        _set_trainer_env(manifest, OOM_SETTINGS_ENV, json.dumps(settings))
 
     def _deadline(self, ti: Any) -> float | None:
         """Epoch seconds when this try's execution_timeout runs out (its start + execution_timeout): Airflow does
@@ -431,6 +468,8 @@ class LoRATrainingOperator(BaseOperator):
             if fails_again(event.get("reason"), event.get("description") or ""):
                 # A new pod from the same manifest fails the same way: spend no retry on it.
                 raise AirflowFailException(message + "\n(not retried: a new pod would fail the same way)")
+            if event.get("exit_code") == OOM_EXIT_CODE:
+                raise AirflowFailException(message + "\n(not retried: out of memory at micro-batch 1)")
             raise AirflowException(message)
         finally:
             # A run that never started could start later, and one past its deadline is still running: both are
@@ -476,6 +515,8 @@ class LoRATrainingOperator(BaseOperator):
         self.log.info("training finished: final loss %s (min %s) after %s steps; artifacts: %s",
                       summary.get("final_loss"), summary.get("min_loss"), summary.get("global_step"),
                       json.dumps(result.get("artifacts", {})))
+        for change in summary.get(OOM_ADJUSTMENTS_KEY) or []:
+            self.log.warning("this run was adjusted after running out of memory: %s", oom_describe(change))
         push_loss_chart(result, self.log, s3=self._s3)  # XCom loss_chart_html, for the Loss chart tab
         return result
 
@@ -510,19 +551,24 @@ def _task_of(ti: Any, deployment: str) -> dict[str, Any] | None:
 
 
 def _add_task_env(manifest: dict[str, Any], task: dict[str, Any] | None) -> None:
-    """Tell the trainer which task instance launches it (it records it with the run). '$' is doubled: Kubernetes
-    expands $(VAR) in env values, and a run id is the user's text."""
-    from airflow_provider_lora.core.render import TRAINER_CONTAINER
+    """Tell the trainer which task instance launches it (it records it with the run)."""
     from airflow_provider_lora.core.contract import TASK_ENV
 
-    if task is None:
-        return
-    item = {"name": TASK_ENV, "value": json.dumps(task, sort_keys=True).replace("$", "$$")}
+    if task is not None:
+        _set_trainer_env(manifest, TASK_ENV, json.dumps(task, sort_keys=True))
+
+
+def _set_trainer_env(manifest: dict[str, Any], name: str, value: str) -> None:
+    """Set ``name`` in the trainer's environment. '$' is doubled: Kubernetes expands $(VAR) in env values, and
+    the value may hold the user's text."""
+    from airflow_provider_lora.core.render import TRAINER_CONTAINER
+
+    item = {"name": name, "value": value.replace("$", "$$")}
     body = manifest["spec"]
     holders = ([body["trainer"]] if manifest["kind"] == "TrainJob" else
                [c for c in body["containers"] if c.get("name") == TRAINER_CONTAINER])
     for holder in holders:
-        holder["env"] = [*(e for e in holder.get("env") or [] if e.get("name") != TASK_ENV), item]
+        holder["env"] = [*(e for e in holder.get("env") or [] if e.get("name") != name), item]
 
 
 def _task_timeout(message: str) -> Exception:

@@ -7,6 +7,7 @@ is the output contract (airflow_provider_lora.core.contract), which the launcher
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,13 +30,16 @@ from transformers.trainer_callback import PrinterCallback
 from airflow_provider_lora.core import storage
 from airflow_provider_lora.core.contract import (ADAPTER_DIR, CHECKPOINT_METRICS_FILE, CHECKPOINTS_DIR,
                                                  COMPLETE_MARKER, ERROR_PREFIX, LOG_PREFIX, MERGED_DIR, METRICS_FILE,
+                                                 OOM_ADJUSTMENTS_KEY, OOM_ERROR, OOM_EXIT_CODE, OOM_SETTINGS_ENV,
                                                  REMOTE_CHECKPOINTS_DIR, RESULT_PREFIX, STAGED_DATA_DIR,
                                                  SUMMARY_FILE, TERMINATION_LOG, TERMINATION_LOG_ENV)
+from airflow_provider_lora.core import oom as oom_rule
 from airflow_provider_lora.core.results import RunResult, is_own_run, load_run_result, termination_message
 from airflow_provider_lora.core.spec import BatchPlan, LoRASpec, optimizer_steps, plan_batches, warmup_warning
 from lora_trainer import data as data_lib
 from lora_trainer import export
 from lora_trainer import model as model_lib
+from lora_trainer import oom as oom_lib
 
 
 def log(message: str) -> None:
@@ -75,7 +79,7 @@ def run(spec: LoRASpec, work_dir: str | Path | None = None) -> Outcome:
     # 3. train
     trained = _train(spec, setup, loaded, state, run_dir)
     # 4. export (rank 0): summary, adapter, merged model, the published run, the result line
-    summary = _export(spec, setup, loaded, trained, run_dir, started)
+    summary = _export(spec, trained.setup, loaded, trained, run_dir, started)
     _close(state)
     return Outcome(summary or {}, loaded.model, loaded.tokenizer)
 
@@ -91,6 +95,8 @@ class _Setup:
     on_gpu: bool
     packing_used: bool
     packing_note: str
+    gradient_checkpointing: bool
+    oom_adjustments: list[dict[str, Any]]  # what running out of memory changed (earlier tries', then this one's)
 
 
 def _check_spec(spec: LoRASpec) -> None:
@@ -165,12 +171,22 @@ def _check_machine(spec: LoRASpec, state: Any) -> _Setup:
                     "would attend to each other" if spec.lora_sample_packing else "off (lora_sample_packing=False)")
     log(f"device: {'cuda x ' + str(torch.cuda.device_count()) if on_gpu else 'cpu'}, dtype {str(dtype)[6:]}, "
         f"{state.num_processes} process(es)")
+    # trl's default (on) saves GPU memory; on CPU it only recomputes activations (bench/: 1.5x slower there).
+    checkpointing, adjustments = on_gpu, []
+    carried = oom_rule.read_settings(os.environ.get(OOM_SETTINGS_ENV))
+    if carried is not None:  # an earlier try ran out of memory: the operator passes on what it changed
+        plan = oom_rule.fitted(plan, carried["micro_batch"])
+        checkpointing = checkpointing or bool(carried.get("gradient_checkpointing"))
+        adjustments = list(carried.get("adjustments") or [])
+        for change in adjustments:
+            log(oom_rule.describe(change))
     log(plan.describe())
-    if (batch_warning := plan.warning(spec)) is not None:
+    # After halving, a micro-batch below what max_tokens_per_gpu allows is the point, not a mistake to warn of.
+    if (batch_warning := plan.warning(spec)) is not None and carried is None:
         log(f"WARNING: {batch_warning}")
     if spec.lora_sample_packing and not packing_used:
         log(f"WARNING: sample packing requested but {packing_note}")
-    return _Setup(dtype, plan, on_gpu, packing_used, packing_note)
+    return _Setup(dtype, plan, on_gpu, packing_used, packing_note, checkpointing, adjustments)
 
 
 def _check_data(spec: LoRASpec, run_dir: Path) -> _CheckedData:
@@ -242,24 +258,62 @@ class _Trained:
     metrics: MetricsCallback  # holds the rows of metrics.jsonl, in memory
     resumed_from: str | None  # the checkpoint the training resumed from
     remote_checkpoints: str | None  # where an s3:// run keeps its checkpoints between tries
+    setup: _Setup  # as training ended: with what running out of memory changed
 
 
 def _train(spec: LoRASpec, setup: _Setup, loaded: _Loaded, state: Any, run_dir: Path) -> _Trained:
-    """Train with trl's SFTTrainer, resuming from a checkpoint when asked; metrics.jsonl grows as it goes."""
+    """Train with trl's SFTTrainer, resuming from a checkpoint when asked; metrics.jsonl grows as it goes. Out of
+    memory, one process goes on with half the micro-batch (_after_out_of_memory)."""
     from trl import SFTTrainer
 
     checkpoint_dir = run_dir / CHECKPOINTS_DIR
-    config = _sft_config(spec, setup, loaded, state, checkpoint_dir)
     metrics_path = run_dir / METRICS_FILE
     remote_checkpoints = _sync_remote_checkpoints(spec, state, checkpoint_dir, metrics_path)
     callback = MetricsCallback(metrics_path, append=spec.resume_from_checkpoint is not None)
     callbacks = [callback] + ([CheckpointUpload(remote_checkpoints, metrics_path)] if remote_checkpoints else [])
-    trainer = SFTTrainer(model=loaded.model, args=config, train_dataset=loaded.data.train,
-                         eval_dataset=loaded.data.eval, processing_class=loaded.tokenizer, callbacks=callbacks)
-    trainer.remove_callback(PrinterCallback)  # our progress lines replace its raw dicts
     resume_from = _resume_checkpoint(spec, checkpoint_dir)
-    output = trainer.train(resume_from_checkpoint=resume_from)
-    return _Trained(trainer, output, callback, resume_from, remote_checkpoints)
+    initial = oom_lib.trainable_state(loaded.model) if state.num_processes == 1 else None
+    while True:
+        config = _sft_config(spec, setup, loaded, state, checkpoint_dir)
+        trainer = SFTTrainer(model=loaded.model, args=config, train_dataset=loaded.data.train,
+                             eval_dataset=loaded.data.eval, processing_class=loaded.tokenizer, callbacks=callbacks)
+        trainer.remove_callback(PrinterCallback)  # our progress lines replace its raw dicts
+        try:
+            output = trainer.train(resume_from_checkpoint=resume_from)
+            return _Trained(trainer, output, callback, resume_from, remote_checkpoints, setup)
+        except Exception as exc:
+            if not oom_lib.is_out_of_memory(exc):
+                raise
+            report = oom_lib.memory_report(exc)
+        # Out of the except block, so the traceback (and the step's tensors it holds) can be freed.
+        del trainer
+        loaded.model.zero_grad(set_to_none=True)  # a failed step's partial gradients must not reach the next one
+        setup = _after_out_of_memory(setup, state, report)
+        # This run's newest checkpoint, else the one it started from (given, or fetched from an earlier try).
+        resume_from = _latest_checkpoint(checkpoint_dir) or resume_from
+        if resume_from is None:
+            oom_lib.restore(loaded.model, initial)  # step 0 again, from the adapter's initial weights
+        log(f"continuing from {resume_from}" if resume_from else "no checkpoint yet: training again from step 0")
+
+
+def _after_out_of_memory(setup: _Setup, state: Any, report: str) -> _Setup:
+    """The setup to go on with after running out of memory (core/oom.py's rule: half the micro-batch, same
+    effective batch, gradient checkpointing on), recorded and logged. Under torchrun a rank cannot recover alone
+    (the others wait in collectives): it says so and fails, and the task's next try halves instead."""
+    oom_lib.free_memory()
+    if state.num_processes > 1:
+        print(f"{OOM_ERROR}rank {state.process_index} at micro-batch {setup.plan.micro_batch} ({report}); with "
+              f"{state.num_processes} processes this try cannot go on, the task's next try halves the micro-batch",
+              file=sys.stderr, flush=True)
+        raise SystemExit(1)
+    smaller = oom_rule.halved(setup.plan)
+    if smaller is None:
+        raise oom_rule.OutOfMemoryAtMicroBatch1(
+            f"out of memory at micro-batch 1 ({report}): nothing is left to halve. To fit, {oom_rule.ADVICE}")
+    change = oom_rule.adjustment(setup.plan, smaller, setup.gradient_checkpointing, report, "in-process")
+    log(oom_rule.describe(change))
+    return dataclasses.replace(setup, plan=smaller, gradient_checkpointing=True,
+                               oom_adjustments=[*setup.oom_adjustments, change])
 
 
 def _sft_config(spec: LoRASpec, setup: _Setup, loaded: _Loaded, state: Any, checkpoint_dir: Path) -> Any:
@@ -285,8 +339,10 @@ def _sft_config(spec: LoRASpec, setup: _Setup, loaded: _Loaded, state: Any, chec
         bf16=setup.dtype == torch.bfloat16,
         fp16=setup.dtype == torch.float16,
         use_cpu=not setup.on_gpu,
-        # trl's default (on) saves GPU memory; on CPU it only recomputes activations (bench/: 1.5x slower there).
-        gradient_checkpointing=setup.on_gpu,
+        gradient_checkpointing=setup.gradient_checkpointing,
+        # Non-reentrant: the reentrant form computes no gradient when the inputs are frozen, as LoRA's are. (On a
+        # GPU unsloth's own checkpointing replaces it.)
+        gradient_checkpointing_kwargs=None if setup.on_gpu else {"use_reentrant": False},
         max_length=spec.max_seq_len,
         packing=setup.packing_used,
         padding_free=setup.packing_used,
@@ -335,6 +391,8 @@ def _export(spec: LoRASpec, setup: _Setup, loaded: _Loaded, trained: _Trained, r
                      "note": setup.packing_note},
             resumed_from=trained.resumed_from, wall_seconds=time.time() - started,
         )
+        summary["gradient_checkpointing"] = setup.gradient_checkpointing
+        summary[OOM_ADJUSTMENTS_KEY] = setup.oom_adjustments
     trainer.save_model(str(run_dir / ADAPTER_DIR))  # collective under DDP; writes on rank 0 only
     if trainer.is_world_process_zero():
         # The loader sets its own model_max_length (max_seq_len) and padding side: save the base tokenizer's.
@@ -399,12 +457,15 @@ def _resume_checkpoint(spec: LoRASpec, checkpoint_dir: Path) -> str | None:
         path = Path(spec.resume_from_checkpoint.removeprefix("file://")).expanduser()  # checked by _check_spec
         log(f"resuming from {path}")
         return str(path)
+    latest = _latest_checkpoint(checkpoint_dir)
+    log(f"resuming from {latest}" if latest else
+        f"resume_from_checkpoint='latest': no checkpoint in {checkpoint_dir} yet, starting at step 0")
+    return latest
+
+
+def _latest_checkpoint(checkpoint_dir: Path) -> str | None:
     checkpoints = sorted(checkpoint_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    if not checkpoints:
-        log(f"resume_from_checkpoint='latest': no checkpoint in {checkpoint_dir} yet, starting at step 0")
-        return None
-    log(f"resuming from {checkpoints[-1]}")
-    return str(checkpoints[-1])
+    return str(checkpoints[-1]) if checkpoints else None
 
 
 class CheckpointUpload(TrainerCallback):
@@ -526,4 +587,7 @@ def main_entry(spec: LoRASpec, work_dir: str | None = None) -> int:
             storage.OutputNotWritableError) as exc:
         print(f"{ERROR_PREFIX}{exc}", file=sys.stderr, flush=True)
         return 2
+    except oom_rule.OutOfMemoryAtMicroBatch1 as exc:
+        print(f"{OOM_ERROR}{exc}", file=sys.stderr, flush=True)
+        return OOM_EXIT_CODE
     return 0
