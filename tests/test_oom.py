@@ -116,9 +116,9 @@ def test_an_oom_mid_training_halves_the_micro_batch_and_learns_the_same(tiny_mod
     assert "micro-batch 4 -> 2, gradient accumulation 2 -> 4 (effective batch 8 kept)" in capsys.readouterr().out
 
     assert [r["step"] for r in history(tmp_path / "healed") if "loss" in r] == list(range(1, 9))  # each step once
-    # Same rows per optimizer step, summed in other groupings: equal up to float rounding (a seed-for-seed rerun
-    # is exactly equal, tests/test_trainer.py).
-    assert losses(tmp_path / "healed") == pytest.approx(losses(tmp_path / "small"), rel=1e-4)
+    # Same rows per optimizer step, summed in other groupings: equal up to float32 rounding (measured: at most
+    # 9e-8 relative with the resume, exactly equal with the restart; a seed-for-seed rerun is exactly equal).
+    assert losses(tmp_path / "healed") == pytest.approx(losses(tmp_path / "small"), rel=1e-6)
 
 
 @pytest.mark.slow
