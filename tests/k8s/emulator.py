@@ -579,8 +579,12 @@ class Cluster(TrainerController, Kubelet):
             if rv <= at:
                 break
             key = (obj["metadata"].get("namespace", ""), obj["metadata"]["name"])
-            if ns in (None, key[0]):
-                objs.pop(key, None) if prev is None else objs.__setitem__(key, prev)
+            if ns not in (None, key[0]):
+                continue
+            if prev is None:
+                objs.pop(key, None)
+            else:
+                objs[key] = prev
         return [o for _, o in sorted(objs.items()) if match(o)]
 
     async def _watch(self, request, res: str, ns: str | None, match: Callable[[dict], bool], kind: str,
