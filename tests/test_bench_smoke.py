@@ -70,3 +70,10 @@ def test_trainer_throughput_quick(tmp_path):
 def test_gpu_script_tiny_on_cpu(tmp_path):
     out = run_bench(["bash", "bench/gpu.sh", "--tiny"], tmp_path)
     ratio(out, "ratio unsloth / transformers+peft tokens/s:")
+
+
+@pytest.mark.slow
+def test_memory_estimate_quick(tmp_path):
+    out = run_bench([PYTHON, "bench/memory_estimate.py", "--quick"], tmp_path)
+    ratio(out, "ratio estimate / measured peak: min")
+    assert re.search(r"within 0\.8-1\.25x: \d+ of 2\n", out), out[-3000:]  # both quick configurations ran

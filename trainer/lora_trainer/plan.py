@@ -21,11 +21,11 @@ row of a micro-batch, or packed to max_seq_len):
 - LoRA weights, their gradients and AdamW's two states, all float32 (16 bytes per trainable parameter);
 - activations kept for the backward pass: per layer and token, the tensors a Llama-style block saves (inputs of the
   projections, q/k/v, the MLP's gate/up/product, RMSNorm's float32 copies); with gradient checkpointing only each
-  layer's input, plus one layer's tensors while it is recomputed;
-- logits: float32 logits, their log-softmax and gradient (micro_batch x seq_len x vocab x 4 bytes each), plus the
-  model-dtype copy;
-- runtime overhead: what the allocator and the training loop add beyond those items, fitted on CPU from the
-  benchmark (on a GPU, a share of the total plus the CUDA context; not measured here).
+  layer's input, plus one layer's tensors while it is recomputed; on CPU times a fitted factor (backward transients,
+  the allocator);
+- logits: float32 logits, their log-softmax and gradient (micro_batch x seq_len x vocab x 4 bytes each) and the
+  model-dtype copy; on CPU times a fitted share (their large buffers go back to the system when freed);
+- runtime overhead: on CPU a fitted constant; on a GPU a share of the total (not measured here).
 """
 
 from __future__ import annotations
@@ -51,19 +51,26 @@ LORA_BYTES, GRAD_BYTES, ADAM_BYTES = 4, 4, 8
 NF4_BYTES = 0.5
 NF4_SCALE_BYTES = {False: 4 / 64, True: 1 / 64 + 4 / (64 * 256)}
 INT8_BYTES = 1
-# Activation elements a Llama-style decoder layer keeps for the backward pass, per token (see _activations).
-# Fitted from the benchmark on CPU where the enumeration undercounts (autograd keeps more transient copies).
-ACTIVATION_SCALE = 1.0
-# Runtime overhead on CPU: a fixed part (allocator arenas, trl/transformers' training-loop objects, thread buffers)
-# and a share of the itemised total; on a GPU, the CUDA caching allocator's fragmentation as a share, plus the
-# CUDA context (outside max_memory_allocated, but it occupies the device).
-CPU_OVERHEAD_BYTES = 0
-CPU_OVERHEAD_SHARE = 0.0
+# On CPU, peak RSS is not the sum of live tensors: glibc's allocator keeps the freed blocks of the many mid-sized
+# activation tensors (below its mmap threshold) and reuses them imperfectly, while buffers above it (the logits of a
+# large vocabulary) go back to the system as soon as they are freed. Fitted by bench/memory_estimate.py on a
+# 2-core CPU (configurations without gradient checkpointing, as the trainer runs on CPU): the activations the
+# forward pass saves (checked with torch's saved-tensor hooks) weigh 1.8x, the logits 0.05x (they do exist whole
+# on CPU: unsloth's CPU path is plain transformers). The two are partly confounded in the two models measured.
+# On a GPU (not measured) the activations count once and the logits whole, an upper bound: unsloth's fused
+# cross-entropy computes them in chunks there.
+CPU_ACTIVATION_SCALE = 1.8
+CPU_LOGITS_SHARE = 0.05
+# Runtime overhead: on CPU a fixed part (the training loop's objects, thread buffers; fitted: 54 MiB); on a GPU the
+# CUDA caching allocator's fragmentation as a share of the rest (a guess: not measured here).
+CPU_OVERHEAD_BYTES = 54 * 2 ** 20
 GPU_OVERHEAD_SHARE = 0.10
+# The CUDA context: outside max_memory_allocated, but it occupies the device.
 GPU_CONTEXT_BYTES = int(0.5 * GIB)
-# What the process holds before training on CPU (python, torch, unsloth, transformers, trl imported): not in the
-# per-process estimate (the benchmark measures peaks above it), but it must fit too.
-CPU_PROCESS_BASELINE_BYTES = int(1.1 * GIB)
+# What the process holds before training on CPU (python, torch, unsloth, transformers, peft, trl, datasets
+# imported; measured by the benchmark: 594 MiB): not in the per-process estimate (the benchmark measures peaks above
+# it), but it must fit too.
+CPU_PROCESS_BASELINE_BYTES = 600 * 2 ** 20
 # The throughput measurement: one warm-up pass and this many timed forward/backward passes.
 TIMED_PASSES = 2
 
@@ -155,7 +162,7 @@ def model_view(spec: LoRASpec) -> dict[str, Any]:
     targets = model_lib.resolve_targets(model, spec)
     modules = dict(model.named_modules())
     projections = model_lib.projection_names(model)
-    lora = quantised = 0
+    lora = quantised = wrapped = 0
     for name in projections:
         weight = modules[name].weight
         # Linear weights are (out, in); transformers' Conv1D keeps (in, out): either way r x (in + out) per module.
@@ -163,6 +170,7 @@ def model_view(spec: LoRASpec) -> dict[str, Any]:
         quantised += weight.numel()
         if any(model_lib._matches(t, name) for t in targets):
             lora += spec.lora_r * (in_features + out_features) + (out_features if spec.lora_use_dora else 0)
+            wrapped += 1
     _, total = model_lib.count_parameters(model)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = text.num_attention_heads
@@ -170,6 +178,7 @@ def model_view(spec: LoRASpec) -> dict[str, Any]:
     return {
         "model_type": config.model_type, "total_parameters": total, "trainable_parameters": lora,
         "target_modules": targets, "lora_r": spec.lora_r, "projection_parameters": quantised,
+        "lora_rank_per_layer": spec.lora_r * wrapped // text.num_hidden_layers,
         "layers": text.num_hidden_layers, "hidden_size": text.hidden_size,
         "intermediate_size": getattr(text, "intermediate_size", None) or 4 * text.hidden_size,
         "attention_heads": heads, "kv_dim": (getattr(text, "num_key_value_heads", None) or heads) * head_dim,
@@ -195,18 +204,20 @@ def weight_bytes(spec: LoRASpec, model: dict[str, Any], dtype: Any) -> int:
     return int(model["projection_parameters"] * per_weight + other * _dtype_bytes(dtype))
 
 
-def _activations(model: dict[str, Any], tokens: int, act_bytes: int, checkpointing: bool) -> int:
+def _activations(model: dict[str, Any], tokens: int, act_bytes: int, checkpointing: bool, on_gpu: bool) -> int:
     """What the forward pass keeps for the backward pass, for ``tokens`` tokens in the micro-batch."""
     h, kv, i = model["hidden_size"], model["kv_dim"], model["intermediate_size"]
-    # One Llama-style layer, per token: the two RMSNorms' inputs and outputs (4h) and their float32 copies (4 x 4h
-    # bytes), q/k/v and their rotated copies (2h + 3kv), GQA's repeated k/v and the attention output (3h), the
-    # o_proj input (h); the MLP's gate, up, silu(gate) and product (4i).
-    per_token = act_bytes * (10 * h + 3 * kv + 4 * i) + 4 * 4 * h
-    layer = int(ACTIVATION_SCALE * per_token * tokens)
+    # One Llama-style layer, per token (checked against torch's saved-tensor hooks on the tiny model: within 10%,
+    # linear in tokens; CPU attention keeps no seq_len x seq_len matrix): each RMSNorm's float32 copy, normalised
+    # and output tensors; rotated q and k, v and the attention output; the MLP's gate, up, silu(gate) and product;
+    # each LoRA module's rank-r intermediate.
+    per_token = 2 * (4 * h + 2 * act_bytes * h) + act_bytes * (2 * h + 2 * kv + 4 * i + model["lora_rank_per_layer"])
+    layer = per_token * tokens
+    scale = 1.0 if on_gpu else CPU_ACTIVATION_SCALE
     if not checkpointing:
-        return layer * model["layers"]
+        return int(scale * layer * model["layers"])
     # Checkpointing keeps each layer's input and recomputes one layer at a time during the backward pass.
-    return model["layers"] * tokens * h * act_bytes + layer
+    return int(scale * (model["layers"] * tokens * h * act_bytes + layer))
 
 
 def estimate_memory(spec: LoRASpec, model: dict[str, Any], dtype: Any, micro_batch: int, seq_len: int,
@@ -224,15 +235,12 @@ def estimate_memory(spec: LoRASpec, model: dict[str, Any], dtype: Any, micro_bat
         "lora_weights": trainable * LORA_BYTES,
         "lora_gradients": trainable * GRAD_BYTES,
         "optimizer_states": trainable * ADAM_BYTES,
-        "activations": _activations(model, tokens, act_bytes, checkpointing),
+        "activations": _activations(model, tokens, act_bytes, checkpointing, on_gpu),
         # float32 logits, their log-softmax and gradient, and the model-dtype logits the head writes first.
-        "logits": tokens * model["vocab_size"] * (3 * 4 + act_bytes),
+        "logits": int((1.0 if on_gpu else CPU_LOGITS_SHARE) * tokens * model["vocab_size"] * (3 * 4 + act_bytes)),
     }
     subtotal = sum(items.values())
-    if on_gpu:
-        items["runtime_overhead"] = int(GPU_OVERHEAD_SHARE * subtotal)
-    else:
-        items["runtime_overhead"] = int(CPU_OVERHEAD_BYTES + CPU_OVERHEAD_SHARE * subtotal)
+    items["runtime_overhead"] = int(GPU_OVERHEAD_SHARE * subtotal) if on_gpu else CPU_OVERHEAD_BYTES
     return items
 
 
@@ -308,7 +316,10 @@ def measure_throughput(spec: LoRASpec, dtype: Any, tokenizer: Any, rows: list[di
     model.train()
 
     def step() -> None:
-        model(input_ids=ids, attention_mask=attention, labels=labels).loss.backward()
+        # Mixed precision as the trainer runs it (bf16/fp16 autocast); without it peft computes LoRA in float32.
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+        loss.backward()
 
     step()  # warm-up: first-call allocations and kernel selection
     if device == "cuda":
@@ -430,7 +441,8 @@ def describe(plan: dict[str, Any]) -> str:
         f"{d['processes']} process(es) = {d['effective_batch_size']}; {d['steps_per_epoch']} optimizer steps per "
         f"epoch, {d['total_steps']} in total",
         f"model: {m['model_type']}, {m['total_parameters']:,} parameters, {m['layers']} layers, hidden "
-        f"{m['hidden_size']}, vocabulary {m['vocab_size']:,}; LoRA r={m['lora_r']} on {', '.join(m['target_modules'])}: "
+        f"{m['hidden_size']}, vocabulary {m['vocab_size']:,}; LoRA r={m['lora_r']} on "
+        f"{', '.join(m['target_modules'])}: "
         f"{m['trainable_parameters']:,} trainable",
         f"memory estimate per process ({mem['device']}, {mem['dtype']}"
         + (f", {mem['quantisation']}" if mem["quantisation"] else "")
