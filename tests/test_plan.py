@@ -157,3 +157,14 @@ def test_refuses_a_micro_batch_too_large_and_names_one_that_fits(capsys, tiny_mo
     assert rc == 2 and refused["memory"]["largest_micro_batch_that_fits"] == 2
     assert f"{ERROR_PREFIX}max_tokens_per_gpu=256 gives micro-batch 4" in err
     assert f"set max_tokens_per_gpu={2 * MAX_SEQ_LEN} or less" in err
+
+
+def test_memory_available_comes_from_the_spec_when_it_sets_it(capsys, tiny_model_dir, data, tmp_path):
+    rc, plan, _, err = _cli(capsys, tiny_model_dir, data, tmp_path, "--no-plan-measure",
+                            "--resource-memory-per-worker", "64Mi")
+    assert rc == 2 and plan["memory"]["available_bytes"] == 64 * 2 ** 20
+    assert plan["memory"]["available_source"].startswith("resource_memory_per_worker")
+    assert "0.06 GiB available (resource_memory_per_worker" in err
+    # Not set in the spec: this machine's memory, which the tiny model fits.
+    rc, plan, _, _ = _cli(capsys, tiny_model_dir, data, tmp_path, "--no-plan-measure")
+    assert rc == 0 and plan["memory"]["available_source"] == "this machine's available memory"
