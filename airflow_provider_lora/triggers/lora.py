@@ -27,6 +27,7 @@ from airflow_provider_lora.core.launchers.pod import (
     new_log_lines, seconds_since,
 )
 from airflow_provider_lora.core.launchers.trainjob import classify_trainjob, node_job_name, node_pod_selector, rank0_pod
+from airflow_provider_lora import watch as shared_watch
 from airflow_provider_lora.core.results import bounded_result
 from airflow_provider_lora.kube import (
     ClusterRef, async_delete_trainjob, async_json, async_pod_log, async_trainjob, call_with_fresh_credentials,
@@ -55,12 +56,14 @@ class LoRATrainingTrigger(BaseTrigger):
                  config_file: str | None = None, cluster_context: str | None = None, in_cluster: bool | None = None,
                  poll_interval: float = DEFAULT_POLL_SECONDS, startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
                  stream_logs: bool = True,
-                 deadline: float | None = None):
+                 deadline: float | None = None, log_interval: float | None = None, watch: bool = True):
         super().__init__()
         if launcher not in CLUSTER_LAUNCHERS:
             raise ValueError(f"launcher={launcher!r} is not valid: accepted: {', '.join(CLUSTER_LAUNCHERS)}")
         check_seconds("poll_interval", poll_interval)
         check_seconds("startup_timeout", startup_timeout)
+        if log_interval is not None:
+            check_seconds("log_interval", log_interval)
         self.name = name
         self.namespace = namespace
         self.launcher = launcher
@@ -72,6 +75,8 @@ class LoRATrainingTrigger(BaseTrigger):
         self.startup_timeout = startup_timeout
         self.stream_logs = stream_logs
         self.deadline = deadline
+        self.log_interval = log_interval
+        self.watch = watch
         self._result: dict[str, Any] | None = None  # the result line seen in the log
         self._fired = False  # an event went out: the task resumes with it, so on_kill must not delete
 
@@ -81,7 +86,8 @@ class LoRATrainingTrigger(BaseTrigger):
             "kubernetes_conn_id": self.kubernetes_conn_id, "config_file": self.config_file,
             "cluster_context": self.cluster_context, "in_cluster": self.in_cluster,
             "poll_interval": self.poll_interval, "startup_timeout": self.startup_timeout,
-            "stream_logs": self.stream_logs, "deadline": self.deadline,
+            "stream_logs": self.stream_logs, "deadline": self.deadline, "log_interval": self.log_interval,
+            "watch": self.watch,
         })
 
     @property
@@ -92,35 +98,66 @@ class LoRATrainingTrigger(BaseTrigger):
     def kind(self) -> str:
         return "pod" if self.launcher == "pod" else "TrainJob"
 
-    async def _observe(self, api: Any) -> tuple[PodState, dict[str, Any], dict[str, Any] | None]:
-        """(state, the launched object, the pod whose log to follow) from one or two reads."""
+    async def _observe(self, api: Any, watches: dict[str, shared_watch.SharedWatch]
+                       ) -> tuple[PodState, dict[str, Any], dict[str, Any] | None]:
+        """(state, the launched object, the pod whose log to follow): from the shared watches' caches when they
+        are usable, else from one or two reads. An object the cache lacks is read once (it may be newer than the
+        cache): a 404 then means it was deleted."""
+        cached = all(w.usable for w in watches.values()) and bool(watches)
         if self.launcher == "pod":
-            pod = await async_json(api.read_namespaced_pod, self.name, self.namespace)
+            pod = watches[shared_watch.PODS].objects.get(self.name) if cached else None
+            pod = pod or await async_json(api.read_namespaced_pod, self.name, self.namespace)
             return classify_pod(pod), pod, pod
-        trainjob = await async_trainjob(api.api_client, self.name, self.namespace)
-        pods = (await async_json(api.list_namespaced_pod, self.namespace,
-                                 label_selector=node_pod_selector(self.name)))["items"]
+        trainjob = watches[shared_watch.TRAINJOBS].objects.get(self.name) if cached else None
+        trainjob = trainjob or await async_trainjob(api.api_client, self.name, self.namespace)
+        if cached:
+            pods = [p for p in watches[shared_watch.PODS].objects.values() if _selected(p, node_pod_selector(self.name))]
+        else:
+            pods = (await async_json(api.list_namespaced_pod, self.namespace,
+                                     label_selector=node_pod_selector(self.name)))["items"]
         return classify_trainjob(trainjob, pods), trainjob, rank0_pod(pods)
 
+    async def _start_watches(self) -> dict[str, shared_watch.SharedWatch]:
+        """The shared watches this trigger reads from (none with watch=False): pods, and TrainJobs for a TrainJob."""
+        if not self.watch:
+            return {}
+        resources = [shared_watch.PODS] + ([shared_watch.TRAINJOBS] if self.launcher == "trainjob" else [])
+        watches = {r: await shared_watch.acquire(self.cluster, self.namespace, r, holder=self) for r in resources}
+        for w in watches.values():
+            try:
+                await asyncio.wait_for(w.synced.wait(), self.poll_interval)
+            except asyncio.TimeoutError:  # not listed yet: read directly meanwhile
+                pass
+            if w.unavailable and w.unavailable not in _said:
+                _said.add(w.unavailable)
+                self.log.warning("%s", w.unavailable)
+        return watches
+
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        watches: dict[str, shared_watch.SharedWatch] = {}
         try:
-            async for event in self._follow():
+            watches = await self._start_watches()
+            async for event in self._follow(watches):
                 self._fired = True  # before the yield: the triggerer may cancel us while it stores the event
                 yield event
         finally:  # also on cancellation, and when the caller stops after the first event
+            for w in watches.values():
+                await shared_watch.release(w, holder=self)
             await release_async_client(self.cluster, self)
 
-    async def _follow(self) -> AsyncIterator[TriggerEvent]:
+    async def _follow(self, watches: dict[str, shared_watch.SharedWatch]) -> AsyncIterator[TriggerEvent]:
         identity = {"name": self.name, "namespace": self.namespace, "launcher": self.launcher}
         failures = 0
         cursor, log_pod_name = LogCursor(), None
         client = None
+        logs_read_at = float("-inf")
+        log_interval = self.log_interval or self.poll_interval
         while True:
             started = time.monotonic()
             try:
                 client = await shared_async_client(self.cluster, holder=self)
                 api = CoreV1Api(client)
-                state, launched, log_pod = await self._observe(api)
+                state, launched, log_pod = await self._observe(api, watches)
                 failures = 0
             except asyncio.CancelledError:
                 raise
@@ -149,8 +186,10 @@ class LoRATrainingTrigger(BaseTrigger):
             if log_pod is not None and log_pod["metadata"]["name"] != log_pod_name:
                 # The first sight of the pod (or a replacement of rank 0): resume from its saved cursor.
                 log_pod_name, cursor = log_pod["metadata"]["name"], LogCursor.of(log_pod)
-            if self.stream_logs and log_pod is not None and classify_pod(log_pod).phase != PENDING:
+            logs_due = state.terminal or time.monotonic() - logs_read_at >= log_interval  # the result line: at once
+            if self.stream_logs and logs_due and log_pod is not None and classify_pod(log_pod).phase != PENDING:
                 cursor = await self._copy_new_log_lines(api, log_pod_name, cursor)
+                logs_read_at = time.monotonic()
             if state.terminal:
                 status = "success" if state.phase == SUCCEEDED else "failed"
                 # The result travels with the event: the pod (and its log) may be gone when the task resumes.
@@ -182,7 +221,11 @@ class LoRATrainingTrigger(BaseTrigger):
             wait = self.poll_interval
             if self.deadline is not None:
                 wait = max(0.0, min(wait, self.deadline - time.time()))
-            await asyncio.sleep(wait)
+            followed = watches.get(shared_watch.TRAINJOBS if self.launcher == "trainjob" else shared_watch.PODS)
+            if followed is not None and followed.usable:  # woken by a change, else looks again from the cache
+                await followed.wait_for_change([self.name], wait)
+            else:
+                await asyncio.sleep(wait)
 
     async def _copy_new_log_lines(self, api: Any, pod_name: str, cursor: LogCursor) -> LogCursor:
         """Copy the log lines after ``cursor`` into the task log and save the new cursor on the pod. Logs are a
@@ -296,6 +339,15 @@ async def task_state(ti: Any) -> str | None:
     # The answer keys a mapped task instance as "<task_id>_<map_index>".
     key = f"{ti.task_id}_{ti.map_index}" if ti.map_index is not None and ti.map_index >= 0 else ti.task_id
     return response.task_states[ti.run_id][key]
+
+
+_said: set[str] = set()  # what the shared watches made known once per triggerer process (an unavailable watch)
+
+
+def _selected(obj: dict[str, Any], selector: str) -> bool:
+    """Whether ``obj``'s labels match an equality ``selector`` ("k=v,k2=v2"), as the API server would select it."""
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    return all(labels.get(key) == value for key, _, value in (term.partition("=") for term in selector.split(",")))
 
 
 def _status(exc: Exception) -> int | None:
