@@ -32,7 +32,7 @@ def test_the_provider_is_discovered_by_airflow():
 def test_trigger_serialize_mirrors_init():
     kwargs = dict(name="lora-x-1", namespace="ml", launcher="pod", kubernetes_conn_id="k8s", config_file="/k/config",
                   cluster_context="ctx", in_cluster=False, poll_interval=2.5, startup_timeout=60.0,
-                  stream_logs=False, deadline=1767225600.0)
+                  stream_logs=False, deadline=1767225600.0, log_interval=30.0, watch=False)
     classpath, serialized = LoRATrainingTrigger(**kwargs).serialize()
     assert classpath == "airflow_provider_lora.triggers.lora.LoRATrainingTrigger"
     assert serialized == kwargs
