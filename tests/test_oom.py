@@ -139,7 +139,7 @@ def test_out_of_memory_at_micro_batch_1_stops_with_a_clear_error(tiny_model_dir,
     out, err = capsys.readouterr()
     assert "micro-batch 2 -> 1, gradient accumulation 4 -> 8 (effective batch 8 kept)" in out
     [line] = [line for line in err.splitlines() if line.startswith(OOM_ERROR)]
-    assert "out of memory at micro-batch 1" in line and "Tried to allocate 3.50 GiB" in line  # what it needed
+    assert line.startswith(OOM_ERROR + "at micro-batch 1 (CUDA out of memory. Tried to allocate 3.50 GiB")
     for advice in ("4-bit", "max_seq_len", "lora_r", "more memory"):
         assert advice in line
     assert not (tmp_path / "run" / "summary.json").exists()
@@ -263,3 +263,38 @@ def test_an_oom_killed_training_pod_is_retried_with_half_the_micro_batch_and_res
     assert "try 1: OOMKilled (exit code 137" in change["why"]
     published = json.loads((claim / "runs" / "oom" / "summary.json").read_text())
     assert published[OOM_ADJUSTMENTS_KEY] == [change]
+
+
+def test_under_torchrun_a_rank_out_of_memory_fails_the_try_for_the_next_to_halve(tmp_path, monkeypatch, capsys):
+    """Several processes: no in-process recovery (the other ranks wait in collectives). The rank says so on stderr
+    and in the termination message, where torchrun's own report cannot push it out of the log tail."""
+    from types import SimpleNamespace
+
+    from airflow_provider_lora.core.contract import TERMINATION_LOG_ENV
+    from lora_trainer import train as train_lib
+
+    monkeypatch.setenv(TERMINATION_LOG_ENV, str(tmp_path / "termination-log"))
+    plan = plan_batches(LoRASpec(effective_batch_size=16, max_seq_len=64, max_tokens_per_gpu=256), 2)
+    setup = train_lib._Setup(None, plan, False, False, "off", False, [])
+    with pytest.raises(SystemExit) as exit_info:
+        train_lib._after_out_of_memory(setup, SimpleNamespace(num_processes=2, process_index=1), "Tried 2 GiB")
+    assert exit_info.value.code == 1
+    said = (tmp_path / "termination-log").read_text()
+    assert said.startswith(OOM_ERROR) and "rank 1 at micro-batch 4 (Tried 2 GiB)" in said
+    assert said in capsys.readouterr().err
+
+
+def test_the_trainers_oom_error_in_the_termination_message_halves_the_next_try(k8s_cluster, stand_in):
+    """What a torchrun pod leaves when a rank ran out of memory: exit code 1, OOM_ERROR in its termination
+    message."""
+    from tests.test_reliability_faults import StandInTI, fail_with, operator
+
+    stand_in["script"] = ("import os, sys\nopen(os.environ['LORA_TERMINATION_LOG'], 'w').write("
+                          f"{OOM_ERROR!r} + 'rank 1 at micro-batch 4')\nsys.exit(1)")
+    task = dict(effective_batch_size=8, max_seq_len=64, max_tokens_per_gpu=256)  # micro-batch 4
+    fail_with(k8s_cluster, operator(k8s_cluster, **task), StandInTI(1))
+    stand_in["script"] = ECHO_SETTINGS
+    k8s_cluster.set_fault("oom", pod="lora-*", after_lines=3)
+    fail_with(k8s_cluster, operator(k8s_cluster, **task), StandInTI(2))
+    settings = oom.read_settings(trainer_env(k8s_cluster).get(OOM_SETTINGS_ENV))
+    assert settings["micro_batch"] == 2 and "rank 1 at micro-batch 4" in settings["adjustments"][0]["why"]

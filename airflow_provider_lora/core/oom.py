@@ -83,13 +83,15 @@ def retry_settings(previous: dict[str, Any], state: Any, spec: LoRASpec, try_num
     The earlier values come from the object itself (its env, else the spec in its command), so each try halves
     the last. OutOfMemoryAtMicroBatch1 when it ran out of memory at micro-batch 1."""
     holder = _trainer_holder(previous)
-    env = {e.get("name"): e.get("value") for e in holder.get("env") or []}
-    carried = read_settings(env.get(OOM_SETTINGS_ENV))
+    env = {e.get("name"): e.get("value") or "" for e in holder.get("env") or []}
+    carried = read_settings(env.get(OOM_SETTINGS_ENV, "").replace("$$", "$"))  # as the operator escaped it
     if not was_out_of_memory(state):
         return carried  # failed for another reason: keep what got it this far
     base = plan_batches(_spec_in(holder) or spec, spec.procs_per_worker * spec.resource_num_workers)
     before = fitted(base, carried["micro_batch"]) if carried else base
-    why = f"try {try_number - 1}: {state.describe()}"
+    said = [line.split(OOM_ERROR, 1)[1] for line in (state.termination_message or "").splitlines()
+            if OOM_ERROR in line]  # the trainer's own words, when it wrote them
+    why = f"try {try_number - 1}: {state.describe()}" + "".join(f"; {text}" for text in said[-1:])
     after = halved(before)
     if after is None:
         raise OutOfMemoryAtMicroBatch1(

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from airflow_provider_lora.compat import AirflowException, AirflowFailException, BaseOperator, Context, conf
+from airflow_provider_lora.core import oom
+from airflow_provider_lora.core.contract import OOM_ADJUSTMENTS_KEY, OOM_EXIT_CODE, OOM_SETTINGS_ENV
 from airflow_provider_lora.core.launchers import cluster
 from airflow_provider_lora.core.launchers.local import LOCAL_LAUNCHER
 from airflow_provider_lora.core.launchers.pod import fails_again
-from airflow_provider_lora.core.contract import OOM_ADJUSTMENTS_KEY, OOM_EXIT_CODE
 from airflow_provider_lora.core.launchers.trainjob import installed_trainer_version
 from airflow_provider_lora.core.limits import check_manifest
-from airflow_provider_lora.core.oom import describe as oom_describe
 from airflow_provider_lora.core.render import (
     IMAGE_REFERENCE, PodOptions, SecretRef, TaskIdentity, TrainJobOptions, render_pod, render_trainjob,
     trainer_api_shape,
@@ -385,9 +385,6 @@ class LoRATrainingOperator(BaseOperator):
         as every retry does. The trainer gets the settings in OOM_SETTINGS_ENV and records them in summary.json."""
         if try_number <= 1:
             return
-        from airflow_provider_lora.core import oom
-        from airflow_provider_lora.core.contract import OOM_SETTINGS_ENV
-
         job = cluster.for_manifest(api, manifest)
         previous = job.read()
         if previous is None:
@@ -516,7 +513,7 @@ class LoRATrainingOperator(BaseOperator):
                       summary.get("final_loss"), summary.get("min_loss"), summary.get("global_step"),
                       json.dumps(result.get("artifacts", {})))
         for change in summary.get(OOM_ADJUSTMENTS_KEY) or []:
-            self.log.warning("this run was adjusted after running out of memory: %s", oom_describe(change))
+            self.log.warning("this run was adjusted after running out of memory: %s", oom.describe(change))
         push_loss_chart(result, self.log, s3=self._s3)  # XCom loss_chart_html, for the Loss chart tab
         return result
 

@@ -302,14 +302,18 @@ def _after_out_of_memory(setup: _Setup, state: Any, report: str) -> _Setup:
     (the others wait in collectives): it says so and fails, and the task's next try halves instead."""
     oom_lib.free_memory()
     if state.num_processes > 1:
-        print(f"{OOM_ERROR}rank {state.process_index} at micro-batch {setup.plan.micro_batch} ({report}); with "
-              f"{state.num_processes} processes this try cannot go on, the task's next try halves the micro-batch",
-              file=sys.stderr, flush=True)
+        message = (f"{OOM_ERROR}rank {state.process_index} at micro-batch {setup.plan.micro_batch} ({report}); "
+                   f"with {state.num_processes} processes this try cannot go on, the task's next try halves the "
+                   "micro-batch")
+        print(message, file=sys.stderr, flush=True)
+        # torchrun's own error report would push this line out of the log tail Kubernetes keeps as the pod's
+        # termination message, where the operator's next try looks for it.
+        _write_termination(message)
         raise SystemExit(1)
     smaller = oom_rule.halved(setup.plan)
     if smaller is None:
         raise oom_rule.OutOfMemoryAtMicroBatch1(
-            f"out of memory at micro-batch 1 ({report}): nothing is left to halve. To fit, {oom_rule.ADVICE}")
+            f"at micro-batch 1 ({report}): nothing is left to halve. To fit, {oom_rule.ADVICE}")
     change = oom_rule.adjustment(setup.plan, smaller, setup.gradient_checkpointing, report, "in-process")
     log(oom_rule.describe(change))
     return dataclasses.replace(setup, plan=smaller, gradient_checkpointing=True,
@@ -513,11 +517,15 @@ def _own_published_run(spec: LoRASpec) -> RunResult | None:
 def _write_termination_message(result: RunResult) -> None:
     """In a Kubernetes pod, a short result in the termination message lets the operator read it without
     pods/exec or log RBAC (Kubernetes keeps 4 KiB of it, so only headline figures go there, as whole JSON)."""
+    _write_termination(termination_message(result.to_xcom()))
+
+
+def _write_termination(text: str) -> None:
     path = Path(os.environ.get(TERMINATION_LOG_ENV, TERMINATION_LOG))
     if not path.parent.exists() or not os.access(path.parent, os.W_OK):
         return
     try:
-        path.write_text(termination_message(result.to_xcom()))
+        path.write_text(text)
     except OSError:
         pass
 
