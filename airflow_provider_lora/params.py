@@ -110,3 +110,32 @@ def templated_spec_kwargs() -> dict[str, str]:
     """``{field: "{{ params.field }}"}`` for every spec field (optional text fields render None as "")."""
     return {name: ("{{ params.%s or '' }}" if name in OPTIONAL_TEXT else "{{ params.%s }}") % name
             for name in LoRASpec.model_fields}
+
+
+# The operator's dry run on the form (operator arguments, not spec fields), in a section of its own after the spec's.
+DRY_RUN_SCHEMAS: dict[str, dict[str, Any]] = {
+    "dry_run": {
+        "type": "boolean", "default": False, "title": "Dry run (plan only)", "section": "Dry run",
+        "description": "Run the preflight plan instead of the training: the data as the trainer sees it, the model, "
+                       "an itemised memory estimate against the memory below, in one pod without a GPU (deleted when "
+                       "done). The plan is the task's XCom 'plan'; nothing is trained.",
+    },
+    "plan_memory_gib": {
+        "type": ["number", "null"], "default": None, "exclusiveMinimum": 0, "section": "Dry run",
+        "title": "Accelerator memory per process for the plan (GiB)",
+        "description": "What the plan compares its memory estimate with, such as 80 for an H100 80GB (the plan pod "
+                       "has no GPU to ask). Empty: the memory the pod requests per process.",
+    },
+}
+
+
+def dry_run_params() -> dict[str, Any]:
+    """Airflow Params for the operator's dry_run and plan_memory_gib."""
+    from airflow_provider_lora.compat import Param
+
+    return {name: Param(**schema) for name, schema in DRY_RUN_SCHEMAS.items()}
+
+
+def templated_dry_run_kwargs() -> dict[str, str]:
+    """``{"dry_run": "{{ params.dry_run }}", ...}``: the operator arguments that read dry_run_params back."""
+    return {name: "{{ params.%s }}" % name for name in DRY_RUN_SCHEMAS}

@@ -24,7 +24,7 @@ import datetime
 from airflow.providers.common.compat.sdk import DAG, Variable, task
 
 from airflow_provider_lora.operators.lora import LoRATrainingOperator
-from airflow_provider_lora.params import spec_params, templated_spec_kwargs
+from airflow_provider_lora.params import dry_run_params, spec_params, templated_dry_run_kwargs, templated_spec_kwargs
 
 # Read when the file is parsed: the operator checks the image then (a missing one fails the parse, saying why), and
 # the output prefix, dataset and node selector are the form's defaults or a dict; one mechanism for all of them.
@@ -44,8 +44,14 @@ GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "No
 @task
 def register_adapter(result: dict) -> dict:
     """Use what the training published, through the return value's documented keys (docs/operator.md): read the
-    adapter's PEFT config from ``artifacts["adapter"]`` and record where everything is, with the headline figures."""
+    adapter's PEFT config from ``artifacts["adapter"]`` and record where everything is, with the headline figures.
+    After a dry run (the form's "Dry run" switch) there is no adapter: skipped."""
     import json
+
+    from airflow.providers.common.compat.sdk import AirflowSkipException
+
+    if result.get("dry_run"):
+        raise AirflowSkipException("a dry run trained nothing: its plan is the train task's XCom 'plan'")
 
     from airflow_provider_lora.core import storage
 
@@ -68,14 +74,17 @@ with DAG(
     schedule=None,
     start_date=datetime.datetime(2026, 1, 1),
     catchup=False,
-    params=spec_params(
-        base_model="Qwen/Qwen2.5-0.5B-Instruct",
-        dataset=DATASET,
-        output_uri=f"{OUTPUT_PREFIX}/lora_finetune_pod",  # each run publishes under <this>/<run_id>
-        resource_gpu_per_worker=1,
-        resource_memory_per_worker="24Gi",
-        checkpoint_at_epoch=True,  # a retry resumes from the last epoch's checkpoint instead of step 0
-    ),
+    params={
+        **spec_params(
+            base_model="Qwen/Qwen2.5-0.5B-Instruct",
+            dataset=DATASET,
+            output_uri=f"{OUTPUT_PREFIX}/lora_finetune_pod",  # each run publishes under <this>/<run_id>
+            resource_gpu_per_worker=1,
+            resource_memory_per_worker="24Gi",
+            checkpoint_at_epoch=True,  # a retry resumes from the last epoch's checkpoint instead of step 0
+        ),
+        **dry_run_params(),  # plan first: will it fit, what will it read, in a CPU pod
+    },
     render_template_as_native_obj=True,  # each form value reaches the operator with its type
     tags=["lora", "example", "kubernetes"],
 ) as dag:
@@ -92,5 +101,6 @@ with DAG(
         retries=2,  # a retry reattaches to a pod still running, or resumes from the last checkpoint
         retry_delay=datetime.timedelta(minutes=2),
         **{**templated_spec_kwargs(), "output_uri": "{{ params.output_uri }}/{{ run_id }}"},
+        **templated_dry_run_kwargs(),
     )
     register_adapter(train.output)

@@ -89,6 +89,19 @@ def test_a_dry_run_on_the_cluster_runs_one_cpu_pod_reads_the_plan_and_leaves_not
     assert k8s_cluster.pods() == []
 
 
+def test_a_gpu_training_planned_without_its_memory_is_estimated_for_the_gpu_but_not_judged(k8s_cluster, core,
+                                                                                          gpu_spec):
+    """The plan pod has no GPU to ask: the estimate is the GPU's (bfloat16, gradient checkpointing, as the trainer
+    runs there), and without plan_memory_gib the plan says it cannot tell whether it fits, rather than comparing
+    with the pod's RAM."""
+    plan = cluster.run_plan(_plan_job(core, gpu_spec, None), 0.2, 120, lambda line: None)
+    memory = plan["memory"]
+    assert (memory["device"], memory["dtype"], memory["gradient_checkpointing"]) == ("cuda", "float32", True)
+    assert memory["fits"] is None and memory["available_bytes"] is None
+    assert "give --plan-memory-gib" in memory["available_source"]
+    assert plan["time"]["measured"] is False and "not on this machine" in plan["time"]["note"]
+
+
 def test_a_dry_run_on_the_cluster_refuses_a_run_that_cannot_fit(k8s_cluster, core, gpu_spec):
     with pytest.raises(PlanRefused) as refused:
         cluster.run_plan(_plan_job(core, gpu_spec, 0.001), 0.2, 120, lambda line: None)
@@ -104,3 +117,62 @@ def test_a_dry_run_whose_pod_cannot_start_fails_in_seconds_and_leaves_nothing(k8
     with pytest.raises(RuntimeError, match="CreateContainerConfigError"):
         cluster.run_plan(job, 0.2, 1, lambda line: None)
     assert k8s_cluster.pods() == []
+
+
+# ---- the operator ------------------------------------------------------------------------------------------------
+
+class PlanTI:
+    """The TaskInstance attributes a dry run reads, and the XComs it pushes."""
+    dag_id, task_id, run_id, map_index, try_number = "dry", "train", "r1", -1, 1
+
+    def __init__(self):
+        self.xcom: dict = {}
+
+    def xcom_push(self, key, value):
+        self.xcom[key] = value
+
+
+def test_the_operators_local_dry_run_returns_and_pushes_the_plan(tiny_model_dir, tmp_path):
+    from airflow_provider_lora.operators.lora import LoRATrainingOperator
+
+    data = write_jsonl(tmp_path / "rows.jsonl", arithmetic_rows(24))
+    op = LoRATrainingOperator(task_id="train", launcher="local", dry_run="True", plan_memory_gib="16",
+                              base_model=str(tiny_model_dir), dataset=str(data), output_uri=str(tmp_path / "out"),
+                              max_seq_len=64, max_tokens_per_gpu=256, effective_batch_size=4, dtype="float32")
+    ti = PlanTI()
+    result = op.execute({"ti": ti})
+    assert result["dry_run"] is True and result["plan"] == ti.xcom["plan"]
+    assert result["plan"]["memory"]["available_bytes"] == 16 * 1024 ** 3
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_operators_dry_run_that_cannot_fit_fails_without_retry_and_still_pushes_the_plan(
+        k8s_cluster, tiny_model_dir, tmp_path, monkeypatch):
+    from airflow_provider_lora.compat import AirflowFailException
+    from airflow_provider_lora.operators.lora import LoRATrainingOperator
+    from tests.fixtures.airflow import K8S_EMU, connect
+
+    connect(monkeypatch, k8s_cluster, K8S_EMU)
+    data = write_jsonl(tmp_path / "rows.jsonl", arithmetic_rows(24))
+    op = LoRATrainingOperator(task_id="train", launcher="pod", kubernetes_conn_id=K8S_EMU, dry_run=True,
+                              plan_memory_gib=0.001, image="registry.example.com/lora:1", poll_interval=0.2,
+                              base_model=str(tiny_model_dir), dataset=str(data), output_uri="s3://bucket/runs/x",
+                              max_seq_len=64, resource_gpu_per_worker=1)
+    ti = PlanTI()
+    with pytest.raises(AirflowFailException, match="dry run: the training would not run as asked: .*fit"):
+        op.execute({"ti": ti})
+    assert ti.xcom["plan"]["memory"]["fits"] is False
+    assert k8s_cluster.pods() == []
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"dry_run": "maybe"}, r"dry_run='maybe' is not valid: give True or False"),
+    ({"plan_memory_gib": 0}, r"plan_memory_gib=0 is not valid: give the accelerator memory per process in GiB"),
+    ({"plan_memory_gib": "lots"}, r"plan_memory_gib='lots' is not valid"),
+])
+def test_bad_dry_run_arguments_fail_when_the_dag_is_parsed(arguments, message):
+    from airflow_provider_lora.operators.lora import LoRATrainingOperator
+
+    with pytest.raises(ValueError, match=message):
+        LoRATrainingOperator(task_id="train", launcher="local", base_model="org/m", dataset="org/d",
+                             output_uri="s3://b/p", **arguments)

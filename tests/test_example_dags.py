@@ -126,6 +126,34 @@ def test_the_pod_example_runs_on_the_emulated_cluster(k8s_cluster, airflow_db, t
 
 
 @pytest.mark.slow
+def test_a_dry_run_of_the_pod_example_plans_in_one_cpu_pod_and_leaves_nothing(k8s_cluster, airflow_db,
+                                                                              tiny_model_dir, s3_endpoint, s3_bucket,
+                                                                              monkeypatch):
+    """Issue 16's "done when": the form's Dry run switch; the example's GPU settings stay as they are (1 GPU, 24Gi):
+    the plan pod asks for no GPU, the plan is about the GPU run, and the downstream task is skipped."""
+    _configure(monkeypatch, k8s_cluster, s3_bucket)
+    created = _spy(monkeypatch)
+    dag = dag_bag(str(DAGS)).dags["lora_finetune_pod"]
+    run = run_dag_test(dag, run_conf={"base_model": str(tiny_model_dir), "max_seq_len": 128, "dtype": "float32",
+                                      "dry_run": True, "plan_memory_gib": 24})
+    assert run.state == "success"
+    result = pull(run, "train")
+    plan = result["plan"]
+    assert result["dry_run"] is True and plan == pull(run, "train", key="plan")
+    assert plan["dataset"]["rows"] > 0 and plan["memory"]["fits"] is True
+    assert plan["memory"]["available_bytes"] == 24 * 2 ** 30
+    [training] = plan["manifests"]  # what a real run would create: the GPU pod, secrets as references only
+    assert training["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    _no_aws_keys(training)
+    [pod] = created  # the only object created: the plan pod, without a GPU
+    assert pod["metadata"]["name"].endswith("-plan") and "--plan" in pod["spec"]["containers"][0]["command"]
+    assert "nvidia.com/gpu" not in json.dumps(pod["spec"]["containers"][0]["resources"])
+    _scheduling(pod["spec"])  # where the training would run
+    assert k8s_cluster.pods() == []
+    assert next(t for t in run.get_task_instances() if t.task_id == "register_adapter").state == "skipped"
+
+
+@pytest.mark.slow
 def test_the_trainjob_example_runs_on_the_emulated_cluster(k8s_cluster, airflow_db, tiny_model_dir, s3_endpoint,
                                                            s3_bucket, monkeypatch):
     _configure(monkeypatch, k8s_cluster, s3_bucket)

@@ -198,7 +198,7 @@ def test_a_deferred_training_outlives_three_exec_plugin_tokens(exec_cluster, mon
     dataset = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(32))
     with DAG("lora_exec_tokens", schedule=None, start_date=datetime.datetime(2026, 1, 1)) as dag:
         operator(tiny_model_dir, dataset, f"s3://{s3_bucket}/runs/exec-tokens", s3_endpoint, deferrable=True,
-                 on_finish_action="delete_pod")
+                 on_finish_action="delete_pod", log_interval=0.5)  # log reads while the tokens expire
     started = time.time()
     run = run_dag_test(dag)
     assert run.state == "success"

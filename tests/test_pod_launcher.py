@@ -136,7 +136,7 @@ def test_a_restarted_trigger_continues_the_log_without_repeats_or_gaps(k8s_clust
     caplog.set_level(logging.INFO)
     script = ("import time\nfor i in range(40):\n    print('line', i, flush=True)\n    time.sleep(0.1)")
     create(k8s_cluster, cheap_pod("long", script))
-    first = trigger(k8s_cluster, "long")
+    first = trigger(k8s_cluster, "long", log_interval=0.2)  # lines shown while it runs, not only at its end
 
     async def run_until_some_lines_are_shown():
         async def consume():

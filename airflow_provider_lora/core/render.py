@@ -216,10 +216,12 @@ def spec_argument(spec: LoRASpec) -> str:
 
 
 def plan_argv(spec: LoRASpec, memory_gib: float | None) -> list[str]:
-    """The dry run's command: the trainer's preflight plan of ``spec`` (nothing trained or written). Throughput is
-    not measured: the plan pod has no GPU, and a time measured on its CPU would say nothing of the training's."""
-    argv = ["python", "-m", "lora_trainer", "--plan", "--no-plan-measure", "--spec-json", spec_argument(spec),
-            "--work-dir", WORK_DIR]
+    """The dry run's command: the trainer's preflight plan of ``spec`` (nothing trained or written), estimated for
+    the device the training asks for. Throughput is not measured: the plan pod has no GPU, and a time measured on
+    its CPU would say nothing of the training's."""
+    device = "cuda" if spec.resource_gpu_per_worker else "cpu"
+    argv = ["python", "-m", "lora_trainer", "--plan", "--no-plan-measure", "--plan-device", device, "--spec-json",
+            spec_argument(spec), "--work-dir", WORK_DIR]
     return argv + (["--plan-memory-gib", f"{memory_gib:g}"] if memory_gib is not None else [])
 
 

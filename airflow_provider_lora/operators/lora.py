@@ -26,8 +26,8 @@ from airflow_provider_lora.core.launchers.pod import fails_again
 from airflow_provider_lora.core.launchers.trainjob import installed_trainer_version
 from airflow_provider_lora.core.limits import check_manifest
 from airflow_provider_lora.core.render import (
-    IMAGE_REFERENCE, PodOptions, SecretRef, TaskIdentity, TrainJobOptions, render_pod, render_trainjob,
-    trainer_api_shape,
+    IMAGE_REFERENCE, PodOptions, SecretRef, TaskIdentity, TrainJobOptions, render_plan_pod, render_pod,
+    render_trainjob, trainer_api_shape,
 )
 from airflow_provider_lora.core.spec import LoRASpec, SpecError
 from airflow_provider_lora.links import LoRAArtifactsLink, LossChartLink, push_loss_chart
@@ -44,6 +44,7 @@ REQUIRED_FIELDS = ("base_model", "dataset", "output_uri")
 # defer(timeout=) past the trigger's own deadline: a backstop for a trigger that cannot fire its timeout event.
 DEFER_TIMEOUT_PADDING = datetime.timedelta(minutes=5)
 XCOM_LAUNCHED = "launched"  # {"kind": "Pod" | "TrainJob", "name", "namespace"}
+XCOM_PLAN = "plan"  # a dry run's preflight plan (lora-train --plan's JSON), with the manifest the training would create
 
 
 class LoRATrainingOperator(BaseOperator):
@@ -71,10 +72,21 @@ class LoRATrainingOperator(BaseOperator):
     :param deployment: tells apart Airflow deployments sharing a namespace (default: ``[lora] deployment`` or
         "default"); part of the pod's name and labels.
     :param deferrable: free the worker slot while training (default: ``[operators] default_deferrable``).
-    :param poll_interval: seconds between pod status checks.
+    :param poll_interval: the longest time between two looks at the pod's state (the triggerer's shared watch
+        shows a change at once; without list/watch rights, or waiting in the worker, the state is read this often).
+    :param log_interval: seconds between reads of the training's log into the task log (default: 30, at least
+        ``poll_interval``); the end of the log is read at once when the run ends.
     :param startup_timeout: seconds a pod may stay pending before the task fails with the pod's events.
     :param on_finish_action: ``delete_pod``, ``delete_succeeded_pod`` (keep failed pods to inspect) or
         ``keep_pod``; for a TrainJob the same applies to the TrainJob (its pods go with it).
+    :param dry_run: run the preflight plan instead of the training (docs/concepts.md, "The preflight plan"): with
+        ``pod`` or ``trainjob``, in one pod of the training's image, service account, secrets and volumes without a
+        GPU request, deleted when done, so a bad image, Secret, dataset or model fails in seconds on a CPU node;
+        with ``local``, here, where its throughput is measured too. Returns ``{"dry_run": True, "plan": ...}`` and
+        pushes the plan as XCom ``plan`` (with the manifest the training would create, secrets as references); a
+        run that cannot fit fails, saying what would.
+    :param plan_memory_gib: the accelerator memory per process (GiB) the plan compares its estimate with, such as
+        80 for an H100 80GB: the plan pod has no GPU to ask.
     :param aws_conn_id: the Airflow AWS connection the worker reads S3 with (the completed-run check before
         launching, the loss chart after the run); needs apache-airflow-providers-amazon. None (default): boto3's
         default chain (environment, ~/.aws, instance role). The pod never gets these credentials: give it its own
@@ -89,7 +101,7 @@ class LoRATrainingOperator(BaseOperator):
     # as given and parsed into secret references after rendering.
     template_fields: Sequence[str] = (
         *SPEC_FIELDS, *POD_FIELDS, "image", "kubernetes_conn_id", "config_file", "cluster_context", "secret_env",
-        "hf_token_secret", "aws_conn_id", "trainer_runtime",
+        "hf_token_secret", "aws_conn_id", "trainer_runtime", "dry_run", "plan_memory_gib",
     )
     ui_color = "#e8f0fe"
     operator_extra_links = (LoRAArtifactsLink(), LossChartLink())
@@ -109,12 +121,15 @@ class LoRATrainingOperator(BaseOperator):
         deployment: str | None = None,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         poll_interval: float = cluster.DEFAULT_POLL_SECONDS,
+        log_interval: float | None = None,
         startup_timeout: float = cluster.DEFAULT_STARTUP_TIMEOUT,
         on_finish_action: str = "delete_succeeded_pod",
         aws_conn_id: str | None = None,
         trainer_runtime: str = TrainJobOptions.model_fields["runtime_name"].default,
         trainer_runtime_kind: str = TrainJobOptions.model_fields["runtime_kind"].default,
         trainer_api_version: str | None = None,
+        dry_run: bool | str = False,
+        plan_memory_gib: float | str | None = None,
         **kwargs: Any,
     ) -> None:
         spec_values = {name: kwargs.pop(name) for name in SPEC_FIELDS if name in kwargs}
@@ -129,6 +144,8 @@ class LoRATrainingOperator(BaseOperator):
             raise ValueError(f"launcher={launcher!r} is not valid: accepted: {', '.join(LAUNCHERS)}")
         cluster.check_seconds("poll_interval", poll_interval)
         cluster.check_seconds("startup_timeout", startup_timeout)
+        if log_interval is not None:
+            cluster.check_seconds("log_interval", log_interval)
         image = image or conf.get("lora", "image", fallback=None) or None
         if launcher != "local":
             _check_image(image, launcher)
@@ -147,6 +164,7 @@ class LoRATrainingOperator(BaseOperator):
         self.deployment = deployment or conf.get("lora", "deployment", fallback="default")
         self.deferrable = deferrable
         self.poll_interval = poll_interval
+        self.log_interval = log_interval
         self.startup_timeout = startup_timeout
         self.on_finish_action = on_finish_action
         if isinstance(self.s3_endpoint_url, str) and "{{" not in self.s3_endpoint_url:
@@ -158,6 +176,10 @@ class LoRATrainingOperator(BaseOperator):
         self.trainer_api_version = trainer_api_version
         if trainer_api_version is not None:
             TrainJobOptions(api_shape=trainer_api_version)  # a clear error at DAG parse
+        self.dry_run = dry_run
+        self.plan_memory_gib = plan_memory_gib
+        if "{{" not in repr((dry_run, plan_memory_gib)):
+            self._dry_run_settings()  # a clear error at DAG parse
         self._launched: tuple[str, str] | None = None  # (name, namespace) of the pod/TrainJob once created or found
         # Fail at DAG parse for values that are already final (templated ones are checked after rendering).
         self._spec(final=False)
@@ -182,6 +204,23 @@ class LoRATrainingOperator(BaseOperator):
             return LoRASpec.parse(values)
         except SpecError as exc:
             raise ValueError(f"{self.task_id}: {exc}") from None
+
+    def _dry_run_settings(self) -> tuple[bool, float | None]:
+        """(dry_run, plan_memory_gib) as rendered: a template gives strings such as "True" or "80"."""
+        dry_run, memory = self.dry_run, self.plan_memory_gib
+        if isinstance(dry_run, str) and dry_run.strip().lower() in ("true", "false"):
+            dry_run = dry_run.strip().lower() == "true"
+        if not isinstance(dry_run, bool):
+            raise ValueError(f"{self.task_id}: dry_run={self.dry_run!r} is not valid: give True or False")
+        if isinstance(memory, str):
+            try:
+                memory = None if memory.strip() in ("", "None") else float(memory)
+            except ValueError:
+                pass
+        if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float)) or memory <= 0):
+            raise ValueError(f"{self.task_id}: plan_memory_gib={self.plan_memory_gib!r} is not valid: give the "
+                             "accelerator memory per process in GiB, such as 80, or None")
+        return dry_run, None if memory is None else float(memory)
 
     def _secret_refs(self) -> dict[str, SecretRef]:
         """secret_env (``"secret/key"`` or ``{"name", "key"}`` per variable) plus HF_TOKEN from hf_token_secret,
@@ -307,6 +346,12 @@ class LoRATrainingOperator(BaseOperator):
             raise AirflowFailException(str(exc)) from None
         if self.aws_conn_id is not None:
             self._s3()  # a missing provider or connection fails here, before anything launches
+        try:
+            dry_run, plan_memory_gib = self._dry_run_settings()
+        except ValueError as exc:
+            raise AirflowFailException(str(exc)) from None
+        if dry_run:
+            return self._execute_dry_run(spec, context, plan_memory_gib)
         try_number = getattr(context.get("ti"), "try_number", 1) or 1
         if try_number > 1 and spec.checkpoint_at_epoch and spec.resume_from_checkpoint is None:
             # A retry continues from the last checkpoint an earlier try left with the output (docs/reliability.md)
@@ -317,39 +362,103 @@ class LoRATrainingOperator(BaseOperator):
             return self._execute_local(spec, context)
         return self._execute_on_cluster(spec, context)
 
+    def _local_env(self, task: dict[str, Any] | None) -> dict[str, str]:
+        """What the local trainer gets besides the spec's envs: the S3 endpoint and the launching task."""
+        from airflow_provider_lora.core.contract import TASK_ENV
+
+        env = {"AWS_ENDPOINT_URL": self.s3_endpoint_url} if self.s3_endpoint_url else {}
+        if task is not None:
+            env[TASK_ENV] = json.dumps(task, sort_keys=True)
+        return env
+
     def _execute_local(self, spec: LoRASpec, context: Context) -> dict[str, Any]:
         from airflow_provider_lora.core.launchers.local import TrainingFailed, run_local
-        from airflow_provider_lora.core.contract import TASK_ENV
 
         task = _task_of(context.get("ti"), self.deployment)
         own = self._check_output_free(spec, task)
         if own is not None:
             return self._return_value(own)
-        env = {"AWS_ENDPOINT_URL": self.s3_endpoint_url} if self.s3_endpoint_url else {}
-        if task is not None:
-            env[TASK_ENV] = json.dumps(task, sort_keys=True)
         try:
-            result = run_local(spec, on_line=self.log.info, env=env,
+            result = run_local(spec, on_line=self.log.info, env=self._local_env(task),
                                client=self._s3() if spec.output_uri.startswith("s3://") else None)
         except TrainingFailed as exc:
             raise AirflowException(str(exc)) from None
         return self._return_value(result.to_xcom())
 
+    def _identity(self, ti: Any) -> TaskIdentity:
+        return TaskIdentity(dag_id=ti.dag_id, task_id=ti.task_id, run_id=ti.run_id,
+                            map_index=getattr(ti, "map_index", -1), try_number=ti.try_number,
+                            deployment=self.deployment)
+
+    def _manifest(self, spec: LoRASpec, identity: TaskIdentity, task: dict[str, Any] | None,
+                  api: Any) -> dict[str, Any]:
+        """The Pod or TrainJob this task's training runs as (ValueError for a bad combination)."""
+        if self.launcher == "trainjob":
+            manifest = render_trainjob(spec, self._options(), identity, self._trainjob_options(api))
+        else:
+            manifest = render_pod(spec, self._options(), identity)
+        _add_task_env(manifest, task)
+        return manifest
+
+    def _execute_dry_run(self, spec: LoRASpec, context: Context, memory_gib: float | None) -> dict[str, Any]:
+        """The preflight plan where the training would run (see the dry_run argument)."""
+        from airflow_provider_lora.core.launchers.local import TrainingFailed, plan_local
+        from airflow_provider_lora.core.launchers.pod import PlanRefused
+
+        ti = context.get("ti")
+        task = _task_of(ti, self.deployment)
+        try:
+            if self.launcher == LOCAL_LAUNCHER:
+                plan = plan_local(spec, on_line=self.log.info, env=self._local_env(task), memory_gib=memory_gib)
+            else:
+                plan = self._plan_on_cluster(spec, ti, task, memory_gib)
+        except PlanRefused as exc:
+            if exc.plan is not None and ti is not None:
+                ti.xcom_push(key=XCOM_PLAN, value=exc.plan)
+            raise AirflowFailException(f"{self.task_id}: dry run: the training would not run as asked: {exc}") \
+                from None
+        except (TrainingFailed, RuntimeError) as exc:  # the plan pod could not start, or the plan failed
+            raise AirflowException(f"{self.task_id}: dry run failed: {exc}") from None
+        if ti is not None:
+            ti.xcom_push(key=XCOM_PLAN, value=plan)
+        memory = plan["memory"]
+        self.log.info("dry run: nothing was trained; estimated peak %.2f GiB per process of %.2f GiB (%s)",
+                      memory["required_bytes"] / 2 ** 30, memory["available_bytes"] / 2 ** 30,
+                      memory["available_source"])
+        return {"dry_run": True, "plan": plan}
+
+    def _plan_on_cluster(self, spec: LoRASpec, ti: Any, task: dict[str, Any] | None,
+                         memory_gib: float | None) -> dict[str, Any]:
+        from airflow_provider_lora import kube
+
+        identity = self._identity(ti)
+        api = kube.sync_core_api(self._cluster_ref)
+        try:
+            training = self._manifest(spec, identity, task, api)
+            check_manifest(training, spec)
+            manifest = render_plan_pod(spec, self._options(), identity, memory_gib)
+            check_manifest(manifest, spec)
+        except ValueError as exc:
+            raise AirflowFailException(f"{self.task_id}: {exc}") from None
+        self._launched = (manifest["metadata"]["name"], manifest["metadata"]["namespace"])
+        try:
+            plan = cluster.run_plan(cluster.for_manifest(api, manifest), self.poll_interval, self.startup_timeout,
+                                    self.log.info)
+        except cluster.LaunchRefused as exc:
+            raise AirflowFailException(f"{self.task_id}: {exc}") from None
+        finally:
+            self._launched = None
+        return {**plan, "manifests": [training]}
+
     def _execute_on_cluster(self, spec: LoRASpec, context: Context) -> Any:
         from airflow_provider_lora import kube
 
         ti = context["ti"]
-        identity = TaskIdentity(dag_id=ti.dag_id, task_id=ti.task_id, run_id=ti.run_id,
-                                map_index=getattr(ti, "map_index", -1), try_number=ti.try_number,
-                                deployment=self.deployment)
+        identity = self._identity(ti)
         task = _task_of(ti, self.deployment)
         api = kube.sync_core_api(self._cluster_ref)
         try:
-            if self.launcher == "trainjob":
-                manifest = render_trainjob(spec, self._options(), identity, self._trainjob_options(api))
-            else:
-                manifest = render_pod(spec, self._options(), identity)
-            _add_task_env(manifest, task)
+            manifest = self._manifest(spec, identity, task, api)
             self._adjust_after_out_of_memory(api, manifest, spec, identity.try_number)
             check_manifest(manifest, spec)
         except ValueError as exc:
@@ -417,13 +526,14 @@ class LoRATrainingOperator(BaseOperator):
         start = started.timestamp() if isinstance(started, datetime.datetime) else time.time()
         return start + self.execution_timeout.total_seconds()
 
-    def _trigger(self, name: str, namespace: str, deadline: float | None = None) -> Any:
+    def _trigger(self, name: str, namespace: str, deadline: float | None = None, watch: bool = True) -> Any:
         from airflow_provider_lora.triggers.lora import LoRATrainingTrigger
 
         return LoRATrainingTrigger(
             name=name, namespace=namespace, launcher=self.launcher, kubernetes_conn_id=self.kubernetes_conn_id,
             config_file=self.config_file, cluster_context=self.cluster_context, in_cluster=self.in_cluster,
             poll_interval=self.poll_interval, startup_timeout=self.startup_timeout, deadline=deadline,
+            log_interval=self.log_interval, watch=watch,
         )
 
     def _job(self, api: Any, name: str, namespace: str) -> cluster.LaunchedPod:
@@ -437,7 +547,8 @@ class LoRATrainingOperator(BaseOperator):
 
         async def first_event() -> dict[str, Any]:
             try:
-                async for event in self._trigger(name, namespace, deadline).run():
+                # One training followed from here: a shared watch (a list and a watch) would cost more than reads.
+                async for event in self._trigger(name, namespace, deadline, watch=False).run():
                     return event.payload
                 raise AirflowException("the trigger ended without an event")
             finally:

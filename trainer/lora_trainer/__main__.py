@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--plan-memory-gib", type=float, metavar="GIB",
                       help="memory per process the plan compares its estimate with (default: this machine's GPU, "
                            "else resource_memory_per_worker when the spec sets it, else this machine's free memory)")
+    plan.add_argument("--plan-device", choices=("cuda", "cpu"),
+                      help="the device the training runs on (default: this machine's); a GPU training planned on a "
+                           "CPU machine is estimated for the GPU and not timed")
     plan.add_argument("--plan-measure", action=argparse.BooleanOptionalAction, default=True,
                       help="measure throughput with a few forward/backward passes of the model (loads its weights) "
                            "to estimate the time per epoch")
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         from lora_trainer.plan import main_entry as plan_entry  # torch, transformers; not unsloth
 
-        return plan_entry(spec, args.plan_memory_gib, args.plan_measure)
+        return plan_entry(spec, args.plan_memory_gib, args.plan_measure, args.plan_device)
     from lora_trainer.train import main_entry  # heavy: torch, unsloth
 
     return main_entry(spec, args.work_dir)

@@ -86,7 +86,8 @@ def _quiet(message: str) -> None:
     pass
 
 
-def dataset_view(spec: LoRASpec, tokenizer: Any, world_size: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def dataset_view(spec: LoRASpec, tokenizer: Any, world_size: int,
+                 on_gpu: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The data figures, and the train rows the trainer would train on (input_ids, assistant_masks)."""
     import tempfile
 
@@ -120,7 +121,7 @@ def dataset_view(spec: LoRASpec, tokenizer: Any, world_size: int) -> tuple[dict[
         "steps_per_epoch": per_epoch, "epochs": spec.num_epochs,
         "total_steps": optimizer_steps(spec, batches, stats["train_rows"]),
         "real_token_share_unpacked": round(packing["real_token_share_unpacked"], 4),
-        "packing": {"requested": bool(spec.lora_sample_packing), "used": _packing_used(spec),
+        "packing": {"requested": bool(spec.lora_sample_packing), "used": _packing_used(spec, on_gpu),
                     "real_token_share_packed": round(packing["real_token_share_packed"], 4),
                     "sequences_packed": packing["sequences_packed"]},
     }
@@ -139,9 +140,9 @@ def _on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def _packing_used(spec: LoRASpec) -> bool:
+def _packing_used(spec: LoRASpec, on_gpu: bool) -> bool:
     # As the trainer decides it (train._check_machine): packing needs FlashAttention on a GPU.
-    return bool(spec.lora_sample_packing and _on_gpu())
+    return bool(spec.lora_sample_packing and on_gpu)
 
 
 # ---- the model, from its config ------------------------------------------------------------------------------------
@@ -244,10 +245,12 @@ def estimate_memory(spec: LoRASpec, model: dict[str, Any], dtype: Any, micro_bat
     return items
 
 
-def available_memory(spec: LoRASpec, memory_gib: float | None, on_gpu: bool) -> tuple[int, str]:
-    """Bytes available per process, and where the figure comes from."""
+def available_memory(spec: LoRASpec, memory_gib: float | None, on_gpu: bool) -> tuple[int | None, str]:
+    """Bytes available per process (None: unknown), and where the figure comes from."""
     if memory_gib is not None:
         return int(memory_gib * GIB), "--plan-memory-gib"
+    if on_gpu and not _on_gpu():
+        return None, "unknown: the plan is for a GPU and none is here; give --plan-memory-gib (plan_memory_gib)"
     if on_gpu:
         import torch
 
@@ -338,22 +341,29 @@ def measure_throughput(spec: LoRASpec, dtype: Any, tokenizer: Any, rows: list[di
 
 # ---- the plan --------------------------------------------------------------------------------------------------------
 
-def make_plan(spec: LoRASpec, memory_gib: float | None = None, measure: bool = True) -> dict[str, Any]:
+def make_plan(spec: LoRASpec, memory_gib: float | None = None, measure: bool = True,
+              device: str | None = None) -> dict[str, Any]:
     """The plan as a JSON-serialisable dict; raises PlanError (after the plan is built: ``exc.plan``) when the run
-    does not fit."""
+    does not fit. ``device`` ("cuda" or "cpu"): what the training runs on, default this machine's; a dry run plans
+    a GPU training on a CPU node (its dtype then bfloat16 unless the spec says, its time not measured)."""
+    import torch
     from transformers import AutoTokenizer
 
     if not spec.dataset:
         raise data_lib.DataError("dataset is empty: give a local path, s3://bucket/key or a Hugging Face dataset id")
+    on_gpu = _on_gpu() if device is None else device == "cuda"
+    elsewhere = on_gpu != _on_gpu()  # planned for another device than this one
     dtype = model_lib.pick_dtype(spec)
-    model_lib.check_hardware(spec, dtype)
-    on_gpu = _on_gpu()
+    if elsewhere and spec.dtype == "auto":
+        dtype = torch.bfloat16 if on_gpu else torch.float32
+    if not elsewhere:
+        model_lib.check_hardware(spec, dtype)
     world_size = int(os.environ.get("WORLD_SIZE", spec.world_size))
     model = model_view(spec)  # first: a wrong base_model fails before the data is tokenised
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model, token=os.environ.get("HF_TOKEN") or None)
     if tokenizer.pad_token is None:  # as the trainer does
         tokenizer.pad_token = tokenizer.eos_token
-    dataset, train_rows = dataset_view(spec, tokenizer, world_size)
+    dataset, train_rows = dataset_view(spec, tokenizer, world_size, on_gpu)
 
     # The longest micro-batch: packed sequences fill max_seq_len; otherwise rows pad to the longest in the batch.
     seq_len = spec.max_seq_len if dataset["packing"]["used"] else dataset["tokens_per_row"]["max"]
@@ -367,7 +377,7 @@ def make_plan(spec: LoRASpec, memory_gib: float | None = None, measure: bool = T
         return sum(estimate_memory(spec, model, dtype, mb, length, checkpointing, on_gpu).values()) + baseline
 
     per_process = dataset["effective_batch_size"] // world_size
-    fitting = [mb for mb in range(1, per_process + 1) if required(mb) <= available]
+    fitting = [mb for mb in range(1, per_process + 1) if available is not None and required(mb) <= available]
     memory = {
         "device": "cuda" if on_gpu else "cpu", "dtype": str(dtype).removeprefix("torch."),
         "quantisation": "4-bit" if spec.lora_load_in_4bit else "8-bit" if spec.lora_load_in_8bit else None,
@@ -377,12 +387,13 @@ def make_plan(spec: LoRASpec, memory_gib: float | None = None, measure: bool = T
         "process_baseline_note": "CUDA context" if on_gpu else "python + torch + unsloth + trl imported",
         "required_bytes": sum(items.values()) + baseline,
         "available_bytes": available, "available_source": source,
-        "largest_micro_batch_that_fits": max(fitting) if fitting else 0,
-        "fits": required(micro_batch) <= available,
+        "largest_micro_batch_that_fits": (max(fitting) if fitting else 0) if available is not None else None,
+        "fits": required(micro_batch) <= available if available is not None else None,
         "note": "estimate" + ("" if on_gpu else "; on CPU, peak RSS above the process's baseline"),
     }
-    timing: dict[str, Any] = {"measured": False, "note": "not measured"}
-    if measure:
+    timing: dict[str, Any] = {"measured": False, "note": "not measured" + (
+        f" (the training runs on {'a GPU' if on_gpu else 'CPU'}, not on this machine's device)" if elsewhere else "")}
+    if measure and not elsewhere:
         timing = measure_throughput(spec, dtype, tokenizer, train_rows, micro_batch, model["target_modules"],
                                     checkpointing)
         padded_tokens = dataset["train_tokens"] / dataset["real_token_share_unpacked"]
@@ -394,7 +405,7 @@ def make_plan(spec: LoRASpec, memory_gib: float | None = None, measure: bool = T
                        "note": "estimate: padded tokens per epoch / tokens per second of a few forward/backward "
                                "passes measured here (optimizer steps, evaluation and loading not counted)"})
     plan = {"dataset": dataset, "model": model, "memory": memory, "time": timing}
-    if not memory["fits"]:
+    if memory["fits"] is False:
         raise _refusal(spec, plan, required, available)
     return plan
 
@@ -450,12 +461,14 @@ def describe(plan: dict[str, Any]) -> str:
           f"{mem['micro_batch']} x {mem['seq_len']} tokens):",
     ]
     lines += [f"  {name.replace('_', ' '):18s} {value / GIB:8.3f} GiB" for name, value in mem["items"].items()]
-    lines += [
-        f"  {'peak':18s} {mem['peak_bytes'] / GIB:8.3f} GiB (+ {mem['process_baseline_bytes'] / GIB:.2f} GiB "
-        f"{mem['process_baseline_note']}) = {mem['required_bytes'] / GIB:.2f} GiB of {mem['available_bytes'] / GIB:.2f}"
-        f" GiB available ({mem['available_source']}): {'fits' if mem['fits'] else 'DOES NOT FIT'}; the largest "
-        f"micro-batch that fits is {mem['largest_micro_batch_that_fits']}",
-    ]
+    need = (f"  {'peak':18s} {mem['peak_bytes'] / GIB:8.3f} GiB (+ {mem['process_baseline_bytes'] / GIB:.2f} GiB "
+            f"{mem['process_baseline_note']}) = {mem['required_bytes'] / GIB:.2f} GiB")
+    if mem["available_bytes"] is None:
+        lines.append(f"{need}; memory available {mem['available_source']}")
+    else:
+        lines.append(f"{need} of {mem['available_bytes'] / GIB:.2f} GiB available ({mem['available_source']}): "
+                     f"{'fits' if mem['fits'] else 'DOES NOT FIT'}; the largest micro-batch that fits is "
+                     f"{mem['largest_micro_batch_that_fits']}")
     if t["measured"]:
         lines.append(f"time (estimate): {t['estimated_seconds_per_epoch']:,.0f} s per epoch, "
                      f"{t['estimated_seconds_total']:,.0f} s in total, at {t['padded_tokens_per_second']:,.0f} "
@@ -466,10 +479,11 @@ def describe(plan: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main_entry(spec: LoRASpec, memory_gib: float | None = None, measure: bool = True) -> int:
+def main_entry(spec: LoRASpec, memory_gib: float | None = None, measure: bool = True,
+               device: str | None = None) -> int:
     """Print the plan and its JSON line; exit 2 on a known user error or a run that does not fit."""
     try:
-        plan = make_plan(spec, memory_gib, measure)
+        plan = make_plan(spec, memory_gib, measure, device)
     except PlanError as exc:
         _print(exc.plan)  # type: ignore[attr-defined]
         print(f"{ERROR_PREFIX}{exc}", file=sys.stderr, flush=True)
