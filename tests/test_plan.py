@@ -196,8 +196,6 @@ def test_plan_agrees_with_what_the_trainer_then_does(planned_and_trained):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="core/spec.py optimizer_steps floors micro-batches / accumulation per epoch; "
-                   "transformers 5.17 rounds the last partial accumulation up (11 micro-batches / 2 = 6 steps, not 5)")
 def test_planned_steps_are_the_steps_trained(planned_and_trained):
     plan, summary = planned_and_trained
     assert plan["dataset"]["total_steps"] == summary["global_step"]

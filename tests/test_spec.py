@@ -546,6 +546,7 @@ def test_warmup_longer_than_the_run_is_said_with_the_numbers():
     plan = plan_batches(spec, 1)
     assert optimizer_steps(spec, plan, 40) == 15 and warmup_warning(spec, 15) is None
     assert optimizer_steps(spec, plan, 16) == 6
+    assert optimizer_steps(spec, plan, 44) == 18  # 11 micro-batches of 4: the last, alone, is a step of its own
     warning = warmup_warning(spec, 6)
     assert "lr_warmup_steps=10 is at least the run's 6 optimizer step(s)" in warning
     assert "climbs to 1.20e-04 of learning_rate=0.0002" in warning and "such as 0" in warning

@@ -565,12 +565,13 @@ def plan_batches(spec: LoRASpec, world_size: int) -> BatchPlan:
 
 
 def optimizer_steps(spec: LoRASpec, plan: BatchPlan, train_rows: int) -> int:
-    """The optimizer steps a run of ``train_rows`` rows takes (transformers' count: micro-batches per epoch over
-    the accumulation, at least one per epoch), or max_steps when set."""
+    """The optimizer steps a run of ``train_rows`` rows takes, or max_steps when set. transformers' count
+    (Trainer.set_initial_training_values, 5.x): micro-batches per epoch over the accumulation, the last partial
+    accumulation counting as a step, at least one per epoch."""
     if spec.max_steps:
         return spec.max_steps
     micro_batches = -(-train_rows // (plan.micro_batch * plan.world_size))
-    return max(1, micro_batches // plan.grad_accum) * int(spec.num_epochs)
+    return max(1, -(-micro_batches // plan.grad_accum)) * int(spec.num_epochs)
 
 
 def warmup_warning(spec: LoRASpec, steps: int) -> str | None:
