@@ -15,8 +15,8 @@ path is decided here, once, with the flags below:
 """
 
 from airflow.providers.common.compat.sdk import (  # noqa: F401
-    DAG, AirflowException, AirflowFailException, BaseOperator, BaseOperatorLink, Context, Param, XCom, conf,
-    get_current_context,
+    DAG, AirflowException, AirflowFailException, Asset, AssetAlias, BaseOperator, BaseOperatorLink, Context, Param,
+    XCom, conf, get_current_context,
 )
 from airflow.providers.common.compat.version_compat import AIRFLOW_V_3_0_PLUS, AIRFLOW_V_3_1_PLUS  # noqa: F401
 from airflow.triggers.base import BaseTrigger, TriggerEvent  # noqa: F401  (same home on 2.11 and 3.x)

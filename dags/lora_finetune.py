@@ -62,4 +62,5 @@ with DAG(
         launcher=LAUNCHER,
         **({} if LAUNCHER == "local" else {"image": "{{ params.image }}", "namespace": "{{ params.namespace }}"}),
         **{**templated_spec_kwargs(), "output_uri": "{{ params.output_uri }}/{{ run_id }}"},
+        asset_alias="lora-adapters",  # each new adapter schedules dags/lora_adapter_ready.py
     )

@@ -102,5 +102,6 @@ with DAG(
         retry_delay=datetime.timedelta(minutes=2),
         **{**templated_spec_kwargs(), "output_uri": "{{ params.output_uri }}/{{ run_id }}"},
         **templated_dry_run_kwargs(),
+        asset_alias="lora-adapters",  # each new adapter schedules dags/lora_adapter_ready.py
     )
     register_adapter(train.output)

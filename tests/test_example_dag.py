@@ -16,6 +16,20 @@ pytestmark = pytest.mark.slow
 DAGS = Path(__file__).resolve().parents[1] / "dags"
 
 
+def asset_events() -> list[tuple[str, dict]]:
+    """(URI, extra) of every asset event in the metadata database (dataset events on Airflow 2.11)."""
+    from sqlalchemy import select
+
+    from airflow.utils.session import create_session
+
+    if AIRFLOW_3:
+        from airflow.models.asset import AssetEvent as Event
+    else:
+        from airflow.models.dataset import DatasetEvent as Event
+    with create_session() as session:
+        return [((e.asset if AIRFLOW_3 else e.dataset).uri, e.extra) for e in session.scalars(select(Event))]
+
+
 def test_the_example_dag_trains_in_a_pod_with_the_run_conf(k8s_cluster, airflow_db, tiny_model_dir, s3_endpoint,
                                                             s3_bucket, monkeypatch):
     # What the DAG file reads when it is parsed, and the connection its operator uses (kubernetes_default).
@@ -43,6 +57,11 @@ def test_the_example_dag_trains_in_a_pod_with_the_run_conf(k8s_cluster, airflow_
     assert spec["dataset"].endswith("examples/data/records_train.jsonl")
     assert len([r for r in k8s_cluster.request_log if r[0] == "POST" and r[1].endswith("/pods")]) == 1
     assert k8s_cluster.pods() == []  # the default on_finish_action deletes a succeeded pod
+
+    # The adapter's asset event, through the example's asset alias (a dataset event on 2.11), with the figures.
+    [(uri, extra)] = asset_events()
+    assert uri == result["artifacts"]["adapter"] and extra["adapter"] == uri
+    assert extra["final_loss"] == result["summary"]["final_loss"] and extra["global_step"] == 3
 
     # The LoRA artifacts link as each version computes it. Airflow 3: the worker stored it when the try ended ("" for
     # S3 behind a custom endpoint, as here). 2.11: the webserver asks the deserialized task, whose link reads the

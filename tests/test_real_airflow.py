@@ -52,9 +52,11 @@ with DAG({dag_id!r}, schedule=None, start_date=datetime.datetime(2026, 1, 1), ca
         pvc_claim_name="workspace", pvc_mount_path={mount!r},
         envs="HF_HUB_OFFLINE=1,HF_DATASETS_OFFLINE=1,TOKENIZERS_PARALLELISM=false",
         resource_gpu_per_worker=0, resource_cpu_per_worker="2", resource_memory_per_worker="4Gi",
+        asset_alias="lora-adapters",
         **{spec!r},
     )
 '''
+CONSUMER_DAG = "lora_adapter_ready"  # dags/lora_adapter_ready.py: scheduled on the asset alias "lora-adapters"
 
 
 def _tree(pid: int) -> list[psutil.Process]:
@@ -108,7 +110,9 @@ def test_deferred_task_resumes_in_another_process(airflow_services, k8s_cluster,
     (af.dags_folder / f"{DAG_ID}.py").write_text(DAG_FILE.format(
         dag_id=DAG_ID, task_id=TASK_ID, base_model=str(tiny_model_dir), dataset=str(dataset),
         output_uri=f"{mount}/runs/{{{{ run_id }}}}", mount=mount, spec={**FAST, "max_steps": MAX_STEPS}))
+    shutil.copy(ROOT / "dags" / f"{CONSUMER_DAG}.py", af.dags_folder)
     af.wait_for_dag(DAG_ID)
+    af.wait_for_dag(CONSUMER_DAG)
 
     run_id = af.trigger_run(DAG_ID)
     seen: list[dict] = []  # each change of the task instance's (state, pid, trigger, triggerer job)
@@ -190,6 +194,26 @@ def test_deferred_task_resumes_in_another_process(airflow_services, k8s_cluster,
     name = f"{DAG_ID}/{run_id}/{TASK_ID}/-1/1"
     assert any(e["event"].startswith(f"trigger {name} (ID ") and e["event"].endswith(" starting") for e in events)
     assert any(e["event"] == "Trigger fired event" and e.get("name", "").startswith(name) for e in events)
+
+    # The adapter's asset event, through the alias, scheduled the example that follows it, with the run's figures.
+    consumer = _wait_for_first_run(af, CONSUMER_DAG)
+    assert af.wait_for_run(CONSUMER_DAG, consumer, timeout=120) == "success", af.task_log(
+        CONSUMER_DAG, consumer, "adapters_ready")[-4000:]
+    [ready] = af.xcom(CONSUMER_DAG, consumer, "adapters_ready")
+    assert ready["uri"] == Path(result["artifacts"]["adapter"]).as_uri() and ready["run"] == root
+    assert ready["final_loss"] == result["summary"]["final_loss"] and ready["global_step"] == MAX_STEPS
+
+
+def _wait_for_first_run(af, dag_id: str, timeout: float = 90) -> str:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = af.api("GET", f"/dags/{dag_id}/dagRuns")["dag_runs"]
+        if runs:
+            return runs[0]["dag_run_id"]
+        time.sleep(0.5)
+    raise TimeoutError(f"no run of {dag_id} within {timeout:.0f}s")
 
 
 def test_every_service_listens_on_loopback_only(airflow_services):

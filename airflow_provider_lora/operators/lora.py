@@ -44,6 +44,9 @@ REQUIRED_FIELDS = ("base_model", "dataset", "output_uri")
 # defer(timeout=) past the trigger's own deadline: a backstop for a trigger that cannot fire its timeout event.
 DEFER_TIMEOUT_PADDING = datetime.timedelta(minutes=5)
 XCOM_LAUNCHED = "launched"  # {"kind": "Pod" | "TrainJob", "name", "namespace"}
+# The figures an adapter's asset event carries (besides its adapter, run and base_model): enough for a downstream
+# DAG (evaluate, register, deploy) to decide without reading the run.
+ADAPTER_EVENT_FIGURES = ("final_loss", "min_loss", "final_eval_loss", "min_eval_loss", "global_step", "epochs")
 XCOM_PLAN = "plan"  # a dry run's preflight plan (lora-train --plan's JSON), with the manifest the training would create
 
 
@@ -87,6 +90,10 @@ class LoRATrainingOperator(BaseOperator):
         run that cannot fit fails, saying what would.
     :param plan_memory_gib: the accelerator memory per process (GiB) the plan compares its estimate with, such as
         80 for an H100 80GB: the plan pod has no GPU to ask.
+    :param asset_alias: the name of an AssetAlias (a DatasetAlias on Airflow 2.11) added to the task's outlets: on
+        success the task emits an asset event for its adapter's location (``s3://...`` or ``file://...``) with the
+        run's figures as its extra (adapter, run, base_model, final and best losses, steps), so a DAG scheduled on
+        ``AssetAlias(name)`` runs for each new adapter (dags/lora_adapter_ready.py).
     :param aws_conn_id: the Airflow AWS connection the worker reads S3 with (the completed-run check before
         launching, the loss chart after the run); needs apache-airflow-providers-amazon. None (default): boto3's
         default chain (environment, ~/.aws, instance role). The pod never gets these credentials: give it its own
@@ -130,6 +137,7 @@ class LoRATrainingOperator(BaseOperator):
         trainer_api_version: str | None = None,
         dry_run: bool | str = False,
         plan_memory_gib: float | str | None = None,
+        asset_alias: str | None = None,
         **kwargs: Any,
     ) -> None:
         spec_values = {name: kwargs.pop(name) for name in SPEC_FIELDS if name in kwargs}
@@ -178,6 +186,11 @@ class LoRATrainingOperator(BaseOperator):
             TrainJobOptions(api_shape=trainer_api_version)  # a clear error at DAG parse
         self.dry_run = dry_run
         self.plan_memory_gib = plan_memory_gib
+        self.asset_alias = asset_alias
+        if asset_alias:
+            from airflow_provider_lora.compat import AssetAlias
+
+            self.outlets = [*self.outlets, AssetAlias(asset_alias)]
         if "{{" not in repr((dry_run, plan_memory_gib)):
             self._dry_run_settings()  # a clear error at DAG parse
         self._launched: tuple[str, str] | None = None  # (name, namespace) of the pod/TrainJob once created or found
@@ -377,13 +390,13 @@ class LoRATrainingOperator(BaseOperator):
         task = _task_of(context.get("ti"), self.deployment)
         own = self._check_output_free(spec, task)
         if own is not None:
-            return self._return_value(own)
+            return self._return_value(own, context)
         try:
             result = run_local(spec, on_line=self.log.info, env=self._local_env(task),
                                client=self._s3() if spec.output_uri.startswith("s3://") else None)
         except TrainingFailed as exc:
             raise AirflowException(str(exc)) from None
-        return self._return_value(result.to_xcom())
+        return self._return_value(result.to_xcom(), context)
 
     def _identity(self, ti: Any) -> TaskIdentity:
         return TaskIdentity(dag_id=ti.dag_id, task_id=ti.task_id, run_id=ti.run_id,
@@ -473,7 +486,7 @@ class LoRATrainingOperator(BaseOperator):
             raise AirflowFailException(f"{self.task_id}: {exc}") from None
         if own is not None:
             self._launched = None
-            return self._return_value(own)
+            return self._return_value(own, context)
         ti.xcom_push(key=XCOM_LAUNCHED, value={"kind": manifest["kind"], "name": name, "namespace": namespace})
         deadline = self._deadline(ti)
         if self.deferrable:
@@ -568,7 +581,7 @@ class LoRATrainingOperator(BaseOperator):
         succeeded = status == "success"
         try:
             if succeeded:
-                return self._return_value(self._collect(job, event))
+                return self._return_value(self._collect(job, event), context)
             message = (f"training {job} {status}: {event['description']}\n"
                        f"{job.failure_logs(event.get('log_pod'), deleted=event.get('reason') == 'Deleted')}")
             if status == "timeout":
@@ -618,7 +631,7 @@ class LoRATrainingOperator(BaseOperator):
             result["artifacts"] = storage.artifact_uris(spec.output_uri, [])
         return result
 
-    def _return_value(self, result: dict[str, Any]) -> dict[str, Any]:
+    def _return_value(self, result: dict[str, Any], context: Context) -> dict[str, Any]:
         summary = result.get("summary", {})
         self.log.info("training finished: final loss %s (min %s) after %s steps; artifacts: %s",
                       summary.get("final_loss"), summary.get("min_loss"), summary.get("global_step"),
@@ -626,7 +639,26 @@ class LoRATrainingOperator(BaseOperator):
         for change in summary.get(OOM_ADJUSTMENTS_KEY) or []:
             self.log.warning("this run was adjusted after running out of memory: %s", oom.describe(change))
         push_loss_chart(result, self.log, s3=self._s3)  # XCom loss_chart_html, for the Loss chart tab
+        self._emit_adapter_asset(result, context)
         return result
+
+    def _emit_adapter_asset(self, result: dict[str, Any], context: Context) -> None:
+        """With ``asset_alias``: an asset event for the adapter's location (its URI: s3://... or file://...), with
+        the run's figures as its extra, through the alias (the location is known only once the run ends)."""
+        if not self.asset_alias:
+            return
+        from airflow_provider_lora.compat import Asset, AssetAlias
+
+        artifacts, summary = result.get("artifacts") or {}, result.get("summary") or {}
+        adapter = artifacts.get("adapter")
+        if not adapter:
+            self.log.warning("asset_alias=%r: the result names no adapter, so no asset event", self.asset_alias)
+            return
+        uri = adapter if "://" in adapter else Path(adapter).absolute().as_uri()  # as the run names it
+        extra = {"adapter": adapter, "run": artifacts.get("root"), "base_model": summary.get("base_model"),
+                 **{name: summary.get(name) for name in ADAPTER_EVENT_FIGURES}}
+        context["outlet_events"][AssetAlias(self.asset_alias)].add(Asset(uri), extra=extra)
+        self.log.info("asset event for %s through alias %r: %s", uri, self.asset_alias, json.dumps(extra))
 
     def _clean_up(self, job: cluster.LaunchedPod, succeeded: bool, stop: bool = False) -> None:
         if stop:
