@@ -43,7 +43,7 @@ NUMERIC = {"integer", "number"}
 BOUND_KEYS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
 # Values some probes need so that only the probed field decides (one sequence must fit max_tokens_per_gpu; the
 # 4-bit options are only used with 4-bit loading).
-CONTEXT = {"max_tokens_per_gpu": {"max_seq_len": 1},
+CONTEXT = {"max_tokens_per_gpu": {"max_seq_len": 1}, "eval_steps": {"eval_fraction": 0.1},
            **{name: {"lora_load_in_4bit": True} for name in EFFECTIVE_4BIT_DEFAULTS}}
 
 

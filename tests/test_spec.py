@@ -232,6 +232,8 @@ BAD = [
     ("eval_fraction_half", {"eval_fraction": 0.5}, ["eval_fraction=0.5", ">= 0 and < 0.5"]),
     ("save_merged_4bit", {"save_merged": True, "lora_load_in_4bit": True},
      ["save_merged=True", "quantised", "train unquantised"]),
+    ("eval_steps_without_eval_rows", {"eval_steps": 50}, ["eval_steps=50", "set eval_fraction"]),
+    ("eval_steps_zero", {"eval_steps": 0, "eval_fraction": 0.1}, ["eval_steps=0"]),
     ("batch_not_divisible", {"effective_batch_size": 10, "resource_num_workers": 3},
      ["effective_batch_size=10", "3 workers x 1 processes", "multiple"]),
     ("target_modules_semicolon", {"lora_target_modules": "q_proj;v_proj"},
@@ -349,7 +351,7 @@ FULL_4BIT = {
     "lora_bnb_4bit_compute_dtype": "float16", "lora_bnb_4bit_use_double_quant": False,
     "lora_sample_packing": False, "seed": 7, "use_liger": True, "lr_scheduler": "cosine",
     "fsdp_sharding_strategy": "NO_SHARD", "dataset": "s3://bucket/train.jsonl", "dataset_format": "messages",
-    "eval_fraction": 0.1, "train_on_inputs": True, "output_uri": "s3://bucket/runs/1", "overwrite_output": True,
+    "eval_fraction": 0.1, "eval_steps": 20, "train_on_inputs": True, "output_uri": "s3://bucket/runs/1", "overwrite_output": True,
     "save_merged": False, "resume_from_checkpoint": "latest", "max_steps": 100, "dtype": "bfloat16",
 }
 

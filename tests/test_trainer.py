@@ -62,6 +62,8 @@ def test_eval_split_gives_eval_loss_each_epoch(base_run):
     output, outcome = base_run
     evals = [r for r in history(output) if "eval_loss" in r]
     assert len(evals) == 2
+    best = min(evals, key=lambda r: r["eval_loss"])
+    assert (outcome.summary["best_eval_step"], outcome.summary["best_eval_epoch"]) == (best["step"], best["epoch"])
     assert outcome.summary["data"]["eval_rows"] == 12 and outcome.summary["data"]["train_rows"] == 36
     assert outcome.summary["final_eval_loss"] == evals[-1]["eval_loss"] < evals[0]["eval_loss"]
 
@@ -103,6 +105,16 @@ def test_saved_adapter_reloads_with_plain_peft_and_gives_the_same_logits(base_ru
     reloaded = _peft_model(tiny_model_dir, output / "adapter")
     torch.testing.assert_close(_logits(reloaded, outcome.tokenizer), _logits(outcome.model, outcome.tokenizer),
                                atol=1e-4, rtol=1e-4)
+
+
+def test_eval_steps_evaluates_every_that_many_steps(tiny_model_dir, dataset, tmp_path):
+    """Issue 17: an interval in steps instead of once per epoch; the best held-out step is in the summary."""
+    output = tmp_path / "run"
+    outcome = train(tiny_model_dir, dataset, output, max_steps=6, eval_fraction=0.25, eval_steps=2)
+    evals = [r for r in history(output) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    best = min(evals, key=lambda r: r["eval_loss"])
+    assert outcome.summary["best_eval_step"] == best["step"] and outcome.summary["min_eval_loss"] == best["eval_loss"]
 
 
 def test_num_epochs_and_checkpoint_at_epoch(base_run):

@@ -276,6 +276,9 @@ class LoRASpec(BaseModel):
         "auto", "Row format: auto, messages, conversations, alpaca, prompt_completion or text.", DATA)
     eval_fraction: float = _field(0.0, "Share of rows held out for evaluation loss (0 = none, < 0.5).", DATA,
                                   bounds={"minimum": 0, "exclusiveMaximum": 0.5})
+    eval_steps: Optional[int] = _field(None, "Evaluate on the held-out rows every this many optimizer steps "
+                                       "(default: at the end of each epoch); needs eval_fraction > 0.", DATA,
+                                       bounds={"minimum": 1})
     train_on_inputs: bool = _field(False, "Compute loss on prompt tokens too (default: assistant/completion tokens "
                                    "only).", DATA)
     output_uri: str = _field("", "Where the run's artifacts go: a local/PVC path or s3://bucket/prefix.", OUTPUT)
@@ -446,6 +449,9 @@ class LoRASpec(BaseModel):
             raise ValueError(f"effective_batch_size={self.effective_batch_size} is not divisible by the number of "
                              f"training processes ({self.resource_num_workers} workers x {self.procs_per_worker} "
                              "processes): choose a multiple of it so every optimizer step sees exactly that batch")
+        if self.eval_steps is not None and not self.eval_fraction:
+            raise ValueError(f"eval_steps={self.eval_steps} needs held-out rows to evaluate: set eval_fraction "
+                             "(such as 0.1) or leave eval_steps unset")
         if self.save_merged and (self.lora_load_in_4bit or self.lora_load_in_8bit):
             raise ValueError("save_merged=True with a quantised base model is not valid: merging into 4/8-bit "
                              "weights loses the adapter's precision; train unquantised to export a merged model")

@@ -27,7 +27,9 @@ def summarize(spec: LoRASpec, *, run_dir: Path, train_output: Any, history: list
     import torch
 
     losses = [r["loss"] for r in history if r.get("loss") is not None]
-    evals = [r["eval_loss"] for r in history if r.get("eval_loss") is not None]
+    eval_rows = [r for r in history if r.get("eval_loss") is not None]
+    evals = [r["eval_loss"] for r in eval_rows]
+    best_eval = min(eval_rows, key=lambda r: r["eval_loss"], default=None)
     metrics = train_output.metrics
     runtime = metrics.get("train_runtime") or 0.0
     tokens = next((r["num_tokens"] for r in reversed(history) if r.get("num_tokens") is not None), None)
@@ -45,6 +47,9 @@ def summarize(spec: LoRASpec, *, run_dir: Path, train_output: Any, history: list
         "first_loss": losses[0] if losses else None,
         "final_eval_loss": evals[-1] if evals else None,
         "min_eval_loss": min(evals) if evals else None,
+        # Where the held-out loss was lowest: past it, more steps fitted the training rows, not the task.
+        "best_eval_step": best_eval["step"] if best_eval else None,
+        "best_eval_epoch": best_eval.get("epoch") if best_eval else None,
         "global_step": train_output.global_step,
         "epochs": metrics.get("epoch"),
         "tokens": tokens,
