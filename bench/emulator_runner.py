@@ -27,12 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.k8s.emulator import Cluster  # noqa: E402
 
 POD_READ = re.compile(r"^/api/v1/namespaces/[^/]+/pods/[^/]+$")
+POD_COLLECTION = re.compile(r"^/api/v1/namespaces/[^/]+/pods$")
 POD_LOG = re.compile(r"^/api/v1/namespaces/[^/]+/pods/[^/]+/log$")
 
 
 def classify(method: str, path: str) -> str:
     if method == "GET" and POD_READ.match(path):
         return "pod_reads"
+    if method == "GET" and POD_COLLECTION.match(path):
+        return "lists_and_watches"
     if method == "GET" and POD_LOG.match(path):
         return "log_reads"
     if method == "PATCH":
@@ -53,7 +56,9 @@ def main() -> None:
         names = [f"bench-{i:04d}" for i in range(args.pods)]
         for name in names:
             api.create_namespaced_pod("default", {
-                "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+                # The provider's label: the triggerer's shared watch follows the pods that carry it.
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "airflow-provider-lora"}},
                 "spec": {"restartPolicy": "Never", "containers": [{
                     "name": "base", "image": "busybox",
                     # exec: one process per pod (sh would otherwise stay as the sleep's parent)
@@ -74,7 +79,7 @@ def main() -> None:
                 start = len(cluster.request_log)
                 print("ok", flush=True)
             elif command == "count":
-                counts = {"pod_reads": 0, "log_reads": 0, "patches": 0, "other": 0}
+                counts = {"pod_reads": 0, "log_reads": 0, "lists_and_watches": 0, "patches": 0, "other": 0}
                 for method, path, _ in cluster.request_log[start:]:
                     counts[classify(method, path)] += 1
                 print(json.dumps(counts), flush=True)

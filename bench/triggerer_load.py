@@ -1,4 +1,5 @@
-"""Triggerer load: N concurrent LoRATrainingTrigger instances against KubernetesPodTrigger watching as many pods.
+"""Triggerer load: N concurrent LoRATrainingTrigger instances (the shared watch, and polling) against
+KubernetesPodTrigger following as many pods.
 
 Both triggers run as a triggerer runs them: their async ``run()`` generators as tasks of one asyncio loop in this
 process. The Kubernetes API is the emulated server (tests/k8s/emulator.py, HTTPS with its own CA, bearer token),
@@ -8,17 +9,21 @@ stand-ins (``sh -c 'echo started; exec sleep 900'``) that stay Running while mea
 For each N the two triggers are measured one after the other (the order alternates between sizes), each over a
 fixed window after a warm-up, in a fresh event loop:
 
-- polls: the pod status reads (GET .../pods/NAME) the emulator served during the window, counted in its own request
-  log. KubernetesPodTrigger makes one request per poll; LoRATrainingTrigger also reads the pod log since its cursor
-  on each poll of a running pod (log streaming is on by default), so its requests are counted and shown too.
-- CPU: user + system seconds of this process (resource.getrusage) over the window, per 1,000 polls.
+- requests: every request the emulator served during the window, counted in its own request log: pod status reads
+  (GET .../pods/NAME: KubernetesPodTrigger's and the polling LoRATrainingTrigger's one per poll), the shared watch's
+  lists and watches (GET .../pods), log reads (LoRATrainingTrigger reads the log since its cursor every
+  log_interval, 30 s by default), cursor patches.
+- CPU: user + system seconds of this process (resource.getrusage) over the window, per trigger and minute (what a
+  deferred training costs the triggerer), and per 1,000 polls for the polling kinds.
 - achieved vs nominal poll rate: polls / window against N / poll_interval.
 - event-loop lag: a sampler task sleeps 10 ms in a loop and records how late it wakes (max, p99, sum / window).
 
     .venv/bin/python bench/triggerer_load.py [--sizes 10 100 500] [--window 20] [--poll-interval 2]
     .venv/bin/python bench/triggerer_load.py --quick      # 10 pods, 3 s window (CI smoke)
 
-The last lines are the ratios: KubernetesPodTrigger's CPU seconds per 1,000 polls over LoRATrainingTrigger's.
+The last lines are the ratios, KubernetesPodTrigger's over LoRATrainingTrigger's (shared watch): CPU seconds per
+trigger-minute and requests per second; then the polling LoRATrainingTrigger's over the shared watch's; and, as
+before the shared watch, CPU seconds per 1,000 polls of KubernetesPodTrigger over the polling LoRATrainingTrigger.
 """
 
 from __future__ import annotations
@@ -63,7 +68,8 @@ class Emulator:
         self.proc.wait(60)
 
 
-KINDS = ("LoRATrainingTrigger", "KubernetesPodTrigger", "LoRATrainingTrigger(stream_logs=False)")
+KINDS = ("LoRATrainingTrigger", "KubernetesPodTrigger", "LoRATrainingTrigger(watch=False)",
+         "LoRATrainingTrigger(stream_logs=False)")
 
 
 def make_triggers(kind: str, names: list[str], namespace: str, poll_interval: float) -> list:
@@ -73,7 +79,8 @@ def make_triggers(kind: str, names: list[str], namespace: str, poll_interval: fl
         from airflow_provider_lora.triggers.lora import LoRATrainingTrigger
 
         return [LoRATrainingTrigger(name=n, namespace=namespace, kubernetes_conn_id=CONN_ID,
-                                    poll_interval=poll_interval, stream_logs="stream_logs=False" not in kind)
+                                    poll_interval=poll_interval, stream_logs="stream_logs=False" not in kind,
+                                    watch="watch=False" not in kind)
                 for n in names]
     from airflow.providers.cncf.kubernetes.triggers.pod import KubernetesPodTrigger
 
@@ -114,8 +121,10 @@ async def measure(kind: str, emulator: Emulator, n: int, poll_interval: float, w
     started = time.perf_counter()
     while time.perf_counter() - started < 60:
         await asyncio.sleep(0.5)
-        if (time.perf_counter() - started >= warmup
-                and json.loads(emulator.ask("count"))["pod_reads"] >= 2 * n):
+        counts = json.loads(emulator.ask("count"))
+        # Polling kinds: about two polls each; the shared watch: listed, watching, each log read once.
+        if time.perf_counter() - started >= warmup and (
+                counts["pod_reads"] >= 2 * n or counts["lists_and_watches"] >= 2 and counts["log_reads"] >= n):
             break
     emulator.ask("reset")
     lags.clear()
@@ -162,6 +171,9 @@ async def measure(kind: str, emulator: Emulator, n: int, poll_interval: float, w
     lags_ms = sorted(x * 1000 for x in measured_lags) or [0.0]
     return {
         "kind": kind, "pods": n, "window_s": wall, "cpu_s": cpu, "polls": polls, "requests": requests,
+        # A watch opened before the window is a request held open through it: counted as one.
+        "requests_per_s": max(requests, 1) / wall,
+        "cpu_s_per_trigger_minute": 60 * cpu / (n * wall) if n else float("nan"),
         "cpu_ms_per_poll": 1000 * cpu / polls if polls else float("nan"),
         "cpu_s_per_1000_polls": 1000 * cpu / polls if polls else float("nan"),
         "poll_rate": polls / wall, "nominal_rate": n / poll_interval if n else float("nan"),
@@ -207,16 +219,16 @@ def main() -> None:
         print(f"lag sampler alone: {idle_cpu_per_s * 1000:.1f} CPU ms/s (subtracted below); loop lag max "
               f"{idle['lag_max_ms']:.0f} ms, p99 {idle['lag_p99_ms']:.1f} ms", flush=True)
         results = []
-        kinds = list(KINDS if args.status_only_variant else KINDS[:2])
+        kinds = list(KINDS if args.status_only_variant else KINDS[:3])
         for i, n in enumerate(args.sizes):
             for kind in (kinds if i % 2 == 0 else kinds[::-1]):
                 result = asyncio.run(measure(kind, emulator, n, args.poll_interval, warmup, args.window,
                                              args.lockstep, idle_cpu_per_s))
                 results.append(result)
-                print(f"{kind:38s} {n:4d} pods: {result['polls']:6d} polls ({result['requests']} requests) in "
-                      f"{result['window_s']:.1f} s, {result['poll_rate']:6.1f} of {result['nominal_rate']:.0f} "
-                      f"nominal polls/s ({result['poll_rate'] / result['nominal_rate']:.0%}); CPU "
-                      f"{result['cpu_s']:.2f} s = {result['cpu_s_per_1000_polls']:.2f} s per 1,000 polls; loop lag "
+                print(f"{kind:38s} {n:4d} pods: {result['requests']} requests ({result['requests_per_s']:.1f}/s; "
+                      f"{result['polls']} pod reads) in {result['window_s']:.1f} s; CPU {result['cpu_s']:.2f} s = "
+                      f"{result['cpu_s_per_trigger_minute'] * 1000:.1f} ms per trigger-minute, "
+                      f"{result['cpu_s_per_1000_polls']:.2f} s per 1,000 polls; loop lag "
                       f"max {result['lag_max_ms']:.0f} ms, p99 {result['lag_p99_ms']:.1f} ms, "
                       f"total/wall {result['lag_share']:.1%}; {result['full_gcs']} full GC(s), longest "
                       f"{result['full_gc_max_ms']:.0f} ms", flush=True)
@@ -225,12 +237,18 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     by = {(r["kind"], r["pods"]): r for r in results}
+    ours, kpt, polling = KINDS[0], KINDS[1], KINDS[2]
     for n in args.sizes:
-        ratio = by["KubernetesPodTrigger", n]["cpu_s_per_1000_polls"] / by["LoRATrainingTrigger", n]["cpu_s_per_1000_polls"]
-        print(f"ratio KubernetesPodTrigger / LoRATrainingTrigger CPU s per 1,000 polls at {n} pods: {ratio:.2f}x")
-        if (KINDS[2], n) in by:
-            ratio = by["KubernetesPodTrigger", n]["cpu_s_per_1000_polls"] / by[KINDS[2], n]["cpu_s_per_1000_polls"]
-            print(f"ratio KubernetesPodTrigger / {KINDS[2]} CPU s per 1,000 polls at {n} pods: {ratio:.2f}x")
+        for other in (kpt, polling):
+            for metric, what in (("cpu_s_per_trigger_minute", "CPU s per trigger-minute"),
+                                 ("requests_per_s", "requests per second")):
+                ratio = by[other, n][metric] / by[ours, n][metric]
+                print(f"ratio {other} / {ours} {what} at {n} pods: {ratio:.2f}x")
+        ratio = by[kpt, n]["cpu_s_per_1000_polls"] / by[polling, n]["cpu_s_per_1000_polls"]
+        print(f"ratio {kpt} / {polling} CPU s per 1,000 polls at {n} pods: {ratio:.2f}x")
+        if (KINDS[3], n) in by:
+            ratio = by[kpt, n]["cpu_s_per_1000_polls"] / by[KINDS[3], n]["cpu_s_per_1000_polls"]
+            print(f"ratio {kpt} / {KINDS[3]} CPU s per 1,000 polls at {n} pods: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

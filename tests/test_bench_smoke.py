@@ -55,7 +55,9 @@ def test_packing_quick(tmp_path):
 @pytest.mark.slow
 def test_triggerer_load_quick(tmp_path):
     out = run_bench([PYTHON, "bench/triggerer_load.py", "--quick"], tmp_path)
-    ratio(out, "ratio KubernetesPodTrigger / LoRATrainingTrigger CPU s per 1,000 polls at 10 pods:")
+    ratio(out, "ratio KubernetesPodTrigger / LoRATrainingTrigger CPU s per trigger-minute at 10 pods:")
+    ratio(out, "ratio LoRATrainingTrigger(watch=False) / LoRATrainingTrigger requests per second at 10 pods:")
+    ratio(out, "ratio KubernetesPodTrigger / LoRATrainingTrigger(watch=False) CPU s per 1,000 polls at 10 pods:")
 
 
 @pytest.mark.slow
