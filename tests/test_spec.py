@@ -351,7 +351,7 @@ FULL_4BIT = {
     "lora_bnb_4bit_compute_dtype": "float16", "lora_bnb_4bit_use_double_quant": False,
     "lora_sample_packing": False, "seed": 7, "use_liger": True, "lr_scheduler": "cosine",
     "fsdp_sharding_strategy": "NO_SHARD", "dataset": "s3://bucket/train.jsonl", "dataset_format": "messages",
-    "eval_fraction": 0.1, "eval_steps": 20, "train_on_inputs": True, "output_uri": "s3://bucket/runs/1", "overwrite_output": True,
+    "eval_fraction": 0.1, "eval_steps": 20, "sample_prompts": 5, "sample_max_new_tokens": 32, "train_on_inputs": True, "output_uri": "s3://bucket/runs/1", "overwrite_output": True,
     "save_merged": False, "resume_from_checkpoint": "latest", "max_steps": 100, "dtype": "bfloat16",
 }
 

@@ -97,7 +97,55 @@ def test_the_adapter_has_a_model_card_the_hub_classes_load(base_run, tiny_model_
     assert f"transformers {summary['versions']['transformers']}" in card.text
     assert "![training loss](../loss_chart.png)" in card.text
     assert "More Information Needed" not in card.text
+    assert "## Held-out prompts, before and after" in card.text
     assert "adapter/README.md" in json.loads((output / storage.COMPLETE_MARKER).read_text())["files"]
+
+
+def test_held_out_prompts_are_answered_before_and_after_training(base_run):
+    """Issue 17: the first sample_prompts rows of the eval split, in the summary and under the chart."""
+    output, outcome = base_run
+    samples = outcome.summary["samples"]
+    assert len(samples) == 3 and all(set(s) == {"prompt", "expected", "base", "adapter"} for s in samples)
+    assert all(s["prompt"] and s["expected"] for s in samples)
+    page = (output / "loss_chart.html").read_text()
+    assert "Held-out prompts, before and after" in page and page.count("<tr><td><pre>") == 3
+
+
+def test_before_and_after_are_the_base_models_and_the_adapters_greedy_answers(tiny_model_dir):
+    """Each answer is what that model generates greedily from the prompt's tokens: the base model's with the
+    adapter disabled, the adapter's with it on (its B matrices made non-zero so the two differ)."""
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from airflow_provider_lora.core.spec import LoRASpec
+    from lora_trainer.answers import before_and_after
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 plus 3?"}],
+                                           add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    answer = tokenizer("5<|im_end|>", add_special_tokens=False)["input_ids"]
+    rows = Dataset.from_dict({"input_ids": [prompt + answer], "assistant_masks": [[0] * len(prompt) + [1] * len(answer)]})
+    spec = LoRASpec.parse({"sample_prompts": 1, "sample_max_new_tokens": 5})
+    [sample] = before_and_after(spec, model, tokenizer, rows)
+
+    def greedy(m) -> str:
+        ids = torch.tensor([prompt])
+        out = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=5,
+                         pad_token_id=tokenizer.pad_token_id)
+        return tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True).strip()
+    with torch.no_grad():
+        assert sample["adapter"] == greedy(model)
+        with model.disable_adapter():
+            assert sample["base"] == greedy(model)
+    assert sample["expected"] == "5" and "What is 2 plus 3?" in sample["prompt"]
 
 
 def test_saved_adapter_reloads_with_plain_peft_and_gives_the_same_logits(base_run, tiny_model_dir):

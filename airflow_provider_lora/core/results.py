@@ -225,6 +225,8 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }
+table.samples td { vertical-align: top; max-width: 24rem; }
+table.samples pre { white-space: pre-wrap; margin: 0; font-size: 0.85rem; }
 h1 { font-size: 1.3rem; }
 figure { margin: 0; max-width: 960px; position: relative; }
 figure svg { width: 100%; height: auto; }
@@ -317,7 +319,19 @@ def _script_json(value: Any) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def _html(history: list[dict], title: str, svg: str, hover: dict | None = None) -> str:
+def _samples_table(samples: list[dict] | None) -> str:
+    """Held-out prompts side by side: the expected answer, the base model's and the adapter's (greedy)."""
+    if not samples:
+        return ""
+    cells = "\n".join("<tr>" + "".join(f"<td><pre>{html.escape(str(s.get(k, '')))}</pre></td>"
+                                       for k in ("prompt", "expected", "base", "adapter")) + "</tr>" for s in samples)
+    return (f'<h2>Held-out prompts, before and after</h2>\n<table class="samples">\n<thead><tr><th>prompt</th>'
+            f"<th>expected</th><th>base model</th><th>with the adapter</th></tr></thead>\n<tbody>\n{cells}\n"
+            "</tbody>\n</table>\n")
+
+
+def _html(history: list[dict], title: str, svg: str, hover: dict | None = None,
+          samples: list[dict] | None = None) -> str:
     rows = downsample(history, MAX_TABLE_ROWS) if len(history) > MAX_TABLE_ROWS else history
     note = (f'<p class="note">Showing {len(rows)} of {len(history)} logged rows, evenly spaced.</p>'
             if len(rows) < len(history) else "")
@@ -345,16 +359,17 @@ def _html(history: list[dict], title: str, svg: str, hover: dict | None = None) 
 {body}
 </tbody>
 </table>
-{script}</body>
+{_samples_table(samples)}{script}</body>
 </html>
 """
 
 
 def draw_loss_chart(history: list[dict], *, title: str, png_path: str | os.PathLike,
-                    html_path: str | os.PathLike) -> None:
+                    html_path: str | os.PathLike, samples: list[dict] | None = None) -> None:
     """Draw the loss chart as a PNG and as one self-contained HTML page (inline SVG, CSS and script, no external
     resource: it must open air-gapped and inside Airflow's and KFP's sandboxed iframes). Hovering the HTML chart
-    shows the nearest step's values; without scripts the page is still the chart plus the table of values."""
+    shows the nearest step's values; without scripts the page is still the chart plus the table of values.
+    ``samples`` (the summary's held-out prompts answered before and after training) go in a table under it."""
     import matplotlib
 
     # Text as paths: the SVG needs no font; fixed hash salt and no date: the same history gives the same file.
@@ -368,7 +383,7 @@ def draw_loss_chart(history: list[dict], *, title: str, png_path: str | os.PathL
     svg = buffer.getvalue()
     svg = svg[svg.index("<svg"):]  # drop the XML prolog and DOCTYPE, which are invalid inside HTML
     Path(html_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(html_path).write_text(_html(history, title, svg, hover), encoding="utf-8")
+    Path(html_path).write_text(_html(history, title, svg, hover, samples), encoding="utf-8")
 
 
 def _json_safe(value: Any) -> Any:

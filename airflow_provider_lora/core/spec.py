@@ -279,6 +279,12 @@ class LoRASpec(BaseModel):
     eval_steps: Optional[int] = _field(None, "Evaluate on the held-out rows every this many optimizer steps "
                                        "(default: at the end of each epoch); needs eval_fraction > 0.", DATA,
                                        bounds={"minimum": 1})
+    sample_prompts: int = _field(3, "After training, this many held-out prompts (the first rows of the eval_fraction "
+                                 "split) are answered by the base model and by the adapter, greedy, side by side in "
+                                 "summary.json, the chart page and the model card (0 = none; no eval split: none).",
+                                 DATA, bounds={"minimum": 0, "maximum": 20})
+    sample_max_new_tokens: int = _field(64, "The longest answer sample_prompts generates, in tokens.", DATA,
+                                        bounds={"minimum": 1, "maximum": 1024})
     train_on_inputs: bool = _field(False, "Compute loss on prompt tokens too (default: assistant/completion tokens "
                                    "only).", DATA)
     output_uri: str = _field("", "Where the run's artifacts go: a local/PVC path or s3://bucket/prefix.", OUTPUT)

@@ -162,17 +162,29 @@ def write_model_card(adapter_dir: Path, spec: LoRASpec, summary: dict[str, Any])
         ("tokens trained", "tokens"), ("training time (s)", "train_runtime_seconds"),
         ("trainable parameters", "trainable_parameters")) if summary.get(key) is not None]
     versions = ", ".join(f"{name} {version}" for name, version in (summary.get("versions") or {}).items())
+    samples = [("| " + " | ".join(_cell(s[k]) for k in ("prompt", "expected", "base", "adapter")) + " |")
+               for s in summary.get("samples") or []]
+    answers = (["## Held-out prompts, before and after", "",
+                f"Greedy, at most {spec.sample_max_new_tokens} new tokens.", "",
+                "| prompt | expected | base model | with the adapter |", "|---|---|---|---|", *samples, ""]
+               if samples else [])
     text = "\n".join([
         f"# {data.model_name}", "",
         f"A LoRA adapter for `{spec.base_model}`, fine-tuned on `{spec.dataset}` with airflow-provider-lora. Load it "
         "with peft: `PeftModel.from_pretrained(base_model, \"<this directory>\")`.", "",
         "## Results", "", _table(results_rows), "",
         f"![training loss](../{CHART_PNG})", "",
+        *answers,
         "## Training", "", _table(rows), "",
         "## Framework versions", "", versions, ""])
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}")
     card.save(path)
     return path
+
+
+def _cell(text: str) -> str:
+    """Text as one Markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", "<br>")
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:
@@ -186,7 +198,8 @@ def finish(spec: LoRASpec, run_dir: Path, summary: dict[str, Any], history: list
     quant = summary["quantisation"]
     bits = f" · {quant['bits']}-bit" if quant else ""
     title = f"{_short(spec.base_model)} · LoRA r={spec.lora_r} α={spec.lora_alpha}{bits} · {_short(spec.dataset)}"
-    results.draw_loss_chart(history, title=title, png_path=run_dir / CHART_PNG, html_path=run_dir / CHART_HTML)
+    results.draw_loss_chart(history, title=title, png_path=run_dir / CHART_PNG, html_path=run_dir / CHART_HTML,
+                            samples=summary.get("samples"))
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
     write_model_card(run_dir / ADAPTER_DIR, spec, summary)
     artifacts = storage.publish_run(run_dir, spec.output_uri, overwrite=spec.overwrite_output,

@@ -404,7 +404,11 @@ def make_plan(spec: LoRASpec, memory_gib: float | None = None, measure: bool = T
         timing.update({"estimated_seconds_per_epoch": round(epoch, 1), "estimated_seconds_total": round(total, 1),
                        "note": "estimate: padded tokens per epoch / tokens per second of a few forward/backward "
                                "passes measured here (optimizer steps, evaluation and loading not counted)"})
-    plan = {"dataset": dataset, "model": model, "memory": memory, "time": timing}
+    prompts = min(spec.sample_prompts, dataset["eval_rows"])
+    samples = {"prompts": prompts, "max_new_tokens": spec.sample_max_new_tokens,
+               "generated_tokens_at_most": 2 * prompts * spec.sample_max_new_tokens,
+               "note": "after training: each held-out prompt answered by the base model and by the adapter"}
+    plan = {"dataset": dataset, "model": model, "memory": memory, "time": timing, "samples": samples}
     if memory["fits"] is False:
         raise _refusal(spec, plan, required, available)
     return plan

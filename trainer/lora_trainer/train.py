@@ -398,6 +398,7 @@ def _export(spec: LoRASpec, setup: _Setup, loaded: _Loaded, trained: _Trained, r
         )
         summary["gradient_checkpointing"] = setup.gradient_checkpointing
         summary[OOM_ADJUSTMENTS_KEY] = setup.oom_adjustments
+        summary["samples"] = _samples(spec, trainer.model, loaded)
     trainer.save_model(str(run_dir / ADAPTER_DIR))  # collective under DDP; writes on rank 0 only
     if trainer.is_world_process_zero():
         # The loader sets its own model_max_length (max_seq_len) and padding side: save the base tokenizer's.
@@ -413,6 +414,24 @@ def _export(spec: LoRASpec, setup: _Setup, loaded: _Loaded, trained: _Trained, r
             storage.remove_tree(trained.remote_checkpoints)
         _hand_back(RunResult(summary, rows, artifacts))
     return summary
+
+
+def _samples(spec: LoRASpec, model: Any, loaded: _Loaded) -> list[dict[str, str]]:
+    """Held-out prompts answered before and after (answers.py); never fails the run."""
+    from lora_trainer.answers import before_and_after
+
+    if spec.sample_prompts and loaded.data.eval is None:
+        log("no held-out prompts to answer before and after: set eval_fraction to see them")
+        return []
+    try:
+        samples = before_and_after(spec, model, loaded.tokenizer, loaded.data.eval)
+    except Exception as exc:  # the run is trained and saved either way
+        log(f"warning: could not answer the held-out prompts ({type(exc).__name__}: {exc})")
+        return []
+    for sample in samples:
+        log(f"held-out prompt: {sample['prompt'][-120:]!r}; expected {sample['expected'][:120]!r}; base model "
+            f"{sample['base'][:120]!r}; with the adapter {sample['adapter'][:120]!r}")
+    return samples
 
 
 def _hand_back(result: RunResult) -> None:

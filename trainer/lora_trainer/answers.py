@@ -1,0 +1,45 @@
+"""Before / after: a few held-out prompts answered by the base model and by the trained adapter, after training.
+
+The rows are the first of the eval split (``eval_fraction``), as the trainer tokenised them: the prompt is every
+token before the first answer token, the expected answer the first answer turn. Each prompt is answered twice,
+greedily and at most ``sample_max_new_tokens`` tokens: with the adapter, and with it disabled (peft's
+``disable_adapter``), which is the base model. A failure here never fails the run: the answers are a courtesy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow_provider_lora.core.spec import LoRASpec
+
+
+def before_and_after(spec: LoRASpec, model: Any, tokenizer: Any, eval_rows: Any) -> list[dict[str, str]]:
+    """``[{"prompt", "expected", "base", "adapter"}]`` for up to ``spec.sample_prompts`` held-out rows."""
+    import torch
+
+    if not spec.sample_prompts or eval_rows is None:
+        return []
+    rows = eval_rows.select(range(min(spec.sample_prompts, len(eval_rows))))
+    model.eval()
+    samples = []
+    for ids, mask in zip(rows["input_ids"], rows["assistant_masks"]):
+        if 1 not in mask:
+            continue
+        start = mask.index(1)
+        end = start + next((i for i, m in enumerate(mask[start:]) if not m), len(mask) - start)
+        prompt = torch.tensor([ids[:start]], device=model.device)
+
+        def answer() -> str:
+            with torch.no_grad():
+                out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                     max_new_tokens=spec.sample_max_new_tokens,
+                                     pad_token_id=tokenizer.pad_token_id)
+            return tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True).strip()
+
+        adapter = answer()
+        with model.disable_adapter():
+            base = answer()
+        samples.append({"prompt": tokenizer.decode(ids[:start], skip_special_tokens=True).strip(),
+                        "expected": tokenizer.decode(ids[start:end], skip_special_tokens=True).strip(),
+                        "base": base, "adapter": adapter})
+    return samples
