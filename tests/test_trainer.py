@@ -105,7 +105,7 @@ def test_held_out_prompts_are_answered_before_and_after_training(base_run):
     """Issue 17: the first sample_prompts rows of the eval split, in the summary and under the chart."""
     output, outcome = base_run
     samples = outcome.summary["samples"]
-    assert len(samples) == 3 and all(set(s) == {"prompt", "expected", "base", "adapter"} for s in samples)
+    assert len(samples) == 3 and all(set(s) == {"prompt", "expected", "base", "with_adapter"} for s in samples)
     assert all(s["prompt"] and s["expected"] for s in samples)
     page = (output / "loss_chart.html").read_text()
     assert "Held-out prompts, before and after" in page and page.count("<tr><td><pre>") == 3
@@ -142,7 +142,7 @@ def test_before_and_after_are_the_base_models_and_the_adapters_greedy_answers(ti
                          pad_token_id=tokenizer.pad_token_id)
         return tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True).strip()
     with torch.no_grad():
-        assert sample["adapter"] == greedy(model)
+        assert sample["with_adapter"] == greedy(model)
         with model.disable_adapter():
             assert sample["base"] == greedy(model)
     assert sample["expected"] == "5" and "What is 2 plus 3?" in sample["prompt"]

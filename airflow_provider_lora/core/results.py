@@ -324,7 +324,7 @@ def _samples_table(samples: list[dict] | None) -> str:
     if not samples:
         return ""
     cells = "\n".join("<tr>" + "".join(f"<td><pre>{html.escape(str(s.get(k, '')))}</pre></td>"
-                                       for k in ("prompt", "expected", "base", "adapter")) + "</tr>" for s in samples)
+                                       for k in ("prompt", "expected", "base", "with_adapter")) + "</tr>" for s in samples)
     return (f'<h2>Held-out prompts, before and after</h2>\n<table class="samples">\n<thead><tr><th>prompt</th>'
             f"<th>expected</th><th>base model</th><th>with the adapter</th></tr></thead>\n<tbody>\n{cells}\n"
             "</tbody>\n</table>\n")

@@ -14,7 +14,7 @@ from airflow_provider_lora.core.spec import LoRASpec
 
 
 def before_and_after(spec: LoRASpec, model: Any, tokenizer: Any, eval_rows: Any) -> list[dict[str, str]]:
-    """``[{"prompt", "expected", "base", "adapter"}]`` for up to ``spec.sample_prompts`` held-out rows."""
+    """``[{"prompt", "expected", "base", "with_adapter"}]`` for up to ``spec.sample_prompts`` held-out rows."""
     import torch
 
     if not spec.sample_prompts or eval_rows is None:
@@ -41,5 +41,5 @@ def before_and_after(spec: LoRASpec, model: Any, tokenizer: Any, eval_rows: Any)
             base = answer()
         samples.append({"prompt": tokenizer.decode(ids[:start], skip_special_tokens=True).strip(),
                         "expected": tokenizer.decode(ids[start:end], skip_special_tokens=True).strip(),
-                        "base": base, "adapter": adapter})
+                        "base": base, "with_adapter": adapter})
     return samples

@@ -162,7 +162,7 @@ def write_model_card(adapter_dir: Path, spec: LoRASpec, summary: dict[str, Any])
         ("tokens trained", "tokens"), ("training time (s)", "train_runtime_seconds"),
         ("trainable parameters", "trainable_parameters")) if summary.get(key) is not None]
     versions = ", ".join(f"{name} {version}" for name, version in (summary.get("versions") or {}).items())
-    samples = [("| " + " | ".join(_cell(s[k]) for k in ("prompt", "expected", "base", "adapter")) + " |")
+    samples = [("| " + " | ".join(_cell(s[k]) for k in ("prompt", "expected", "base", "with_adapter")) + " |")
                for s in summary.get("samples") or []]
     answers = (["## Held-out prompts, before and after", "",
                 f"Greedy, at most {spec.sample_max_new_tokens} new tokens.", "",

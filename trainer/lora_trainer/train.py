@@ -430,7 +430,7 @@ def _samples(spec: LoRASpec, model: Any, loaded: _Loaded) -> list[dict[str, str]
         return []
     for sample in samples:
         log(f"held-out prompt: {sample['prompt'][-120:]!r}; expected {sample['expected'][:120]!r}; base model "
-            f"{sample['base'][:120]!r}; with the adapter {sample['adapter'][:120]!r}")
+            f"{sample['base'][:120]!r}; with the adapter {sample['with_adapter'][:120]!r}")
     return samples
 
 
