@@ -6,8 +6,11 @@ are Running, prints one JSON line ``{"kubeconfig": ..., "namespace": ..., "pods"
 read from stdin, one per line:
 
 - ``reset``: start counting requests from now; answers ``ok``.
-- ``count``: answers a JSON line with the requests since the last reset, by kind (pod reads, log reads, patches,
-  other), counted in the emulator's own request log (every HTTP request it served).
+- ``count``: answers a JSON line with the requests since the last reset, by kind (pod reads, lists and watches, log
+  reads, patches, other), counted in the emulator's own request log (every HTTP request it served).
+- ``end K``: deletes the first K pods at once (grace 0: a state change the triggers must see) and answers
+  ``{"names": [...], "at": <epoch seconds just before the first delete>}``.
+- ``restore``: creates again every deleted pod, waits until all are Running, answers ``ok``.
 
 End of stdin stops the cluster (its pods' processes are killed) and the process.
 """
@@ -54,7 +57,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-k8s-") as root, Cluster(Path(root) / "k8s") as cluster:
         api = client.CoreV1Api(config.new_client_from_config(str(cluster.kubeconfig)))
         names = [f"bench-{i:04d}" for i in range(args.pods)]
-        for name in names:
+
+        def create(name: str) -> None:
             api.create_namespaced_pod("default", {
                 # The provider's label: the triggerer's shared watch follows the pods that carry it.
                 "apiVersion": "v1", "kind": "Pod",
@@ -63,14 +67,20 @@ def main() -> None:
                     "name": "base", "image": "busybox",
                     # exec: one process per pod (sh would otherwise stay as the sleep's parent)
                     "command": ["sh", "-c", f"echo started; exec sleep {args.sleep}"]}]}})
-        deadline = time.monotonic() + 120
-        while True:
-            phases = [p["status"].get("phase") for p in cluster.pods("default")]
-            if all(p == "Running" for p in phases):
-                break
-            if time.monotonic() > deadline:
-                sys.exit(f"pods not Running after 120 s: {sorted(set(phases))}")
-            time.sleep(0.2)
+
+        def all_running() -> None:
+            deadline = time.monotonic() + 120
+            while True:
+                phases = [p["status"].get("phase") for p in cluster.pods("default")]
+                if len(phases) == len(names) and all(p == "Running" for p in phases):
+                    return
+                if time.monotonic() > deadline:
+                    sys.exit(f"pods not Running after 120 s: {sorted(set(phases))}")
+                time.sleep(0.2)
+
+        for name in names:
+            create(name)
+        all_running()
         print(json.dumps({"kubeconfig": str(cluster.kubeconfig), "namespace": "default", "pods": names}), flush=True)
         start = len(cluster.request_log)
         for line in sys.stdin:
@@ -83,8 +93,22 @@ def main() -> None:
                 for method, path, _ in cluster.request_log[start:]:
                     counts[classify(method, path)] += 1
                 print(json.dumps(counts), flush=True)
+            elif command.startswith("end "):
+                ended = names[: int(command.split()[1])]
+                at = time.time()
+                for name in ended:
+                    api.delete_namespaced_pod(name, "default", grace_period_seconds=0)
+                print(json.dumps({"names": ended, "at": at}), flush=True)
+            elif command == "restore":
+                present = {p["metadata"]["name"] for p in cluster.pods("default")}
+                for name in names:
+                    if name not in present:
+                        create(name)
+                all_running()
+                print("ok", flush=True)
             else:
-                print(json.dumps({"error": f"unknown command {command!r}; accepted: reset, count"}), flush=True)
+                print(json.dumps({"error": f"unknown command {command!r}; accepted: reset, count, end K, restore"}),
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ fixed window after a warm-up, in a fresh event loop:
   deferred training costs the triggerer), and per 1,000 polls for the polling kinds.
 - achieved vs nominal poll rate: polls / window against N / poll_interval.
 - event-loop lag: a sampler task sleeps 10 ms in a loop and records how late it wakes (max, p99, sum / window).
+- state change to event: after the window the emulator deletes LATENCY_PODS pods at once (grace 0); the seconds
+  from just before the first delete to each of their triggers' events (p50, p99).
 
     .venv/bin/python bench/triggerer_load.py [--sizes 10 100 500] [--window 20] [--poll-interval 2]
     .venv/bin/python bench/triggerer_load.py --quick      # 10 pods, 3 s window (CI smoke)
@@ -45,6 +47,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONN_ID = "lora_bench_k8s"
+LATENCY_PODS = 20  # pods whose state changes after the window: the state change to event delay
 
 
 class Emulator:
@@ -101,7 +104,8 @@ async def measure(kind: str, emulator: Emulator, n: int, poll_interval: float, w
     async def drain(trigger, delay: float) -> None:
         await asyncio.sleep(delay)
         async for event in trigger.run():
-            events.append(event.payload)  # a pod ended or the API failed: the figures would be wrong
+            events.append((time.time(), event.payload))
+            return
 
     lags: list[float] = []
 
@@ -145,6 +149,18 @@ async def measure(kind: str, emulator: Emulator, n: int, poll_interval: float, w
     gc.callbacks.remove(on_gc)
     counts = json.loads(emulator.ask("count"))
     measured_lags = list(lags)
+    if events:  # a pod ended or the API failed during the window: the figures would be wrong
+        raise SystemExit(f"{kind}: {len(events)} trigger(s) fired during the window, first: {events[0][1]}")
+    delays: list[float] = []
+    if n:
+        ended = json.loads(emulator.ask(f"end {min(n, LATENCY_PODS)}"))
+        wanted = set(ended["names"])
+        deadline = time.perf_counter() + 2 * poll_interval + 30
+        while len([e for e in events if e[1].get("name", e[1].get("pod_name")) in wanted]) < len(wanted) \
+                and time.perf_counter() < deadline:
+            await asyncio.sleep(0.05)
+        delays = sorted(t - ended["at"] for t, payload in events
+                        if payload.get("name", payload.get("pod_name")) in wanted)
     # Cancelled mid-request, KubernetesPodTrigger's per-poll aiohttp sessions log "Unclosed client session".
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     pending = {*tasks, sampling}
@@ -163,8 +179,8 @@ async def measure(kind: str, emulator: Emulator, n: int, poll_interval: float, w
         from airflow_provider_lora.kube import close_shared_clients
 
         await close_shared_clients()
-    if events:
-        raise SystemExit(f"{kind}: {len(events)} trigger(s) fired during the window, first: {events[0]}")
+    if n:
+        emulator.ask("restore")
     cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime) - idle_cpu_per_s * wall
     polls = counts["pod_reads"]
     requests = sum(counts.values())
@@ -179,8 +195,13 @@ async def measure(kind: str, emulator: Emulator, n: int, poll_interval: float, w
         "poll_rate": polls / wall, "nominal_rate": n / poll_interval if n else float("nan"),
         "lag_max_ms": lags_ms[-1], "lag_p99_ms": lags_ms[min(len(lags_ms) - 1, int(0.99 * len(lags_ms)))],
         "lag_share": sum(lags_ms) / 1000 / wall, "counts": counts,
+        "events_seen": len(delays), "delay_p50_s": _percentile(delays, 50), "delay_p99_s": _percentile(delays, 99),
         "full_gcs": len(full_gcs), "full_gc_max_ms": 1000 * max(full_gcs, default=0.0),
     }
+
+
+def _percentile(values: list[float], p: float) -> float:
+    return values[min(len(values) - 1, int(p / 100 * len(values)))] if values else float("nan")
 
 
 def main() -> None:
@@ -228,6 +249,8 @@ def main() -> None:
                 print(f"{kind:38s} {n:4d} pods: {result['requests']} requests ({result['requests_per_s']:.1f}/s; "
                       f"{result['polls']} pod reads) in {result['window_s']:.1f} s; CPU {result['cpu_s']:.2f} s = "
                       f"{result['cpu_s_per_trigger_minute'] * 1000:.1f} ms per trigger-minute, "
+                      f"state change to event p50 {result['delay_p50_s']:.2f} s, p99 {result['delay_p99_s']:.2f} s "
+                      f"({result['events_seen']} events), "
                       f"{result['cpu_s_per_1000_polls']:.2f} s per 1,000 polls; loop lag "
                       f"max {result['lag_max_ms']:.0f} ms, p99 {result['lag_p99_ms']:.1f} ms, "
                       f"total/wall {result['lag_share']:.1%}; {result['full_gcs']} full GC(s), longest "
