@@ -217,6 +217,7 @@ def main() -> None:
     parser.add_argument("--status-only-variant", action="store_true",
                         help="also measure LoRATrainingTrigger with stream_logs=False (pod status reads only)")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, help="measure only these (no ratios unless all three)")
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.window = [10], 3.0
@@ -240,7 +241,7 @@ def main() -> None:
         print(f"lag sampler alone: {idle_cpu_per_s * 1000:.1f} CPU ms/s (subtracted below); loop lag max "
               f"{idle['lag_max_ms']:.0f} ms, p99 {idle['lag_p99_ms']:.1f} ms", flush=True)
         results = []
-        kinds = list(KINDS if args.status_only_variant else KINDS[:3])
+        kinds = args.kinds or list(KINDS if args.status_only_variant else KINDS[:3])
         for i, n in enumerate(args.sizes):
             for kind in (kinds if i % 2 == 0 else kinds[::-1]):
                 result = asyncio.run(measure(kind, emulator, n, args.poll_interval, warmup, args.window,
@@ -261,7 +262,7 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=1))
     by = {(r["kind"], r["pods"]): r for r in results}
     ours, kpt, polling = KINDS[0], KINDS[1], KINDS[2]
-    for n in args.sizes:
+    for n in args.sizes if {ours, kpt, polling} <= set(kinds) else []:
         for other in (kpt, polling):
             for metric, what in (("cpu_s_per_trigger_minute", "CPU s per trigger-minute"),
                                  ("requests_per_s", "requests per second")):
