@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-import time
 
 import pytest
 
@@ -20,6 +18,7 @@ from airflow_provider_lora.core import oom
 from airflow_provider_lora.core.contract import OOM_ADJUSTMENTS_KEY, OOM_ERROR, OOM_EXIT_CODE, OOM_SETTINGS_ENV
 from airflow_provider_lora.core.spec import LoRASpec, plan_batches
 from tests.test_operator_pod import cluster  # noqa: F401  (fixture: the emulator with S3 keys as a secret)
+from tests.test_reliability_faults import oom_kill_once_logged
 from tests.test_reliability_faults import stand_in  # noqa: F401  (fixture: the pod runs a stand-in script)
 from tests.trainer_helpers import arithmetic_rows, history, make_spec, train, write_jsonl
 
@@ -237,17 +236,7 @@ def test_an_oom_killed_training_pod_is_retried_with_half_the_micro_batch_and_res
                         deferrable=False, num_epochs=2, max_steps=None, checkpoint_at_epoch=True,
                         pvc_claim_name="workspace", pvc_mount_path=mount)  # on_finish_action: delete_succeeded_pod
 
-    def kill_in_epoch_two():
-        end = time.monotonic() + 300
-        while time.monotonic() < end:
-            pods = cluster.pods()
-            if pods and "step 5/8" in cluster.logs("default", pods[0]["metadata"]["name"]):
-                cluster.set_fault("oom", pod=pods[0]["metadata"]["name"], after_seconds=0)
-                return
-            time.sleep(0.2)
-
-    killer = threading.Thread(target=kill_in_epoch_two)
-    killer.start()
+    killer = oom_kill_once_logged(cluster, "step 5/8")  # in epoch two
     with pytest.raises(AirflowException, match="OOMKilled"):
         task().execute({"ti": StandInTI(try_number=1, run_id="oom")})
     killer.join()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import pytest
@@ -23,6 +24,21 @@ from tests.test_pod_launcher import REGISTRY_DOWN, cheap_pod, create, first_even
 
 WORKING = "import time\nfor i in range(400):\n    print('working', i, flush=True)\n    time.sleep(0.05)"
 RESULT = 'print("step 1"); print("LORA_RESULT " + __import__("json").dumps({"summary": {"global_step": 1}}))'
+
+
+def oom_kill_once_logged(cluster, text: str, timeout: float = 300) -> threading.Thread:
+    """A started thread that OOM-kills the first pod (the emulator's "oom" fault) once its log holds ``text``."""
+    def kill() -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            pods = cluster.pods()
+            if pods and text in cluster.logs("default", pods[0]["metadata"]["name"]):
+                cluster.set_fault("oom", pod=pods[0]["metadata"]["name"], after_seconds=0)
+                return
+            time.sleep(0.2)
+    killer = threading.Thread(target=kill)
+    killer.start()
+    return killer
 
 
 class StandInTI:

@@ -8,13 +8,12 @@ every step once. How the checkpoint location is shared between tries: docs/relia
 
 from __future__ import annotations
 
-import threading
 
 import boto3
 import pytest
 
 from tests.test_operator_pod import cluster, operator  # noqa: F401  (the fixture, with S3 keys as a secret)
-from tests.test_reliability_faults import StandInTI
+from tests.test_reliability_faults import StandInTI, oom_kill_once_logged
 from tests.trainer_helpers import arithmetic_rows, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -36,19 +35,7 @@ def test_a_retry_resumes_from_the_failed_trys_last_checkpoint(cluster, tiny_mode
         return operator(tiny_model_dir, dataset, output, s3_endpoint, deferrable=False, num_epochs=2,
                         max_steps=None, checkpoint_at_epoch=True, on_finish_action="keep_pod")
 
-    def kill_after_the_first_checkpoint():
-        import time
-
-        end = time.monotonic() + 300
-        while time.monotonic() < end:
-            pods = cluster.pods()
-            if pods and "checkpoint checkpoint-4 copied" in cluster.logs("default", pods[0]["metadata"]["name"]):
-                cluster.set_fault("oom", pod=pods[0]["metadata"]["name"], after_seconds=0)
-                return
-            time.sleep(0.2)
-
-    killer = threading.Thread(target=kill_after_the_first_checkpoint)
-    killer.start()
+    killer = oom_kill_once_logged(cluster, "checkpoint checkpoint-4 copied")  # after the first checkpoint
     with pytest.raises(AirflowException, match="OOMKilled"):
         task().execute({"ti": StandInTI(try_number=1, run_id="resume")})
     killer.join()
@@ -70,7 +57,6 @@ def test_a_retry_resumes_from_the_failed_trys_last_checkpoint(cluster, tiny_mode
 def test_a_retry_resumes_from_the_checkpoint_on_the_workspace_pvc(cluster, tiny_model_dir, tmp_path,  # noqa: F811
                                                                   s3_endpoint, monkeypatch):
     """A path output on a PVC holds its checkpoints itself ({output}/checkpoints): the PVC outlives the pod."""
-    import time
 
     from airflow_provider_lora.compat import AirflowException
     from airflow_provider_lora.core import render, storage
@@ -85,17 +71,7 @@ def test_a_retry_resumes_from_the_checkpoint_on_the_workspace_pvc(cluster, tiny_
                         deferrable=False, num_epochs=2, max_steps=None, checkpoint_at_epoch=True,
                         on_finish_action="keep_pod", pvc_claim_name="workspace", pvc_mount_path=mount)
 
-    def kill_in_epoch_two():
-        end = time.monotonic() + 300
-        while time.monotonic() < end:
-            pods = cluster.pods()
-            if pods and "step 5/8" in cluster.logs("default", pods[0]["metadata"]["name"]):
-                cluster.set_fault("oom", pod=pods[0]["metadata"]["name"], after_seconds=0)
-                return
-            time.sleep(0.2)
-
-    killer = threading.Thread(target=kill_in_epoch_two)
-    killer.start()
+    killer = oom_kill_once_logged(cluster, "step 5/8")  # in epoch two
     with pytest.raises(AirflowException, match="OOMKilled"):
         task().execute({"ti": StandInTI(try_number=1, run_id="resume-pvc")})
     killer.join()
