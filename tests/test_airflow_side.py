@@ -40,6 +40,17 @@ def test_trigger_serialize_mirrors_init():
     assert LoRATrainingTrigger(**serialized).serialize() == (classpath, serialized)
 
 
+def test_a_trigger_serialized_by_the_version_before_the_shared_watch_still_runs():
+    """A task deferred before an upgrade is resumed from its stored kwargs: those of 0.1.0 before log_interval and
+    watch existed must still build the trigger (with the new defaults: the shared watch, 30 s log reads)."""
+    stored = dict(name="lora-x-1", namespace="ml", launcher="pod", kubernetes_conn_id="k8s", config_file=None,
+                  cluster_context=None, in_cluster=None, poll_interval=10.0, startup_timeout=600.0,
+                  stream_logs=True, deadline=None)
+    trigger = LoRATrainingTrigger(**stored)
+    assert trigger.watch is True and trigger.log_interval is None
+    assert trigger.serialize()[1] == {**stored, "log_interval": None, "watch": True}
+
+
 def test_the_example_dag_has_a_form_field_for_every_spec_parameter():
     from pathlib import Path
 
