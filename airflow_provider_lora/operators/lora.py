@@ -453,14 +453,11 @@ class LoRATrainingOperator(BaseOperator):
             check_manifest(manifest, spec)
         except ValueError as exc:
             raise AirflowFailException(f"{self.task_id}: {exc}") from None
-        self._launched = (manifest["metadata"]["name"], manifest["metadata"]["namespace"])
-        try:
+        try:  # run_plan deletes the plan pod however it ends, a kill of the task included
             plan = cluster.run_plan(cluster.for_manifest(api, manifest), self.poll_interval, self.startup_timeout,
                                     self.log.info)
         except cluster.LaunchRefused as exc:
             raise AirflowFailException(f"{self.task_id}: {exc}") from None
-        finally:
-            self._launched = None
         return {**plan, "manifests": [training]}
 
     def _execute_on_cluster(self, spec: LoRASpec, context: Context) -> Any:
