@@ -103,10 +103,11 @@ def test_a_failed_run_is_deleted_and_replaced(k8s_cluster, api, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_run_handed_to_an_earlier_tries_trigger_is_replaced_not_adopted(k8s_cluster, api, kind):
+def test_a_run_handed_to_an_earlier_tries_trigger_is_replaced_not_adopted(k8s_cluster, api, kind, monkeypatch):
     """A deferred task ends only with its trigger's event (the same try resumes) or by a clear, a mark or a
     timeout. Before: after a clear on an active DAG, try 2 could adopt try 1's running training, which try 1's
     on_kill then deleted under it (seen with a real Airflow 3.3 scheduler and triggerer)."""
+    monkeypatch.setattr(cluster, "HANDOVER_SECONDS", 1.0)  # no trigger here to delete it first
     earlier = _job(api, kind, "cleared")
     assert earlier.create()
     _wait_for(earlier, "running")

@@ -253,6 +253,9 @@ def test_after_a_clear_the_next_try_replaces_the_run_and_the_cleared_tries_on_ki
         return state_seen_by_on_kill
 
     monkeypatch.setattr(trigger_module, "task_state", state_now)
+    from airflow_provider_lora.core.launchers import cluster as launch_protocol
+
+    monkeypatch.setattr(launch_protocol, "HANDOVER_SECONDS", 1.0)  # try 1's trigger is not running here
     first, _ = deferred(operator(k8s_cluster, deferrable=True), StandInTI(try_number=1))
     first.task_instance = TriggererTI()  # try 1
     k8s_cluster.wait_for_pod("default", first.name, until="Running")

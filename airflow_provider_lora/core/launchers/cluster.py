@@ -29,6 +29,10 @@ CLUSTER_LAUNCHERS = ("pod", "trainjob")  # a training Pod, or a Kubeflow Trainer
 DEFAULT_POLL_SECONDS = 10.0
 DEFAULT_STARTUP_TIMEOUT = 600.0
 DELETE_WAIT_SECONDS = 120.0  # how long a failed run of an earlier try may take to go before it is replaced
+# How long a new try leaves a run an earlier try deferred on to that try's trigger: cancelled by the triggerer
+# (the task is no longer deferred), the trigger deletes it in on_kill (Airflow 3.3+) and fires no event. Deleting it
+# under a trigger still running would make that trigger fire "Deleted", which Airflow can hand to the new try.
+HANDOVER_SECONDS = 60.0
 FAILURE_LOG_LINES = 30  # log lines shown per failed pod
 RESULT_LOG_LINES = 200  # lines read back for the result line: other ranks may print many lines after it
 LOG_READ_TIMEOUT = 120  # seconds without a log byte before a followed stream is re-opened (the state is checked)
@@ -332,8 +336,11 @@ def create_or_reattach(job: LaunchedPod, log: Log, try_number: int,
             log(f"reattaching to {job} ({state.phase}{by})")
             return None
         log(f"{job} ({state.phase}{by}) {why}: replacing it")
-        job.delete(uid=existing["metadata"].get("uid"))
-        job.wait_until_gone()
+        if _deferred_by_another_try(existing, try_number) and _gone_within(job, HANDOVER_SECONDS):
+            log(f"{job} was deleted by the earlier try's trigger (on_kill)")
+        else:
+            job.delete(uid=existing["metadata"].get("uid"))
+            job.wait_until_gone()
     if before_create is not None:
         instead = before_create()
         if instead is not None:
@@ -345,6 +352,19 @@ def create_or_reattach(job: LaunchedPod, log: Log, try_number: int,
     return None
 
 
+def _deferred_by_another_try(obj: dict[str, Any], try_number: int) -> bool:
+    deferred_by = ((obj.get("metadata") or {}).get("annotations") or {}).get(DEFERRED_BY_ANNOTATION)
+    return deferred_by is not None and deferred_by != str(try_number)
+
+
+def _gone_within(job: LaunchedPod, seconds: float) -> bool:
+    try:
+        job.wait_until_gone(timeout=seconds)
+        return True
+    except KubernetesApiError:
+        return False
+
+
 def _not_adoptable(obj: dict[str, Any], state: PodState, try_number: int) -> str | None:
     """Why try ``try_number`` must not adopt ``obj`` (in ``state``), the existing run of its name; None when it
     may."""
@@ -352,7 +372,7 @@ def _not_adoptable(obj: dict[str, Any], state: PodState, try_number: int) -> str
     deferred_by = (meta.get("annotations") or {}).get(DEFERRED_BY_ANNOTATION)
     if meta.get("deletionTimestamp"):
         return "is being deleted"
-    if deferred_by is not None and deferred_by != str(try_number):
+    if _deferred_by_another_try(obj, try_number):
         return (f"was handed to the trigger of try {deferred_by}, which ended while deferred (a clear, a mark or a "
                 f"timeout): its training ends with that try")
     if state.phase == FAILED:
