@@ -336,7 +336,10 @@ def create_or_reattach(job: LaunchedPod, log: Log, try_number: int,
             log(f"reattaching to {job} ({state.phase}{by})")
             return None
         log(f"{job} ({state.phase}{by}) {why}: replacing it")
-        if _deferred_by_another_try(existing, try_number) and _gone_within(job, HANDOVER_SECONDS):
+        # Still running under another try's trigger: that trigger is being cancelled and deletes it (a run that
+        # ended has no trigger left to do so).
+        handover = _deferred_by_another_try(existing, try_number) and not state.terminal
+        if handover and _gone_within(job, HANDOVER_SECONDS):
             log(f"{job} was deleted by the earlier try's trigger (on_kill)")
         else:
             job.delete(uid=existing["metadata"].get("uid"))
