@@ -51,7 +51,9 @@ def test_a_trigger_serialized_by_the_version_before_the_shared_watch_still_runs(
     assert trigger.serialize()[1] == {**stored, "log_interval": None, "watch": True}
 
 
-def test_the_example_dag_has_a_form_field_for_every_spec_parameter():
+def test_the_example_dag_has_a_form_field_for_every_spec_parameter(airflow_db):
+    # airflow_db: Airflow 2.11 reads the metadata database when it parses a DAG scheduled on a dataset alias
+    # (dags/lora_adapter_ready.py), as a deployment's dag processor does.
     from pathlib import Path
 
     from airflow_provider_lora.core.spec import LoRASpec
