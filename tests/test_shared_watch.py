@@ -9,12 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import pytest
 
 from airflow_provider_lora import watch as shared_watch
 from airflow_provider_lora.kube import close_shared_clients
 from airflow_provider_lora.triggers.lora import LoRATrainingTrigger
-from tests.test_pod_launcher import cheap_pod, create, quiet
+from tests.test_pod_launcher import cheap_pod, create, first_event, quiet, trigger
 
 LABELLED = {"app.kubernetes.io/managed-by": "airflow-provider-lora"}
 SLEEP_THEN_END = "import time; time.sleep({seconds}); print('done', flush=True)"
@@ -135,24 +134,14 @@ def test_a_role_without_list_and_watch_falls_back_to_polling_and_says_so_once(k8
     assert pod_reads(k8s_cluster) >= 10  # they polled
 
 
-@pytest.mark.parametrize("launcher", ["trainjob"])
-def test_a_trainjob_is_followed_from_the_watch_of_trainjobs_and_pods(k8s_cluster, launcher):
+def test_a_trainjob_is_followed_from_the_watch_of_trainjobs_and_pods(k8s_cluster):
     from tests.test_launch_protocol import _manifest
     from kubernetes import client, config
 
     manifest = _manifest("trainjob", "tj", "import time; time.sleep(3); print('done', flush=True)")
     api = client.CustomObjectsApi(config.new_client_from_config(config_file=str(k8s_cluster.kubeconfig)))
     api.create_namespaced_custom_object("trainer.kubeflow.org", "v1alpha1", "default", "trainjobs", manifest)
-    trig = quiet(LoRATrainingTrigger(name="tj", namespace="default", launcher=launcher, kubernetes_conn_id=None,
-                                     config_file=str(k8s_cluster.kubeconfig), poll_interval=0.2))
-
-    async def run():
-        try:
-            async for event in trig.run():
-                return event.payload
-        finally:
-            await close_shared_clients()
-    event = asyncio.run(asyncio.wait_for(run(), 90))
+    event = first_event(trigger(k8s_cluster, "tj", launcher="trainjob"), timeout=90)
     assert event["status"] == "success"
     reads = [r for r in k8s_cluster.request_log if r[0] == "GET" and r[1].endswith("/trainjobs/tj")]
     assert len(reads) <= 1  # from the cache, but for a first read before it was listed
