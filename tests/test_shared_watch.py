@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-
 from airflow_provider_lora import watch as shared_watch
 from airflow_provider_lora.kube import close_shared_clients
 from airflow_provider_lora.triggers.lora import LoRATrainingTrigger
