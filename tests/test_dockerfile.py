@@ -100,10 +100,10 @@ def test_hadolint_would_catch_a_bad_dockerfile(tmp_path):
 
 
 def test_image_requirements_are_the_trainer_extras():
-    """The image installs exactly pyproject's `kfp`, `train` and `unsloth` extras (less the self-reference), and no
-    Airflow."""
+    """The image installs exactly pyproject's `kfp`, `train`, `unsloth` and `mlflow` extras (less the
+    self-reference), and no Airflow."""
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    wanted = [r for r in _requirements(extras["kfp"] + extras["train"] + extras["unsloth"])
+    wanted = [r for r in _requirements(extras["kfp"] + extras["train"] + extras["unsloth"] + extras["mlflow"])
               if r.name != "airflow-provider-lora"]
     path = requirements_file(instructions())
     assert path == REPO / "trainer" / "requirements-image.txt"

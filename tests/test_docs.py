@@ -130,6 +130,6 @@ def test_concepts_names_the_xcom_keys_the_operator_pushes():
     from airflow_provider_lora.operators.lora import XCOM_LAUNCHED, XCOM_PLAN
 
     page = (Path(__file__).resolve().parents[1] / "docs" / "concepts.md").read_text()
-    table = page.split("## What the task leaves in XCom and the UI", 1)[1].split("\n\n", 2)[1]
+    table = page.split("\n### In XCom\n\n", 1)[1].split("\n\n", 1)[0]
     keys = {line.split("|")[1].strip().strip("`") for line in table.splitlines()[2:]}
     assert keys == {"return_value", CHART_XCOM_KEY, XCOM_LAUNCHED, XCOM_PLAN}

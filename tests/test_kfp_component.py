@@ -387,6 +387,8 @@ def chart_points(html: str) -> list[list]:
 
 def check_outputs(report: dict, steps: int, base_model: Path) -> dict:
     """What every launch mode hands back: status, model artifact, metrics, chart."""
+    from tests.trainer_helpers import card_images
+
     assert report["status"] == "training completed"
     metrics = report["metrics"]
     assert metrics["global_step"] == steps
@@ -407,6 +409,9 @@ def check_outputs(report: dict, steps: int, base_model: Path) -> dict:
     assert meta["artifacts"]["adapter"] == meta["artifacts"]["root"] + "/adapter"
     assert "/workspace/lora-runs/" in meta["artifacts"]["root"]
     assert sorted(p.name for p in model.iterdir()) == (["adapter", "merged"] if meta["merged"] else ["adapter"])
+    # The adapter's model card links its chart beside it, so the link resolves inside the artifact too.
+    [image] = card_images(model / "adapter")
+    assert image.is_relative_to(model / "adapter") and image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     html = Path(report["chart_path"]).read_text()
     assert 'id="train-points"' in html  # the chart page of core/results, as Airflow's tab shows it

@@ -6,8 +6,8 @@ package and follows the pod, and the task resumes in another worker process.
 dag.test() cannot show this: it runs the trigger inline in the test process (first event only, no cleanup).
 
 On the same Airflow, headless chromium (tests/browser/task_instance.mjs) opens a finished run's task instance page:
-its extra links, the "Loss chart" tab with the run's chart, and the tab on another task. ``UPDATE_SCREENSHOTS=1``
-also copies the tab's screenshot to docs/images/loss-chart-tab.png."""
+its extra links, the "Loss chart" tab with the run's chart (its eval series and before/after answers), and the tab
+on another task. ``UPDATE_SCREENSHOTS=1`` also copies the tab's screenshot to docs/images/loss-chart-tab.png."""
 
 from __future__ import annotations
 
@@ -233,6 +233,8 @@ def test_every_service_listens_on_loopback_only(airflow_services):
 
 UI_DAG_ID = "lora_ui"
 UI_STEPS = 8
+UI_EVAL_STEPS = 2  # an eval every 2 steps: 4 points of the eval series
+UI_EVAL_FRACTION = 0.2
 DOCS_SHOT = ROOT / "docs" / "images" / "loss-chart-tab.png"
 UI_DAG_FILE = '''\
 """Written by tests/test_real_airflow.py."""
@@ -256,14 +258,25 @@ with DAG({dag_id!r}, schedule=None, start_date=datetime.datetime(2026, 1, 1), ca
 '''
 
 
+def _as_parsed(text: str) -> str:
+    """Text as the HTML parser hands it to the DOM: CR and CRLF become LF, NUL the replacement character."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").replace("\0", "\ufffd")
+
+
 @needs_browser
 def test_the_task_instance_page_shows_the_chart_link_and_the_loss_chart_tab(airflow_services, tiny_model_dir,
                                                                             tmp_path):
     af = airflow_services
-    dataset = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(FAST["effective_batch_size"] * UI_STEPS))
+    # Questions pasted from an HTML page: their markup and entity must reach the tab's answers table as text.
+    rows = [{"messages": [{"role": "user", "content": f"What is <b>{a} plus {b}</b>? (from R&amp;D)"},
+                          {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
+            for a, b in ((i % 7, i % 5) for i in range(round(FAST["effective_batch_size"] * UI_STEPS
+                                                             / (1 - UI_EVAL_FRACTION))))]
+    dataset = write_jsonl(tmp_path / "train.jsonl", rows)
     (af.dags_folder / f"{UI_DAG_ID}.py").write_text(UI_DAG_FILE.format(
         dag_id=UI_DAG_ID, base_model=str(tiny_model_dir), dataset=str(dataset), output=str(tmp_path / "out"),
-        spec={**FAST, "max_steps": UI_STEPS}))
+        spec={**FAST, "max_steps": UI_STEPS, "eval_fraction": UI_EVAL_FRACTION, "eval_steps": UI_EVAL_STEPS,
+              "sample_max_new_tokens": 12}))
     af.wait_for_dag(UI_DAG_ID)
     run_id = af.trigger_run(UI_DAG_ID)
     state = af.wait_for_run(UI_DAG_ID, run_id, timeout=400)
@@ -273,6 +286,10 @@ def test_the_task_instance_page_shows_the_chart_link_and_the_loss_chart_tab(airf
     result = af.xcom(UI_DAG_ID, run_id, "train")
     losses = [row for row in result["history"] if "loss" in row]
     assert [row["step"] for row in losses] == list(range(1, UI_STEPS + 1))
+    evals = [row for row in result["history"] if "eval_loss" in row]
+    assert [row["step"] for row in evals] == list(range(UI_EVAL_STEPS, UI_STEPS + 1, UI_EVAL_STEPS))
+    samples = result["summary"]["samples"]
+    assert len(samples) == 3 and all("<b>" in s["prompt"] and "R&amp;D" in s["prompt"] for s in samples)
     page = af.xcom(UI_DAG_ID, run_id, "train", key=CHART_XCOM_KEY)
     assert page == Path(result["artifacts"]["chart_html"]).read_text()
     # The links as the API gives them to the UI: no URL reaches a path on the worker, so no artifacts button.
@@ -312,6 +329,20 @@ def test_the_task_instance_page_shows_the_chart_link_and_the_loss_chart_tab(airf
     assert chart["tip_hidden_before"] is True
     assert seen["tooltip"][0].startswith("step 2 ")
     assert f"training loss {losses[1]['loss']:.4f}" in seen["tooltip"]
+    # The eval series: in the legend, a marker per eval of the run; hovering the first shows its eval loss.
+    assert "eval loss" in chart["legend"] and chart["eval_points"] == len(evals)
+    assert seen["eval_tooltip"][0].startswith(f"step {evals[0]['step']} ")
+    assert f"eval loss {evals[0]['eval_loss']:.4f}" in seen["eval_tooltip"]
+    # The before/after answers of the run's summary, every row rendered, each text as the model wrote it (the
+    # prompt's <b> and &amp; shown as typed, no element parsed out of them). The HTML parser turns a CR into a
+    # newline: the tiny model's answers are arbitrary bytes.
+    table = chart["samples"]
+    assert table["heading"] == "Held-out prompts, before and after"
+    assert table["headers"] == ["prompt", "expected", "base model", "with the adapter"]
+    assert [row["cells"] for row in table["rows"]] == [
+        [_as_parsed(s[k]) for k in ("prompt", "expected", "base", "with_adapter")] for s in samples]
+    assert all(row["visible"] and row["height"] > 20 for row in table["rows"])
+    assert table["elements_in_cells"] == []
 
     # Another task of the run: the tab answers, without a chart.
     assert "No loss chart for this task" in seen["other_task_text"] and seen["other_task_svg"] == 0

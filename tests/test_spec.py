@@ -353,6 +353,7 @@ FULL_4BIT = {
     "fsdp_sharding_strategy": "NO_SHARD", "dataset": "s3://bucket/train.jsonl", "dataset_format": "messages",
     "eval_fraction": 0.1, "eval_steps": 20, "sample_prompts": 5, "sample_max_new_tokens": 32, "train_on_inputs": True, "output_uri": "s3://bucket/runs/1", "overwrite_output": True,
     "save_merged": False, "resume_from_checkpoint": "latest", "max_steps": 100, "dtype": "bfloat16",
+    "mlflow_tracking_uri": "http://mlflow.mlflow:5000", "mlflow_experiment": "support-bot",
 }
 
 

@@ -11,7 +11,7 @@ import torch
 
 from airflow_provider_lora.core import storage
 from airflow_provider_lora.core.results import load_run_result
-from tests.trainer_helpers import arithmetic_rows, history, make_spec, train, write_jsonl
+from tests.trainer_helpers import arithmetic_rows, card_images, history, make_spec, train, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -95,10 +95,29 @@ def test_the_adapter_has_a_model_card_the_hub_classes_load(base_run, tiny_model_
     assert f"| final training loss | {summary['final_loss']} |" in card.text
     assert f"| target modules | {', '.join(summary['lora']['target_modules'])} |" in card.text
     assert f"transformers {summary['versions']['transformers']}" in card.text
-    assert "![training loss](../loss_chart.png)" in card.text
+    # The chart beside the card, so the link resolves in the run directory and wherever the adapter goes alone.
+    assert card_images(output / "adapter") == [(output / "adapter" / "loss_chart.png").resolve()]
+    assert (output / "adapter" / "loss_chart.png").read_bytes() == (output / "loss_chart.png").read_bytes()
     assert "More Information Needed" not in card.text
     assert "## Held-out prompts, before and after" in card.text
     assert "adapter/README.md" in json.loads((output / storage.COMPLETE_MARKER).read_text())["files"]
+
+
+def test_the_model_cards_chart_link_resolves_in_the_kfp_model_artifact(base_run, tiny_model_dir, dataset, tmp_path):
+    """KFP's model output holds adapter/ without the run around it: the card's chart must travel inside it."""
+    from types import SimpleNamespace
+
+    from airflow_provider_lora.kfp import runtime
+
+    output, _ = base_run
+    spec = make_spec(tiny_model_dir, dataset, output, num_epochs=2, eval_fraction=0.25, checkpoint_at_epoch=True)
+    outputs = [SimpleNamespace(path=str(tmp_path / name), uri=f"minio://mlpipeline/run/{name}", metadata={},
+                               log_metric=lambda *_: None) for name in ("model", "metrics", "chart")]
+    runtime.write_outputs(load_run_result(str(output)), spec, *outputs)
+    model = tmp_path / "model"
+    [image] = card_images(model / "adapter")
+    assert image.is_relative_to(model / "adapter") and image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert image.read_bytes() == (output / "loss_chart.png").read_bytes()
 
 
 def test_held_out_prompts_are_answered_before_and_after_training(base_run):
@@ -145,7 +164,8 @@ def test_before_and_after_are_the_base_models_and_the_adapters_greedy_answers(ti
         assert sample["with_adapter"] == greedy(model)
         with model.disable_adapter():
             assert sample["base"] == greedy(model)
-    assert sample["expected"] == "5" and "What is 2 plus 3?" in sample["prompt"]
+    # The prompt as the user wrote it: the template's framing (role names, a default system prompt) left out.
+    assert sample["expected"] == "5" and sample["prompt"] == "What is 2 plus 3?"
 
 
 def test_saved_adapter_reloads_with_plain_peft_and_gives_the_same_logits(base_run, tiny_model_dir):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -41,3 +42,10 @@ def train(model_dir: Path, dataset: Path | str, output: Path | str, **overrides:
 
 def history(output: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (Path(output) / "metrics.jsonl").read_text().splitlines()]
+
+
+def card_images(adapter_dir: Path) -> list[Path]:
+    """The images the adapter's model card (README.md) links, resolved against the card's own directory, as a
+    Markdown viewer (the Hugging Face Hub, a file browser) resolves them."""
+    text = (Path(adapter_dir) / "README.md").read_text()
+    return [(Path(adapter_dir) / target).resolve() for target in re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", text)]

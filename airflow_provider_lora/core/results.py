@@ -226,6 +226,7 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }
 table.samples td { vertical-align: top; max-width: 24rem; }
+table.samples th, table.samples td { text-align: left; }
 table.samples pre { white-space: pre-wrap; margin: 0; font-size: 0.85rem; }
 h1 { font-size: 1.3rem; }
 figure { margin: 0; max-width: 960px; position: relative; }
@@ -353,13 +354,13 @@ def _html(history: list[dict], title: str, svg: str, hover: dict | None = None,
 <body>
 <h1>{esc}</h1>
 <figure>{svg}{tip}</figure>
-{note}<table>
+{_samples_table(samples)}{note}<table>
 <thead><tr><th>step</th><th>epoch</th><th>loss</th><th>eval loss</th><th>learning rate</th></tr></thead>
 <tbody>
 {body}
 </tbody>
 </table>
-{_samples_table(samples)}{script}</body>
+{script}</body>
 </html>
 """
 
@@ -369,7 +370,8 @@ def draw_loss_chart(history: list[dict], *, title: str, png_path: str | os.PathL
     """Draw the loss chart as a PNG and as one self-contained HTML page (inline SVG, CSS and script, no external
     resource: it must open air-gapped and inside Airflow's and KFP's sandboxed iframes). Hovering the HTML chart
     shows the nearest step's values; without scripts the page is still the chart plus the table of values.
-    ``samples`` (the summary's held-out prompts answered before and after training) go in a table under it."""
+    ``samples`` (the summary's held-out prompts answered before and after training) go in a table right under it,
+    above the table of logged values: the answers are what a reader judges the run by."""
     import matplotlib
 
     # Text as paths: the SVG needs no font; fixed hash salt and no date: the same history gives the same file.

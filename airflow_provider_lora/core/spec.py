@@ -16,6 +16,7 @@ import json
 import operator
 import re
 from typing import Any, Literal, Optional
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -97,6 +98,44 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 RESERVED_ENV_NAMES = {"LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP",
                       "PYTHONINSPECT", "PYTHONUSERBASE", "BASH_ENV", "ENV"}
 _QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)([numkMGTPE]|Ki|Mi|Gi|Ti|Pi|Ei|[eE][+-]?[0-9]+)?\Z")
+
+
+# Where MLflow can track to from a training pod: a tracking server (http/https), Databricks, or a directory
+# (file://, such as a PVC). Database URIs (sqlite://, postgresql://) need the full mlflow server package, which the
+# trainer's mlflow-skinny lacks, and would put a database password in the manifest.
+MLFLOW_SCHEMES = ("http", "https", "databricks", "file")
+MLFLOW_DEFAULT_EXPERIMENT = "airflow-provider-lora"
+MLFLOW_CREDENTIALS_HINT = ("give credentials from a Kubernetes Secret instead: secret_env={'MLFLOW_TRACKING_TOKEN': "
+                           "'secret-name/key'} (or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)")
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` with any user:password@ replaced by ***@, for messages and logs."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1***@", uri)
+
+
+def check_tracking_uri(uri: str) -> str | None:
+    """Why ``uri`` cannot be an MLflow tracking URI for the trainer, or None when it can."""
+    if uri != uri.strip() or any(ch < " " or ch == "\x7f" for ch in uri):
+        return "must not contain whitespace at either end or control characters"
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018  raises on a port that is not a number
+    except ValueError as exc:
+        return f"is not a URI ({exc})"
+    if parts.username is not None or parts.password is not None:
+        return ("carries credentials (user:password@), which would be written into the pod manifest in clear "
+                f"text; {MLFLOW_CREDENTIALS_HINT}")
+    scheme = "databricks" if uri == "databricks" else parts.scheme.lower()  # MLflow's own spelling, no "://"
+    if scheme not in MLFLOW_SCHEMES:
+        return (f"{scheme + ':// is not a scheme' if scheme else 'a URI without a scheme is not one'} the trainer can "
+                "track to; accepted: an MLflow tracking server as http://host:port or https://host, "
+                "databricks[://profile], or file:///absolute/dir (such as a PVC path)")
+    if scheme in ("http", "https") and not parts.hostname:
+        return f"{scheme}:// needs a host, such as {scheme}://mlflow.example:5000"
+    if scheme == "file" and (parts.netloc or not parts.path.startswith("/")):
+        return "a file URI is file:///absolute/dir (three slashes, an absolute path on the training pod)"
+    return None
 
 
 # Fields that name a place (hub id, path, s3:// URI): no '..' segment, no control characters.
@@ -298,6 +337,14 @@ class LoRASpec(BaseModel):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = _field(
         "auto", "Training dtype: auto picks bfloat16 where the hardware has it, else float16 on GPU / float32 on "
         "CPU.", TRAINING)
+    mlflow_tracking_uri: Optional[str] = _field(
+        None, "MLflow tracking server to log the run to (parameters, per-step metrics, eval loss, the adapter and "
+        "the chart), such as http://mlflow.mlflow:5000; needs the mlflow extra in the training image. Default: the "
+        "trainer's MLFLOW_TRACKING_URI environment variable, else no tracking. No credentials in the URI: give "
+        "MLFLOW_TRACKING_TOKEN (or _USERNAME/_PASSWORD) through secret_env.", OUTPUT)
+    mlflow_experiment: Optional[str] = _field(
+        None, "MLflow experiment the run is logged under, created when missing (default: the trainer's "
+        f"MLFLOW_EXPERIMENT_NAME environment variable, else {MLFLOW_DEFAULT_EXPERIMENT}).", OUTPUT)
 
     # ---- validation ---------------------------------------------------------------------------------------------
 
@@ -389,6 +436,29 @@ class LoRASpec(BaseModel):
                 raise ValueError(f"envs: {key!r} looks like a secret; envs values are written into the pod "
                                  "manifest in clear text. Give it from a Kubernetes Secret instead (operator: "
                                  "hf_token_secret= or secret_env={...: 'secret-name/key'})")
+        uri = names.get("MLFLOW_TRACKING_URI")
+        if uri and (reason := check_tracking_uri(uri)):
+            raise ValueError(f"envs: MLFLOW_TRACKING_URI={redact_uri(uri)!r} is not valid: {reason}")
+        return v
+
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _tracking_uri(cls, v: Optional[str]) -> Optional[str]:
+        if v is None or v == "":  # the trigger form sends "" for an empty field
+            return None
+        reason = check_tracking_uri(v)
+        if reason:
+            raise _bad("mlflow_tracking_uri", redact_uri(v), reason)
+        return v
+
+    @field_validator("mlflow_experiment")
+    @classmethod
+    def _experiment(cls, v: Optional[str]) -> Optional[str]:
+        if v is None or v == "":
+            return None
+        if v != v.strip() or any(ch < " " or ch == "\x7f" for ch in v):
+            raise _bad("mlflow_experiment", v, "an experiment name without control characters or whitespace at "
+                                               "either end, such as 'support-bot-lora'")
         return v
 
     @field_validator("metadata_labels")

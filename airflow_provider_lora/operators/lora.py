@@ -194,6 +194,7 @@ class LoRATrainingOperator(BaseOperator):
         if "{{" not in repr((dry_run, plan_memory_gib)):
             self._dry_run_settings()  # a clear error at DAG parse
         self._launched: tuple[str, str] | None = None  # (name, namespace) of the pod/TrainJob once created or found
+        self._result: dict[str, Any] | None = None  # the return value, for the OpenLineage complete event
         # Fail at DAG parse for values that are already final (templated ones are checked after rendering).
         self._spec(final=False)
         if "{{" not in repr((self.secret_env, self.hf_token_secret)):
@@ -637,6 +638,7 @@ class LoRATrainingOperator(BaseOperator):
             self.log.warning("this run was adjusted after running out of memory: %s", oom.describe(change))
         push_loss_chart(result, self.log, s3=self._s3)  # XCom loss_chart_html, for the Loss chart tab
         self._emit_adapter_asset(result, context)
+        self._result = result
         return result
 
     def _emit_adapter_asset(self, result: dict[str, Any], context: Context) -> None:
@@ -656,6 +658,24 @@ class LoRATrainingOperator(BaseOperator):
                  **{name: summary.get(name) for name in ADAPTER_EVENT_FIGURES}}
         context["outlet_events"][AssetAlias(self.asset_alias)].add(Asset(uri), extra=extra)
         self.log.info("asset event for %s through alias %r: %s", uri, self.asset_alias, json.dumps(extra))
+
+    # ---- OpenLineage: apache-airflow-providers-openlineage calls these when it is installed and configured; they
+    # import its client (through airflow_provider_lora.lineage) only then.
+
+    def get_openlineage_facets_on_start(self) -> Any:
+        """The dataset and base model in, the adapter's location out (none on a dry run)."""
+        from airflow_provider_lora.lineage import operator_lineage
+
+        return operator_lineage(self._spec(), dry_run=self._dry_run_settings()[0])
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """As on start, with the adapter where the run published it and the run's figures as a run facet."""
+        from airflow_provider_lora.lineage import operator_lineage
+
+        return operator_lineage(self._spec(), self._result, dry_run=self._dry_run_settings()[0])
+
+    def get_openlineage_facets_on_failure(self, task_instance: Any) -> Any:
+        return self.get_openlineage_facets_on_start()
 
     def _clean_up(self, job: cluster.LaunchedPod, succeeded: bool, stop: bool = False) -> None:
         if stop:

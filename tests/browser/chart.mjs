@@ -1,11 +1,12 @@
 // Opens a loss-chart HTML file in Debian's headless chromium and prints what it finds as one JSON object.
-// Used by tests/test_chart_browser.py:  node chart.mjs PAGE.html SHOT.png HOVERS_JSON
+// Used by tests/test_chart_browser.py:  node chart.mjs PAGE.html SHOT.png HOVERS_JSON [SHOT_TO]
 //   HOVERS_JSON: [{"selector": "#train-points use", "index": 40}, ...]; each element is hovered at its centre, in
 //   order, and the tooltip's text read; the screenshot is taken while the last one is hovered.
+//   SHOT_TO: the screenshot runs from the top of the page to the bottom of this element (default: the figure).
 import { guardedContext, launchChromium } from "./common.mjs";
 import { pathToFileURL } from "node:url";
 
-const [page_path, shot_path, hovers_json] = process.argv.slice(2);
+const [page_path, shot_path, hovers_json, shot_to = "figure"] = process.argv.slice(2);
 const url = pathToFileURL(page_path).href;
 const result = { console_errors: [], requests: [], blocked: [], failed: [] };
 
@@ -37,10 +38,46 @@ try {
       eval_points: document.querySelectorAll("#eval-loss use").length,
       smooth_line: document.querySelectorAll("#train-smooth path").length,
       lr_line: document.querySelectorAll("#learning-rate path").length,
-      table_rows: document.querySelectorAll("tbody tr").length,
+      table_rows: document.querySelectorAll("table:not(.samples) tbody tr").length,
       tip_hidden_before: document.getElementById("tip")?.hidden ?? null,
+      // Where each eval marker is drawn, in CSS px: the series must follow the eval losses it plots.
+      eval_centres: [...document.querySelectorAll("#eval-loss use")].map((use) => {
+        const r = use.getBoundingClientRect();
+        return [r.x + r.width / 2, r.y + r.height / 2];
+      }),
+      figure_box: (({ x, y, width, height }) => ({ x, y, width, height }))(
+        document.querySelector("figure").getBoundingClientRect()),
+      page_width: document.scrollingElement.scrollWidth,
+      samples: samplesTable(),
     };
+
+    // The before/after table as a reader sees it: its heading, header cells, and each row's cells (rendered text,
+    // whether it is visible, its box); elements parsed out of the answers (none may be: they are text).
+    function samplesTable() {
+      const table = document.querySelector("table.samples");
+      if (!table) return null;
+      const box = (el) => (({ x, y, width, height }) => ({ x, y, width, height }))(el.getBoundingClientRect());
+      const heading = table.previousElementSibling;
+      return {
+        heading: heading?.tagName === "H2" ? heading.textContent : null,
+        headers: [...table.querySelectorAll("thead th")].map((th) => th.textContent),
+        rows: [...table.querySelectorAll("tbody tr")].map((tr) => ({
+          cells: [...tr.cells].map((td) => td.textContent),
+          visible: tr.checkVisibility(),
+          box: box(tr),
+        })),
+        box: box(table),
+        elements_in_cells: [...table.querySelectorAll("td *")].map((el) => el.tagName.toLowerCase())
+          .filter((tag) => tag !== "pre"),
+      };
+    }
   }));
+
+  // A viewport tall enough for the whole screenshot, set before hovering: a full-page capture would resize it
+  // afterwards and the page would drop the hover it shows.
+  const to = await page.locator(shot_to).first().boundingBox();
+  const shot_height = Math.ceil(to.y + to.height + 8);
+  if (shot_height > 720) await page.setViewportSize({ width: 1000, height: shot_height });
 
   result.tooltips = [];
   for (const { selector, index } of JSON.parse(hovers_json || "[]")) {
@@ -59,8 +96,7 @@ try {
                ring_offset: off.length ? Math.min(...off) : null };
     }, at));
   }
-  const figure = await page.locator("figure").boundingBox();
-  await page.screenshot({ path: shot_path, clip: { x: 0, y: 0, width: 1000, height: figure.y + figure.height + 8 } });
+  await page.screenshot({ path: shot_path, clip: { x: 0, y: 0, width: 1000, height: shot_height } });
 } finally {
   await browser.close();
 }

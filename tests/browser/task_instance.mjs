@@ -1,6 +1,7 @@
 // A finished LoRATrainingOperator task instance in the real Airflow UI (Debian's headless chromium): its Details tab's
-// extra links, a click on the "Loss chart" link, the chart in the "Loss chart" tab (elements, a hover), and the same
-// tab on another task of the run. Prints what it saw as one JSON object. Used by tests/test_real_airflow.py:
+// extra links, a click on the "Loss chart" link, the chart in the "Loss chart" tab (elements, its eval series, the
+// before/after answers, a hover on a training and on an eval point), and the same tab on another task of the run.
+// Prints what it saw as one JSON object. Used by tests/test_real_airflow.py:
 //   node task_instance.mjs BASE_URL DAG_ID RUN_ID TASK_ID OTHER_TASK_ID SHOT_DIR
 // Screenshots in SHOT_DIR: details.png (the Details tab), tab.png (the Loss chart tab, hovering step 2),
 // no_chart.png (the tab on the other task).
@@ -47,24 +48,51 @@ try {
   result.iframe_src = await iframe.getAttribute("src");
   const chart = page.frameLocator("iframe").first();
   await chart.locator("figure > svg").waitFor({ timeout: 30_000 });
-  result.chart = await chart.locator("body").evaluate(() => ({
-    heading: document.querySelector("h1")?.textContent ?? null,
-    svg: document.querySelectorAll("figure > svg").length,
-    train_points: document.querySelectorAll("#train-points use").length,
-    smooth_line: document.querySelectorAll("#train-smooth path").length,
-    lr_line: document.querySelectorAll("#learning-rate path").length,
-    table_steps: [...document.querySelectorAll("tbody tr")].map((row) => row.cells[0]?.textContent.trim()),
-    tip_hidden_before: document.getElementById("tip")?.hidden ?? null,
-  }));
-  // Hover the second training point: the chart's own script (allowed by the tab's CSP) shows its values.
-  const point = chart.locator("#train-points use").nth(1);
-  await point.scrollIntoViewIfNeeded();
-  await point.hover({ force: true });
-  await page.waitForTimeout(300);
-  result.tooltip = await chart.locator("body").evaluate(() => {
-    const tip = document.getElementById("tip");
-    return tip && !tip.hidden ? [...tip.children].map((line) => line.textContent) : null;
+  result.chart = await chart.locator("body").evaluate(() => {
+    const comments = (root) => {  // matplotlib writes each text as glyph paths after a comment holding the text
+      const walker = document.createTreeWalker(root, NodeFilter.SHOW_COMMENT), out = [];
+      while (walker.nextNode()) out.push(walker.currentNode.data.trim());
+      return out;
+    };
+    const legend = document.querySelector("svg #legend");
+    const samples = document.querySelector("table.samples");
+    return {
+      heading: document.querySelector("h1")?.textContent ?? null,
+      svg: document.querySelectorAll("figure > svg").length,
+      legend: legend ? comments(legend) : [],
+      train_points: document.querySelectorAll("#train-points use").length,
+      eval_points: document.querySelectorAll("#eval-loss use").length,
+      smooth_line: document.querySelectorAll("#train-smooth path").length,
+      lr_line: document.querySelectorAll("#learning-rate path").length,
+      table_steps: [...document.querySelectorAll("table:not(.samples) tbody tr")]
+        .map((row) => row.cells[0]?.textContent.trim()),
+      tip_hidden_before: document.getElementById("tip")?.hidden ?? null,
+      // The before/after answers as the reader gets them: each row's cell texts, whether it is rendered, and any
+      // element parsed out of the answers (none may be: a prompt's markup is text).
+      samples: samples && {
+        heading: samples.previousElementSibling?.textContent ?? null,
+        headers: [...samples.querySelectorAll("thead th")].map((th) => th.textContent),
+        rows: [...samples.querySelectorAll("tbody tr")].map((tr) => ({
+          cells: [...tr.cells].map((td) => td.textContent), visible: tr.checkVisibility(),
+          height: tr.getBoundingClientRect().height })),
+        elements_in_cells: [...samples.querySelectorAll("td *")].map((el) => el.tagName.toLowerCase())
+          .filter((tag) => tag !== "pre"),
+      },
+    };
   });
+  // Hover a point: the chart's own script (allowed by the tab's CSP) shows its values.
+  const hover = async (selector, index) => {
+    const point = chart.locator(selector).nth(index);
+    await point.scrollIntoViewIfNeeded();
+    await point.hover({ force: true });
+    await page.waitForTimeout(300);
+    return chart.locator("body").evaluate(() => {
+      const tip = document.getElementById("tip");
+      return tip && !tip.hidden ? [...tip.children].map((line) => line.textContent) : null;
+    });
+  };
+  result.eval_tooltip = result.chart.eval_points ? await hover("#eval-loss use", 0) : null;
+  result.tooltip = await hover("#train-points use", 1);  // the second training point, as the screenshot shows
   await page.screenshot({ path: `${shot_dir}/tab.png` });
 
   // 3. The same tab on another task of the run: a short "no chart" page.

@@ -1,7 +1,9 @@
 """Before / after: a few held-out prompts answered by the base model and by the trained adapter, after training.
 
 The rows are the first of the eval split (``eval_fraction``), as the trainer tokenised them: the prompt is every
-token before the first answer token, the expected answer the first answer turn. Each prompt is answered twice,
+token before the first answer token, the expected answer the first answer turn. The prompt is shown without the
+chat template's framing of a user turn (a default system prompt, role headers), as the user wrote it. Each prompt
+is answered twice,
 greedily and at most ``sample_max_new_tokens`` tokens: with the adapter, and with it disabled (peft's
 ``disable_adapter``), which is the base model. A failure here never fails the run: the answers are a courtesy.
 """
@@ -20,6 +22,7 @@ def before_and_after(spec: LoRASpec, model: Any, tokenizer: Any, eval_rows: Any)
     if not spec.sample_prompts or eval_rows is None:
         return []
     rows = eval_rows.select(range(min(spec.sample_prompts, len(eval_rows))))
+    before, after = _user_turn_framing(tokenizer)
     model.eval()
     samples = []
     for ids, mask in zip(rows["input_ids"], rows["assistant_masks"]):
@@ -39,7 +42,36 @@ def before_and_after(spec: LoRASpec, model: Any, tokenizer: Any, eval_rows: Any)
         adapter = answer()
         with model.disable_adapter():
             base = answer()
-        samples.append({"prompt": tokenizer.decode(ids[:start], skip_special_tokens=True).strip(),
+        samples.append({"prompt": _unframed(tokenizer.decode(ids[:start], skip_special_tokens=True), before, after),
                         "expected": tokenizer.decode(ids[start:end], skip_special_tokens=True).strip(),
                         "base": base, "with_adapter": adapter})
     return samples
+
+
+# A user turn's text that no real prompt contains: where it lands in the rendered template splits the framing.
+_MARKER = "lora-sample-prompt-marker"
+
+
+def _user_turn_framing(tokenizer: Any) -> tuple[str, str]:
+    """What the chat template writes before and after a lone user turn's text (ready for the answer), decoded as
+    the prompts are: SmolLM2's template, say, adds a default system prompt and the role names. ``("", "")`` when
+    the tokenizer has no template or the marker does not survive it."""
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": _MARKER}], tokenize=False,
+                                             add_generation_prompt=True)
+        decoded = tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"], skip_special_tokens=True)
+    except Exception:  # no chat template, or one that refuses a lone user turn: show the prompt as decoded
+        return "", ""
+    before, found, after = decoded.partition(_MARKER)
+    return (before.strip(), after.strip()) if found else ("", "")
+
+
+def _unframed(prompt: str, before: str, after: str) -> str:
+    """``prompt`` without the template's framing, where it has exactly that framing (a multi-turn prompt keeps its
+    earlier turns as rendered)."""
+    text = prompt.strip()
+    if before and text.startswith(before):
+        text = text[len(before):]
+    if after and text.endswith(after):
+        text = text[:-len(after)]
+    return text.strip()

@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -173,7 +174,7 @@ def write_model_card(adapter_dir: Path, spec: LoRASpec, summary: dict[str, Any])
         f"A LoRA adapter for `{spec.base_model}`, fine-tuned on `{spec.dataset}` with airflow-provider-lora. Load it "
         "with peft: `PeftModel.from_pretrained(base_model, \"<this directory>\")`.", "",
         "## Results", "", _table(results_rows), "",
-        f"![training loss](../{CHART_PNG})", "",
+        f"![training loss]({CHART_PNG})", "",  # beside the card: finish() copies the chart into the adapter
         *answers,
         "## Training", "", _table(rows), "",
         "## Framework versions", "", versions, ""])
@@ -201,6 +202,9 @@ def finish(spec: LoRASpec, run_dir: Path, summary: dict[str, Any], history: list
     results.draw_loss_chart(history, title=title, png_path=run_dir / CHART_PNG, html_path=run_dir / CHART_HTML,
                             samples=summary.get("samples"))
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
+    # The card links the chart beside it, so the adapter directory carries its own copy: the link then resolves
+    # wherever the directory goes alone (KFP's model artifact, a Hugging Face Hub upload), not only in the run.
+    shutil.copyfile(run_dir / CHART_PNG, run_dir / ADAPTER_DIR / CHART_PNG)
     write_model_card(run_dir / ADAPTER_DIR, spec, summary)
     artifacts = storage.publish_run(run_dir, spec.output_uri, overwrite=spec.overwrite_output,
                                     exclude=(CHECKPOINTS_DIR, STAGED_DATA_DIR))

@@ -40,6 +40,7 @@ from lora_trainer import data as data_lib
 from lora_trainer import export
 from lora_trainer import model as model_lib
 from lora_trainer import oom as oom_lib
+from lora_trainer import tracking
 
 
 def log(message: str) -> None:
@@ -71,15 +72,23 @@ def run(spec: LoRASpec, work_dir: str | Path | None = None) -> Outcome:
     if own is not None:  # a retry whose earlier try already published this run
         _hand_back(own)
         return Outcome(own.summary, None, None)
+    tracker = tracking.connect(spec, state.is_main_process, log)  # MLflow (rank 0): installed and reachable
     run_dir = _run_dir(spec, work_dir)
     setup = _check_machine(spec, state)
     checked = _check_data(spec, run_dir)
     # 2. load: the model, the data, the LoRA adapter
     loaded = _load(spec, setup, state, run_dir, checked)
-    # 3. train
-    trained = _train(spec, setup, loaded, state, run_dir)
-    # 4. export (rank 0): summary, adapter, merged model, the published run, the result line
-    summary = _export(spec, trained.setup, loaded, trained, run_dir, started)
+    try:
+        if tracker is not None:
+            tracker.start(spec)
+        # 3. train
+        trained = _train(spec, setup, loaded, state, run_dir, tracker)
+        # 4. export (rank 0): summary, adapter, merged model, the published run, the result line
+        summary = _export(spec, trained.setup, loaded, trained, run_dir, started, tracker)
+    except BaseException as exc:  # the MLflow run says the training failed (or was stopped) instead of running on
+        if tracker is not None:
+            tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
     _close(state)
     return Outcome(summary or {}, loaded.model, loaded.tokenizer)
 
@@ -261,7 +270,8 @@ class _Trained:
     setup: _Setup  # as training ended: with what running out of memory changed
 
 
-def _train(spec: LoRASpec, setup: _Setup, loaded: _Loaded, state: Any, run_dir: Path) -> _Trained:
+def _train(spec: LoRASpec, setup: _Setup, loaded: _Loaded, state: Any, run_dir: Path,
+           tracker: tracking.Tracker | None = None) -> _Trained:
     """Train with trl's SFTTrainer, resuming from a checkpoint when asked; metrics.jsonl grows as it goes. Out of
     memory, one process goes on with half the micro-batch (_after_out_of_memory)."""
     from trl import SFTTrainer
@@ -271,6 +281,8 @@ def _train(spec: LoRASpec, setup: _Setup, loaded: _Loaded, state: Any, run_dir: 
     remote_checkpoints = _sync_remote_checkpoints(spec, state, checkpoint_dir, metrics_path)
     callback = MetricsCallback(metrics_path, append=spec.resume_from_checkpoint is not None)
     callbacks = [callback] + ([CheckpointUpload(remote_checkpoints, metrics_path)] if remote_checkpoints else [])
+    if tracker is not None:  # one callback for every try below (report_to stays "none": it would make new ones)
+        callbacks.append(tracker.callback())
     resume_from = _resume_checkpoint(spec, checkpoint_dir)
     initial = oom_lib.trainable_state(loaded.model) if state.num_processes == 1 else None
     while True:
@@ -382,7 +394,7 @@ def _sync_remote_checkpoints(spec: LoRASpec, state: Any, checkpoint_dir: Path, m
 # ---- 4. export -----------------------------------------------------------------------------------------------------
 
 def _export(spec: LoRASpec, setup: _Setup, loaded: _Loaded, trained: _Trained, run_dir: Path,
-            started: float) -> dict[str, Any] | None:
+            started: float, tracker: tracking.Tracker | None = None) -> dict[str, Any] | None:
     """Rank 0 writes the summary, the adapter (saved by every rank: a collective under DDP) and the merged model,
     publishes the run and hands back its result; returns the summary (None on other ranks)."""
     trainer, rows = trained.trainer, trained.metrics.rows
@@ -399,6 +411,8 @@ def _export(spec: LoRASpec, setup: _Setup, loaded: _Loaded, trained: _Trained, r
         summary["gradient_checkpointing"] = setup.gradient_checkpointing
         summary[OOM_ADJUSTMENTS_KEY] = setup.oom_adjustments
         summary["samples"] = _samples(spec, trainer.model, loaded)
+        if tracker is not None:  # written into summary.json below, so downstream tasks find the run
+            summary[tracking.SUMMARY_KEY] = tracker.reference()
     trainer.save_model(str(run_dir / ADAPTER_DIR))  # collective under DDP; writes on rank 0 only
     if trainer.is_world_process_zero():
         # The loader sets its own model_max_length (max_seq_len) and padding side: save the base tokenizer's.
@@ -412,6 +426,8 @@ def _export(spec: LoRASpec, setup: _Setup, loaded: _Loaded, trained: _Trained, r
             f"{summary['train_runtime_seconds']:.1f}s; artifacts at {spec.output_uri}")
         if trained.remote_checkpoints:  # the run is published: its checkpoints have served their purpose
             storage.remove_tree(trained.remote_checkpoints)
+        if tracker is not None:
+            tracker.finish(summary, run_dir)
         _hand_back(RunResult(summary, rows, artifacts))
     return summary
 
@@ -612,7 +628,7 @@ def main_entry(spec: LoRASpec, work_dir: str | None = None) -> int:
     try:
         run(spec, work_dir)
     except (data_lib.DataError, model_lib.ModelError, CheckpointError, storage.OutputExistsError,
-            storage.OutputNotWritableError) as exc:
+            storage.OutputNotWritableError, tracking.TrackingError) as exc:
         print(f"{ERROR_PREFIX}{exc}", file=sys.stderr, flush=True)
         return 2
     except oom_rule.OutOfMemoryAtMicroBatch1 as exc:
