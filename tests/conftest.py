@@ -30,3 +30,4 @@ from tests.fixtures.airflow import airflow_db, k8s_emu  # noqa: E402,F401
 from tests.k8s.fixtures import k8s_cluster  # noqa: E402,F401
 from tests.fixtures.tiny_model import tiny_model_dir  # noqa: E402,F401
 from tests.fixtures.airflow_services import airflow_services  # noqa: E402,F401
+from tests.fixtures.mlflow import mlflow_server  # noqa: E402,F401

@@ -4,21 +4,17 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
+import os
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from airflow_provider_lora.core.spec import MLFLOW_DEFAULT_EXPERIMENT, LoRASpec, SpecError
+from tests.fixtures.airflow_services import free_port
 from tests.trainer_helpers import arithmetic_rows, history, make_spec, write_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
-# The server's own venv (make .venv-mlflow): full mlflow needs pyarrow<26, which the main venv pins past.
-MLFLOW_SERVER = ROOT / ".venv-mlflow" / "bin" / "mlflow"
 
 
 # ---- the spec -------------------------------------------------------------------------------------------------------
@@ -115,7 +111,7 @@ def test_unreachable_server_fails_early_with_the_uri(monkeypatch):
     from lora_trainer import tracking
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's default retries take minutes
-    spec = LoRASpec.parse({"mlflow_tracking_uri": f"http://127.0.0.1:{_free_port()}"})
+    spec = LoRASpec.parse({"mlflow_tracking_uri": f"http://127.0.0.1:{free_port()}"})
     started = time.monotonic()
     with pytest.raises(tracking.TrackingError) as caught:
         tracking.connect(spec, is_main_process=True, log=print)
@@ -133,57 +129,14 @@ def test_the_trainer_stops_before_loading_with_exit_code_2(monkeypatch, tiny_mod
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(16))
     output = tmp_path / "run"
-    spec = make_spec(tiny_model_dir, data, output, mlflow_tracking_uri=f"http://127.0.0.1:{_free_port()}")
+    spec = make_spec(tiny_model_dir, data, output, mlflow_tracking_uri=f"http://127.0.0.1:{free_port()}")
     assert main_entry(spec) == 2
     [line] = [l for l in capsys.readouterr().err.splitlines() if l.startswith(ERROR_PREFIX)]
     assert "mlflow_tracking_uri=" in line and "reachable from the trainer" in line
     assert not (output / "metrics.jsonl").exists() and not (output / "adapter").exists()
 
 
-# ---- a real server ---------------------------------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """``mlflow server`` with a SQLite backend and a local artifact store, on a free port of 127.0.0.1."""
-    if not MLFLOW_SERVER.exists():
-        pytest.skip(f"{MLFLOW_SERVER.relative_to(ROOT)} is missing: `make .venv-mlflow/.installed` (make test "
-                    "builds it) installs the MLflow server these tests run")
-    home = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    log = (home / "server.log").open("w")
-    server = subprocess.Popen(
-        [str(MLFLOW_SERVER), "server", "--backend-store-uri", f"sqlite:///{home}/mlflow.db", "--artifacts-destination",
-         str(home / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=home)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start: {(home / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield uri
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
-
+# ---- a real server (tests/fixtures/mlflow.py) -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def tracked_run(mlflow_server, tiny_model_dir, tmp_path_factory):
@@ -195,7 +148,9 @@ def tracked_run(mlflow_server, tiny_model_dir, tmp_path_factory):
     spec = make_spec(tiny_model_dir, data, output, num_epochs=2, eval_fraction=0.25, eval_steps=3, lora_r=4,
                      lora_alpha=8, sample_prompts=0, mlflow_tracking_uri=mlflow_server,
                      mlflow_experiment="lora-tests")
+    environment_before = os.environ.get("MLFLOW_TRACKING_URI")
     outcome = run(spec)
+    assert os.environ.get("MLFLOW_TRACKING_URI") == environment_before  # mlflow.set_tracking_uri's write undone
     return output, outcome
 
 

@@ -1,6 +1,7 @@
 """What a finished run hands back, and where it lands, with every results feature on at once: held-out evaluation
 every few steps, before/after answers, the model card, the adapter's asset event, OpenLineage events (the real
-listener of apache-airflow-providers-openlineage, writing through its file transport) and MLflow tracking.
+listener of apache-airflow-providers-openlineage, writing through its file transport) and MLflow tracking (a real
+`mlflow server`, read back through its client).
 
 The DAG runs by dag.test() in a subprocess: the OpenLineage listener is a plugin that Airflow registers only when a
 transport is configured at start, which this test process (shared with other tests) is not.
@@ -25,6 +26,7 @@ pytest.importorskip("airflow.providers.openlineage", reason="the OpenLineage pro
 DAG_ID = "lora_results_delivery"
 ALIAS = "lora-adapters"
 NAMESPACE = "lora-tests"  # the OpenLineage job namespace the run reports under
+EXPERIMENT = "lora-results-delivery"  # the MLflow experiment
 
 DAG_SCRIPT = '''\
 import datetime, json, sys
@@ -54,12 +56,12 @@ def _lineage_events(path: Path) -> list[dict]:
 @pytest.mark.slow
 @airflow3_only
 @local_trainer
-def test_a_run_with_every_results_feature_on(airflow_db, tiny_model_dir, tmp_path):
+def test_a_run_with_every_results_feature_on(airflow_db, tiny_model_dir, mlflow_server, tmp_path):
     dataset = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(40))
     kwargs = {**FAST, "base_model": str(tiny_model_dir), "dataset": str(dataset),
               "output_uri": str(tmp_path / "out") + "/{{ run_id }}",  # START already names the rendered location
               "max_steps": 6, "eval_fraction": 0.25, "eval_steps": 2, "sample_prompts": 2,
-              "sample_max_new_tokens": 6}
+              "sample_max_new_tokens": 6, "mlflow_tracking_uri": mlflow_server, "mlflow_experiment": EXPERIMENT}
     script = tmp_path / "run_dag.py"
     script.write_text(DAG_SCRIPT.format(dag_id=DAG_ID, alias=ALIAS, kwargs=kwargs))
     lineage_file = tmp_path / "openlineage.jsonl"
@@ -121,3 +123,23 @@ def test_a_run_with_every_results_feature_on(airflow_db, tiny_model_dir, tmp_pat
     assert facet["figures"]["best_eval_step"] == summary["best_eval_step"]
     assert facet["adapter"] == str(adapter)
     assert "figures" not in by_type["START"]["run"]["facets"]["loraTraining"]  # nothing measured yet
+
+    # 6. MLflow: the run named in the summary (and so in XCom), read back through MLflow's client: the spec's
+    # parameters, every logged step, each evaluation, the final figures, the adapter with its model card and the chart.
+    from mlflow import MlflowClient
+
+    tracked = summary["mlflow"]
+    assert (tracked["experiment"], tracked["tracking_uri"]) == (EXPERIMENT, mlflow_server)
+    client = MlflowClient(tracking_uri=mlflow_server)
+    mlflow_run = client.get_run(tracked["run_id"])
+    assert mlflow_run.info.status == "FINISHED" and mlflow_run.info.run_name == f"{DAG_ID}.train"
+    assert mlflow_run.data.tags["airflow.run_id"] == ran["run_id"]
+    assert mlflow_run.data.params["spec.eval_steps"] == "2" and mlflow_run.data.params["spec.sample_prompts"] == "2"
+    losses = sorted(client.get_metric_history(tracked["run_id"], "loss"), key=lambda m: m.step)
+    assert [m.step for m in losses] == [row["step"] for row in result["history"] if "loss" in row]
+    eval_losses = sorted(client.get_metric_history(tracked["run_id"], "eval_loss"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in eval_losses] == [(row["step"], pytest.approx(row["eval_loss"])) for row in evals]
+    assert mlflow_run.data.metrics["best_eval_step"] == summary["best_eval_step"]
+    assert {"adapter/README.md", "adapter/loss_chart.png", "adapter/adapter_model.safetensors"} <= {
+        a.path for a in client.list_artifacts(tracked["run_id"], "adapter")}
+    assert "loss_chart.png" in {a.path for a in client.list_artifacts(tracked["run_id"])}

@@ -73,14 +73,14 @@ def summarize(spec: LoRASpec, *, run_dir: Path, train_output: Any, history: list
         "data": data_stats,
         "versions": _versions(),
         "spec": redacted_spec(spec),
-        "task": _task(),
+        "task": launching_task(),
     }
 
 
 redacted_spec = results.redacted_spec
 
 
-def _task() -> dict[str, Any] | None:
+def launching_task() -> dict[str, Any] | None:
     """The task instance that launched this run (the launcher sets TASK_ENV), so that a retry of that task
     recognises the run as its own instead of refusing the output it already published."""
     try:

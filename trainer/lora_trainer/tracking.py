@@ -17,15 +17,16 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from airflow_provider_lora.core.contract import (ADAPTER_DIR, CHART_HTML, CHART_PNG, METRICS_FILE, SUMMARY_FILE,
-                                                 TASK_ENV)
+from airflow_provider_lora.core.contract import ADAPTER_DIR, CHART_HTML, CHART_PNG, METRICS_FILE, SUMMARY_FILE
 from airflow_provider_lora.core.spec import MLFLOW_CREDENTIALS_HINT, MLFLOW_DEFAULT_EXPERIMENT, LoRASpec, redact_uri
+from lora_trainer.export import launching_task
 
 SUMMARY_KEY = "mlflow"  # summary.json[SUMMARY_KEY]: {"run_id", "experiment_id", "experiment", "tracking_uri"}
 # summary.json figures logged as metrics at the end (the per-step ones come from MLflowCallback).
 FINAL_METRICS = ("final_loss", "min_loss", "first_loss", "final_eval_loss", "min_eval_loss", "best_eval_step",
                  "global_step", "epochs", "tokens", "train_runtime_seconds", "tokens_per_second", "wall_seconds",
                  "peak_memory_bytes", "trainable_parameters", "total_parameters")
+URI_ENV = "MLFLOW_TRACKING_URI"  # MLflow's own variable, read when the spec sets no URI
 SPEC_PARAM_PREFIX = "spec."  # the spec's fields, apart from TrainingArguments' own names the callback logs
 
 
@@ -37,8 +38,8 @@ def settings(spec: LoRASpec) -> tuple[str, str, str] | None:
     """(tracking URI, experiment name, where the URI came from), or None when tracking is off."""
     if spec.mlflow_tracking_uri:
         uri, source = spec.mlflow_tracking_uri, "mlflow_tracking_uri"
-    elif os.environ.get("MLFLOW_TRACKING_URI"):
-        uri, source = os.environ["MLFLOW_TRACKING_URI"], "the MLFLOW_TRACKING_URI environment variable"
+    elif os.environ.get(URI_ENV):
+        uri, source = os.environ[URI_ENV], f"the {URI_ENV} environment variable"
     else:
         return None
     experiment = spec.mlflow_experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or MLFLOW_DEFAULT_EXPERIMENT
@@ -49,12 +50,14 @@ class Tracker:
     """One MLflow run: connected (experiment set) before the model loads, started before training, ended after the
     run is published (FINISHED) or when anything fails (FAILED)."""
 
-    def __init__(self, mlflow: Any, uri: str, experiment: Any, log: Callable[[str], None]):
+    def __init__(self, mlflow: Any, uri: str, experiment: Any, log: Callable[[str], None],
+                 environment_before: str | None):
         self.mlflow, self.uri, self.experiment, self.log = mlflow, uri, experiment, log
+        self.environment_before = environment_before  # MLFLOW_TRACKING_URI before connect(), put back at the end
         self.run_id: str | None = None
 
     def start(self, spec: LoRASpec) -> None:
-        task = _task()
+        task = launching_task() or {}
         name = (f"{task['dag_id']}.{task['task_id']}" if task.get("dag_id") and task.get("task_id")
                 else Path(spec.output_uri.rstrip("/")).name or None)
         tags = {"airflow_provider_lora.output_uri": spec.output_uri, "airflow_provider_lora.base_model":
@@ -100,6 +103,8 @@ class Tracker:
             self.log(f"WARNING: MLflow: the run is trained and published, but logging it to {redact_uri(self.uri)} "
                      f"failed ({type(exc).__name__}: {exc}); MLflow run {self.run_id} is marked FAILED")
             self.end("FAILED")
+        finally:
+            _restore_environment(self.environment_before)
 
     def end(self, status: str) -> None:
         """End the run (if one was started) with ``status``; never raises, the caller is already failing."""
@@ -109,6 +114,8 @@ class Tracker:
                 self.mlflow.end_run(status)
         except Exception as exc:
             self.log(f"WARNING: MLflow: could not end run {self.run_id} ({type(exc).__name__}: {exc})")
+        finally:
+            _restore_environment(self.environment_before)
 
 
 def connect(spec: LoRASpec, is_main_process: bool, log: Callable[[str], None]) -> Tracker | None:
@@ -125,16 +132,27 @@ def connect(spec: LoRASpec, is_main_process: bool, log: Callable[[str], None]) -
         raise TrackingError(f"MLflow tracking is set ({source}={redact_uri(uri)!r}) but mlflow is not installed "
                             f"here ({exc}): install the extra airflow-provider-lora[mlflow] in the training image, "
                             "or leave mlflow_tracking_uri unset") from None
-    mlflow.set_tracking_uri(uri)
+    environment_before = os.environ.get(URI_ENV)
+    mlflow.set_tracking_uri(uri)  # also sets URI_ENV, for subprocesses; put back when the run ends
     try:
         experiment = mlflow.set_experiment(name)
     except Exception as exc:
+        _restore_environment(environment_before)
         raise TrackingError(
             f"{source}={redact_uri(uri)!r}: the MLflow tracking server did not accept experiment {name!r} "
             f"({type(exc).__name__}: {str(exc)[:300]}); check that the server runs and is reachable from the trainer, "
             f"the URI, and the credentials: {MLFLOW_CREDENTIALS_HINT}") from None
     log(f"MLflow: tracking to {redact_uri(uri)}, experiment {name!r} (id {experiment.experiment_id})")
-    return Tracker(mlflow, uri, experiment, log)
+    return Tracker(mlflow, uri, experiment, log, environment_before)
+
+
+def _restore_environment(value: str | None) -> None:
+    """Put MLFLOW_TRACKING_URI back as it was before connect(): mlflow.set_tracking_uri writes it into os.environ,
+    where a later run in the same process (or a subprocess it starts) would take it for its own setting."""
+    if value is None:
+        os.environ.pop(URI_ENV, None)
+    else:
+        os.environ[URI_ENV] = value
 
 
 def _spec_params(spec: LoRASpec) -> dict[str, Any]:
@@ -151,12 +169,3 @@ def _param(value: Any) -> str:
     # MLflow keeps at most 6000 characters of a parameter (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH).
     text = value if isinstance(value, str) else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return text[:6000]
-
-
-def _task() -> dict[str, Any]:
-    """The Airflow task instance that launched the run (TASK_ENV), for the run's name and tags."""
-    try:
-        task = json.loads(os.environ.get(TASK_ENV) or "null")
-    except ValueError:
-        return {}
-    return task if isinstance(task, dict) else {}

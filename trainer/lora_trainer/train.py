@@ -73,12 +73,12 @@ def run(spec: LoRASpec, work_dir: str | Path | None = None) -> Outcome:
         _hand_back(own)
         return Outcome(own.summary, None, None)
     tracker = tracking.connect(spec, state.is_main_process, log)  # MLflow (rank 0): installed and reachable
-    run_dir = _run_dir(spec, work_dir)
-    setup = _check_machine(spec, state)
-    checked = _check_data(spec, run_dir)
-    # 2. load: the model, the data, the LoRA adapter
-    loaded = _load(spec, setup, state, run_dir, checked)
     try:
+        run_dir = _run_dir(spec, work_dir)
+        setup = _check_machine(spec, state)
+        checked = _check_data(spec, run_dir)
+        # 2. load: the model, the data, the LoRA adapter
+        loaded = _load(spec, setup, state, run_dir, checked)
         if tracker is not None:
             tracker.start(spec)
         # 3. train
@@ -86,7 +86,7 @@ def run(spec: LoRASpec, work_dir: str | Path | None = None) -> Outcome:
         # 4. export (rank 0): summary, adapter, merged model, the published run, the result line
         summary = _export(spec, trained.setup, loaded, trained, run_dir, started, tracker)
     except BaseException as exc:  # the MLflow run says the training failed (or was stopped) instead of running on
-        if tracker is not None:
+        if tracker is not None:  # (before start(), end() only puts the environment back)
             tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     _close(state)
@@ -540,7 +540,7 @@ def _fetch_remote_checkpoint(remote: str, checkpoint_dir: Path, metrics_path: Pa
 def _own_published_run(spec: LoRASpec) -> RunResult | None:
     """The run at ``spec.output_uri`` when the task instance that launched this process (TASK_ENV) published it
     from the same spec."""
-    task = export._task()
+    task = export.launching_task()
     if task is None:
         return None
     try:
