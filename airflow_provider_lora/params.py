@@ -29,7 +29,7 @@ OPTIONAL_TEXT = ("envs", "metadata_labels", "metadata_annotations", "lora_target
 _TITLE_WORDS = {"lora": "LoRA", "bnb": "bitsandbytes", "4bit": "4-bit", "8bit": "8-bit", "gpu": "GPU", "cpu": "CPU",
                 "lr": "LR", "fsdp": "FSDP", "rslora": "rsLoRA", "dora": "DoRA", "uri": "URI", "seq": "sequence",
                 "len": "length", "num": "number of", "procs": "processes", "envs": "environment variables",
-                "dtype": "dtype", "liger": "Liger"}
+                "dtype": "dtype", "liger": "Liger", "mlflow": "MLflow"}
 
 
 def title(name: str) -> str:
