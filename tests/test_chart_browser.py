@@ -68,7 +68,7 @@ def test_loss_chart_in_headless_chromium(tmp_path):
     assert seen["legend"] == ["training loss", "training loss (EMA 0.9)", "eval loss", "learning rate"]
     assert seen["train_points"] == STEPS and seen["eval_points"] == EPOCHS
     assert seen["smooth_line"] == 1 and seen["lr_line"] == 1
-    assert seen["table_rows"] == len(history)
+    assert len(seen["table_steps"]) == len(history)
     assert seen["tip_hidden_before"] is True
 
     # Hovering a training point shows that step's values, and the page rings the point that was hovered.
@@ -141,7 +141,7 @@ def test_eval_series_and_before_after_answers_in_headless_chromium(tmp_path):
     tip = seen["tooltips"][0]["text"]
     assert tip[0] == f"step {evals[hover_eval]['step']} · epoch {evals[hover_eval]['epoch']:.2f}"
     assert f"eval loss {evals[hover_eval]['eval_loss']:.4f}" in tip
-    assert seen["table_rows"] == len(history)  # the table of logged values holds the eval rows too
+    assert len(seen["table_steps"]) == len(history)  # the table of logged values holds the eval rows too
 
     # The before/after table, right under the chart: every answer as text (markup and entities as typed, no element
     # parsed out of them), every row shown, and nothing wider than the page.

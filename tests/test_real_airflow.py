@@ -341,7 +341,7 @@ def test_the_task_instance_page_shows_the_chart_link_and_the_loss_chart_tab(airf
     assert table["headers"] == ["prompt", "expected", "base model", "with the adapter"]
     assert [row["cells"] for row in table["rows"]] == [
         [_as_parsed(s[k]) for k in ("prompt", "expected", "base", "with_adapter")] for s in samples]
-    assert all(row["visible"] and row["height"] > 20 for row in table["rows"])
+    assert all(row["visible"] and row["box"]["height"] > 20 for row in table["rows"])
     assert table["elements_in_cells"] == []
 
     # Another task of the run: the tab answers, without a chart.

@@ -3,7 +3,7 @@
 //   HOVERS_JSON: [{"selector": "#train-points use", "index": 40}, ...]; each element is hovered at its centre, in
 //   order, and the tooltip's text read; the screenshot is taken while the last one is hovered.
 //   SHOT_TO: the screenshot runs from the top of the page to the bottom of this element (default: the figure).
-import { guardedContext, launchChromium } from "./common.mjs";
+import { guardedContext, launchChromium, readChartPage } from "./common.mjs";
 import { pathToFileURL } from "node:url";
 
 const [page_path, shot_path, hovers_json, shot_to = "figure"] = process.argv.slice(2);
@@ -22,56 +22,17 @@ try {
   page.on("requestfailed", (req) => result.failed.push(`${req.url()} ${req.failure()?.errorText}`));
 
   await page.goto(url, { waitUntil: "load" });
-  Object.assign(result, await page.evaluate(() => {
-    const comments = (root) => {  // matplotlib writes each text as glyph paths after a comment holding the text
-      const walker = document.createTreeWalker(root, NodeFilter.SHOW_COMMENT), out = [];
-      while (walker.nextNode()) out.push(walker.currentNode.data.trim());
-      return out;
-    };
-    const legend = document.querySelector("svg #legend");
-    return {
-      title: document.title,
-      heading: document.querySelector("h1")?.textContent,
-      svg: document.querySelectorAll("figure > svg").length,
-      legend: legend ? comments(legend) : [],
-      train_points: document.querySelectorAll("#train-points use").length,
-      eval_points: document.querySelectorAll("#eval-loss use").length,
-      smooth_line: document.querySelectorAll("#train-smooth path").length,
-      lr_line: document.querySelectorAll("#learning-rate path").length,
-      table_rows: document.querySelectorAll("table:not(.samples) tbody tr").length,
-      tip_hidden_before: document.getElementById("tip")?.hidden ?? null,
-      // Where each eval marker is drawn, in CSS px: the series must follow the eval losses it plots.
-      eval_centres: [...document.querySelectorAll("#eval-loss use")].map((use) => {
-        const r = use.getBoundingClientRect();
-        return [r.x + r.width / 2, r.y + r.height / 2];
-      }),
-      figure_box: (({ x, y, width, height }) => ({ x, y, width, height }))(
-        document.querySelector("figure").getBoundingClientRect()),
-      page_width: document.scrollingElement.scrollWidth,
-      samples: samplesTable(),
-    };
-
-    // The before/after table as a reader sees it: its heading, header cells, and each row's cells (rendered text,
-    // whether it is visible, its box); elements parsed out of the answers (none may be: they are text).
-    function samplesTable() {
-      const table = document.querySelector("table.samples");
-      if (!table) return null;
-      const box = (el) => (({ x, y, width, height }) => ({ x, y, width, height }))(el.getBoundingClientRect());
-      const heading = table.previousElementSibling;
-      return {
-        heading: heading?.tagName === "H2" ? heading.textContent : null,
-        headers: [...table.querySelectorAll("thead th")].map((th) => th.textContent),
-        rows: [...table.querySelectorAll("tbody tr")].map((tr) => ({
-          cells: [...tr.cells].map((td) => td.textContent),
-          visible: tr.checkVisibility(),
-          box: box(tr),
-        })),
-        box: box(table),
-        elements_in_cells: [...table.querySelectorAll("td *")].map((el) => el.tagName.toLowerCase())
-          .filter((tag) => tag !== "pre"),
-      };
-    }
-  }));
+  Object.assign(result, await page.evaluate(readChartPage), await page.evaluate(() => ({
+    title: document.title,
+    // Where each eval marker is drawn, in CSS px: the series must follow the eval losses it plots.
+    eval_centres: [...document.querySelectorAll("#eval-loss use")].map((use) => {
+      const r = use.getBoundingClientRect();
+      return [r.x + r.width / 2, r.y + r.height / 2];
+    }),
+    figure_box: (({ x, y, width, height }) => ({ x, y, width, height }))(
+      document.querySelector("figure").getBoundingClientRect()),
+    page_width: document.scrollingElement.scrollWidth,
+  })));
 
   // A viewport tall enough for the whole screenshot, set before hovering: a full-page capture would resize it
   // afterwards and the page would drop the hover it shows.

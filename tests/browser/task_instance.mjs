@@ -5,7 +5,7 @@
 //   node task_instance.mjs BASE_URL DAG_ID RUN_ID TASK_ID OTHER_TASK_ID SHOT_DIR
 // Screenshots in SHOT_DIR: details.png (the Details tab), tab.png (the Loss chart tab, hovering step 2),
 // no_chart.png (the tab on the other task).
-import { guardedContext, launchChromium } from "./common.mjs";
+import { guardedContext, launchChromium, readChartPage } from "./common.mjs";
 
 const [base_url, dag_id, run_id, task_id, other_task_id, shot_dir] = process.argv.slice(2);
 const TAB_TITLE = "Loss chart";
@@ -48,38 +48,7 @@ try {
   result.iframe_src = await iframe.getAttribute("src");
   const chart = page.frameLocator("iframe").first();
   await chart.locator("figure > svg").waitFor({ timeout: 30_000 });
-  result.chart = await chart.locator("body").evaluate(() => {
-    const comments = (root) => {  // matplotlib writes each text as glyph paths after a comment holding the text
-      const walker = document.createTreeWalker(root, NodeFilter.SHOW_COMMENT), out = [];
-      while (walker.nextNode()) out.push(walker.currentNode.data.trim());
-      return out;
-    };
-    const legend = document.querySelector("svg #legend");
-    const samples = document.querySelector("table.samples");
-    return {
-      heading: document.querySelector("h1")?.textContent ?? null,
-      svg: document.querySelectorAll("figure > svg").length,
-      legend: legend ? comments(legend) : [],
-      train_points: document.querySelectorAll("#train-points use").length,
-      eval_points: document.querySelectorAll("#eval-loss use").length,
-      smooth_line: document.querySelectorAll("#train-smooth path").length,
-      lr_line: document.querySelectorAll("#learning-rate path").length,
-      table_steps: [...document.querySelectorAll("table:not(.samples) tbody tr")]
-        .map((row) => row.cells[0]?.textContent.trim()),
-      tip_hidden_before: document.getElementById("tip")?.hidden ?? null,
-      // The before/after answers as the reader gets them: each row's cell texts, whether it is rendered, and any
-      // element parsed out of the answers (none may be: a prompt's markup is text).
-      samples: samples && {
-        heading: samples.previousElementSibling?.textContent ?? null,
-        headers: [...samples.querySelectorAll("thead th")].map((th) => th.textContent),
-        rows: [...samples.querySelectorAll("tbody tr")].map((tr) => ({
-          cells: [...tr.cells].map((td) => td.textContent), visible: tr.checkVisibility(),
-          height: tr.getBoundingClientRect().height })),
-        elements_in_cells: [...samples.querySelectorAll("td *")].map((el) => el.tagName.toLowerCase())
-          .filter((tag) => tag !== "pre"),
-      },
-    };
-  });
+  result.chart = await chart.locator("body").evaluate(readChartPage);
   // Hover a point: the chart's own script (allowed by the tab's CSP) shows its values.
   const hover = async (selector, index) => {
     const point = chart.locator(selector).nth(index);
