@@ -191,6 +191,15 @@ def test_num_epochs_and_checkpoint_at_epoch(base_run):
     assert outcome.summary["global_step"] == 2 * steps_per_epoch
     checkpoints = sorted((p.name for p in (output / "checkpoints").glob("checkpoint-*")), key=len)
     assert checkpoints == [f"checkpoint-{steps_per_epoch}", f"checkpoint-{2 * steps_per_epoch}"]
+    # The summary lists them with the held-out loss at their step (evaluated each epoch) and names the lowest.
+    eval_at = {row["step"]: row["eval_loss"] for row in history(output) if "eval_loss" in row}
+    listed = outcome.summary["checkpoints"]
+    assert [(c["name"], c["step"], c["eval_loss"]) for c in listed] == [
+        (name, int(name.split("-")[1]), eval_at[int(name.split("-")[1])]) for name in checkpoints]
+    best = min(listed, key=lambda c: c["eval_loss"])
+    assert outcome.summary["best_eval_checkpoint"] == best["name"]
+    assert best["step"] == outcome.summary["best_eval_step"]  # every evaluation fell on a checkpoint here
+    assert f"| checkpoint with the lowest held-out loss | {best['name']} |" in (output / "adapter/README.md").read_text()
 
 
 def test_packing_is_off_on_cpu_and_recorded(base_run):

@@ -51,6 +51,7 @@ def summarize(spec: LoRASpec, *, run_dir: Path, train_output: Any, history: list
         # Where the held-out loss was lowest: past it, more steps fitted the training rows, not the task.
         "best_eval_step": best_eval["step"] if best_eval else None,
         "best_eval_epoch": best_eval.get("epoch") if best_eval else None,
+        **checkpoint_figures(spec, run_dir / CHECKPOINTS_DIR, eval_rows),
         "global_step": train_output.global_step,
         "epochs": metrics.get("epoch"),
         "tokens": tokens,
@@ -88,6 +89,20 @@ def launching_task() -> dict[str, Any] | None:
     except ValueError:
         return None
     return task if isinstance(task, dict) else None
+
+
+def checkpoint_figures(spec: LoRASpec, checkpoint_dir: Path, eval_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """With checkpoint_at_epoch: each checkpoint the run saved (transformers' ``checkpoint-<step>`` directories),
+    oldest first, with the held-out loss measured at its step (None where no evaluation fell on it), and the name of
+    the one with the lowest: the one to go back to when later epochs fitted the training rows, not the task."""
+    if not spec.checkpoint_at_epoch:
+        return {"checkpoints": None, "best_eval_checkpoint": None}
+    at_step = {row["step"]: row["eval_loss"] for row in eval_rows}
+    steps = sorted(int(step) for path in checkpoint_dir.glob("checkpoint-*")
+                   if (step := path.name.removeprefix("checkpoint-")).isdigit())
+    saved = [{"name": f"checkpoint-{step}", "step": step, "eval_loss": at_step.get(step)} for step in steps]
+    best = min((c for c in saved if c["eval_loss"] is not None), key=lambda c: c["eval_loss"], default=None)
+    return {"checkpoints": saved, "best_eval_checkpoint": best["name"] if best else None}
 
 
 def _quantisation(spec: LoRASpec) -> dict[str, Any] | None:
@@ -160,6 +175,7 @@ def write_model_card(adapter_dir: Path, spec: LoRASpec, summary: dict[str, Any])
     results_rows = [(name, summary.get(key)) for name, key in (
         ("final training loss", "final_loss"), ("lowest training loss", "min_loss"),
         ("final held-out loss", "final_eval_loss"), ("lowest held-out loss", "min_eval_loss"),
+        ("checkpoint with the lowest held-out loss", "best_eval_checkpoint"),
         ("tokens trained", "tokens"), ("training time (s)", "train_runtime_seconds"),
         ("trainable parameters", "trainable_parameters")) if summary.get(key) is not None]
     versions = ", ".join(f"{name} {version}" for name, version in (summary.get("versions") or {}).items())
