@@ -193,7 +193,7 @@ def test_num_epochs_and_checkpoint_at_epoch(base_run):
     assert checkpoints == [f"checkpoint-{steps_per_epoch}", f"checkpoint-{2 * steps_per_epoch}"]
     # The summary lists them with the held-out loss at their step (evaluated each epoch) and names the lowest.
     eval_at = {row["step"]: row["eval_loss"] for row in history(output) if "eval_loss" in row}
-    listed = outcome.summary["checkpoints"]
+    listed = outcome.summary["saved_checkpoints"]
     assert [(c["name"], c["step"], c["eval_loss"]) for c in listed] == [
         (name, int(name.split("-")[1]), eval_at[int(name.split("-")[1])]) for name in checkpoints]
     best = min(listed, key=lambda c: c["eval_loss"])

@@ -96,13 +96,13 @@ def checkpoint_figures(spec: LoRASpec, checkpoint_dir: Path, eval_rows: list[dic
     oldest first, with the held-out loss measured at its step (None where no evaluation fell on it), and the name of
     the one with the lowest: the one to go back to when later epochs fitted the training rows, not the task."""
     if not spec.checkpoint_at_epoch:
-        return {"checkpoints": None, "best_eval_checkpoint": None}
+        return {"saved_checkpoints": None, "best_eval_checkpoint": None}
     at_step = {row["step"]: row["eval_loss"] for row in eval_rows}
     steps = sorted(int(step) for path in checkpoint_dir.glob("checkpoint-*")
                    if (step := path.name.removeprefix("checkpoint-")).isdigit())
     saved = [{"name": f"checkpoint-{step}", "step": step, "eval_loss": at_step.get(step)} for step in steps]
     best = min((c for c in saved if c["eval_loss"] is not None), key=lambda c: c["eval_loss"], default=None)
-    return {"checkpoints": saved, "best_eval_checkpoint": best["name"] if best else None}
+    return {"saved_checkpoints": saved, "best_eval_checkpoint": best["name"] if best else None}
 
 
 def _quantisation(spec: LoRASpec) -> dict[str, Any] | None:
