@@ -351,6 +351,24 @@ def test_resume_continues_the_step_count(tiny_model_dir, dataset, tmp_path):
     assert logged == list(range(1, 2 * steps + 1))  # the first epoch's rows kept, none repeated
 
 
+def test_resume_skips_a_checkpoint_cut_short(tiny_model_dir, dataset, tmp_path):
+    """A pod killed while saving leaves a newer checkpoint directory without trainer_state.json (transformers writes
+    it last); 'latest' resumes from the newest complete one instead of failing in transformers ("Can't find a valid
+    checkpoint"), and the summary does not list the cut one."""
+    output = tmp_path / "run"
+    first = train(tiny_model_dir, dataset, output, num_epochs=1, checkpoint_at_epoch=True)
+    steps = first.summary["global_step"]
+    cut = output / "checkpoints" / f"checkpoint-{steps + 1}"
+    cut.mkdir()
+    (cut / "adapter_model.safetensors").write_bytes(b"\0" * 64)  # what the kill left: the weights, half written
+    second = train(tiny_model_dir, dataset, output, num_epochs=2, checkpoint_at_epoch=True,
+                   resume_from_checkpoint="latest", overwrite_output=True)
+    assert second.summary["resumed_from"].endswith(f"checkpoint-{steps}")
+    assert second.summary["global_step"] == 2 * steps
+    assert [c["name"] for c in second.summary["saved_checkpoints"]] == [
+        f"checkpoint-{steps}", f"checkpoint-{2 * steps}"]
+
+
 def test_liger_on_cpu_is_rejected_before_loading(tiny_model_dir, dataset, tmp_path):
     from lora_trainer.model import ModelError
 

@@ -91,16 +91,28 @@ def launching_task() -> dict[str, Any] | None:
     return task if isinstance(task, dict) else None
 
 
+CHECKPOINT_STATE = "trainer_state.json"  # transformers writes it last into a checkpoint-<step> directory
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """The checkpoint-<step> directories in ``directory`` that were written to the end, oldest first. One without
+    CHECKPOINT_STATE was cut short (the pod was killed while saving it): resuming from it fails in transformers."""
+    found = [(int(step), path) for path in directory.glob("checkpoint-*")
+             if (step := path.name.removeprefix("checkpoint-")).isdigit() and (path / CHECKPOINT_STATE).is_file()]
+    return [path for _, path in sorted(found)]
+
+
 def checkpoint_figures(spec: LoRASpec, checkpoint_dir: Path, eval_rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """With checkpoint_at_epoch: each checkpoint the run saved (transformers' ``checkpoint-<step>`` directories),
-    oldest first, with the held-out loss measured at its step (None where no evaluation fell on it), and the name of
-    the one with the lowest: the one to go back to when later epochs fitted the training rows, not the task."""
+    """With checkpoint_at_epoch: each checkpoint the run saved, oldest first, with the held-out loss measured at its
+    step (None where no evaluation fell on it), and the name of the one with the lowest: the one to go back to
+    when later epochs fitted the training rows, not the task."""
     if not spec.checkpoint_at_epoch:
         return {"saved_checkpoints": None, "best_eval_checkpoint": None}
     at_step = {row["step"]: row["eval_loss"] for row in eval_rows}
-    steps = sorted(int(step) for path in checkpoint_dir.glob("checkpoint-*")
-                   if (step := path.name.removeprefix("checkpoint-")).isdigit())
-    saved = [{"name": f"checkpoint-{step}", "step": step, "eval_loss": at_step.get(step)} for step in steps]
+    saved = []
+    for path in complete_checkpoints(checkpoint_dir):
+        step = int(path.name.removeprefix("checkpoint-"))
+        saved.append({"name": path.name, "step": step, "eval_loss": at_step.get(step)})
     best = min((c for c in saved if c["eval_loss"] is not None), key=lambda c: c["eval_loss"], default=None)
     return {"saved_checkpoints": saved, "best_eval_checkpoint": best["name"] if best else None}
 

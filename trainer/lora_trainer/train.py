@@ -134,16 +134,15 @@ def _check_resume_path(spec: LoRASpec) -> None:
     if value is None or value == "latest":
         return
     path = Path(value.removeprefix("file://")).expanduser()
-    if (path / "trainer_state.json").is_file():
+    if (path / export.CHECKPOINT_STATE).is_file():
         return
     if not path.exists():
         reason = "no such file or directory"
     elif not path.is_dir():
         reason = "a file, not a checkpoint directory"
     else:
-        inner = sorted((p for p in path.glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
-                       key=lambda p: int(p.name.rsplit("-", 1)[-1]) if p.name.rsplit("-", 1)[-1].isdigit() else -1)
-        reason = "holds no checkpoint (no trainer_state.json)" + (
+        inner = export.complete_checkpoints(path)
+        reason = f"holds no checkpoint (no {export.CHECKPOINT_STATE})" + (
             f"; it holds checkpoint directories, the newest being {str(inner[-1])!r}" if inner else "")
     raise CheckpointError(f"resume_from_checkpoint={value!r}: {reason}; give a checkpoint-N directory, or 'latest'")
 
@@ -504,7 +503,8 @@ def _resume_checkpoint(spec: LoRASpec, checkpoint_dir: Path) -> str | None:
 
 
 def _latest_checkpoint(checkpoint_dir: Path) -> str | None:
-    checkpoints = sorted(checkpoint_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    """The newest checkpoint written to the end: a try killed while saving leaves a newer one cut short."""
+    checkpoints = export.complete_checkpoints(checkpoint_dir)
     return str(checkpoints[-1]) if checkpoints else None
 
 
