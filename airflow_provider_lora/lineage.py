@@ -30,8 +30,8 @@ from airflow_provider_lora.core.spec import LoRASpec
 HUB = "https://huggingface.co"
 RUN_FACET = "loraTraining"  # the run facet's key in the events
 # The summary figures the run facet carries (summary.json's names): what a lineage consumer compares runs by.
-FIGURES = ("first_loss", "final_loss", "min_loss", "final_eval_loss", "min_eval_loss", "best_eval_step",
-           "global_step", "epochs", "train_runtime_seconds", "trainable_parameters")
+FIGURES = ("first_loss", "final_loss", "min_loss", "base_eval_loss", "final_eval_loss", "min_eval_loss",
+           "best_eval_step", "global_step", "epochs", "train_runtime_seconds", "trainable_parameters")
 
 
 @define

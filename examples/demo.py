@@ -108,12 +108,11 @@ def main() -> int:
         print(f"  Q: {sample['prompt']}\n  expected:     {sample['expected']}\n  base model:   {sample['base']}\n"
               f"  with adapter: {sample['with_adapter']}\n", flush=True)
 
-    evals = [row["eval_loss"] for row in history if "eval_loss" in row]
     print("== result")
     print(f"loss        {losses[0]:.3f} -> {losses[-1]:.3f} over {summary['global_step']} steps  {sparkline(losses)}")
-    if evals:
-        print(f"eval loss   {evals[0]:.3f} -> {summary['final_eval_loss']:.3f} on the held-out rows, lowest "
-              f"{summary['min_eval_loss']:.3f} at step {summary['best_eval_step']}")
+    if summary.get("final_eval_loss") is not None:
+        print(f"eval loss   {summary['base_eval_loss']:.3f} (base model) -> {summary['final_eval_loss']:.3f} on the "
+              f"held-out rows, lowest {summary['min_eval_loss']:.3f} at step {summary['best_eval_step']}")
     print(f"exact match {before}/{total} before -> {after}/{total} after (held-out prompts)")
     print(f"training    {summary['train_runtime_seconds']:.0f} s in the trainer, {train_seconds:.0f} s for the DAG "
           f"run; whole demo {time.monotonic() - started:.0f} s")

@@ -26,9 +26,11 @@ PER_EPOCH = STEPS // EPOCHS
 
 
 def realistic_history(eval_every: int = PER_EPOCH) -> list[dict]:
-    """120 optimizer steps over 3 epochs, warm-up then linear decay, noisy falling loss, an eval row every
-    ``eval_every`` steps (the default: per epoch; the spec's eval_steps sets another interval)."""
-    rng, rows = random.Random(7), []
+    """120 optimizer steps over 3 epochs, warm-up then linear decay, noisy falling loss, an eval row before the first
+    step (the base model's, as the trainer logs it) and every ``eval_every`` steps (the default: per epoch; the
+    spec's eval_steps sets another interval)."""
+    rng = random.Random(7)
+    rows = [{"step": 0, "epoch": 0.0, "eval_loss": 2.3, "elapsed_seconds": 0.2}]
     for step in range(1, STEPS + 1):
         lr = 2e-4 * min(step / 10, (STEPS - step) / (STEPS - 10))
         loss = 0.9 + 1.6 * math.exp(-step / 30) + rng.gauss(0, 0.08)
@@ -51,7 +53,7 @@ def test_loss_chart_in_headless_chromium(tmp_path):
 
     train = [row for row in history if "loss" in row]
     evals = [row for row in history if "eval_loss" in row]
-    hover_train, hover_eval = 57, 1  # step 58, and the eval row at step 80
+    hover_train, hover_eval = 57, 2  # step 58, and the eval row at step 80 (after those at steps 0 and 40)
     hovers = [{"selector": "#train-points use", "index": hover_train},
               {"selector": "#eval-loss use", "index": hover_eval}]
     proc = subprocess.run(["node", "chart.mjs", str(page), str(shot), json.dumps(hovers)], cwd=BROWSER_DIR,
@@ -66,7 +68,7 @@ def test_loss_chart_in_headless_chromium(tmp_path):
     assert seen["svg"] == 1
     assert seen["title"] == seen["heading"] == TITLE
     assert seen["legend"] == ["training loss", "training loss (EMA 0.9)", "eval loss", "learning rate"]
-    assert seen["train_points"] == STEPS and seen["eval_points"] == EPOCHS
+    assert seen["train_points"] == STEPS and seen["eval_points"] == 1 + EPOCHS
     assert seen["smooth_line"] == 1 and seen["lr_line"] == 1
     assert len(seen["table_steps"]) == len(history)
     assert seen["tip_hidden_before"] is True
@@ -113,7 +115,7 @@ SAMPLES = [
      "base": "Yes, you can export your tickets to CSV. To do this, you will need to open the",
      "with_adapter": "Yes: Reports → Export → CSV; large exports are emailed to you."},
 ]
-EVAL_EVERY = 20  # eval_steps=20: six held-out evaluations over the 120 steps
+EVAL_EVERY = 20  # eval_steps=20: six held-out evaluations over the 120 steps, after the one at step 0
 
 
 def test_eval_series_and_before_after_answers_in_headless_chromium(tmp_path):
@@ -123,7 +125,7 @@ def test_eval_series_and_before_after_answers_in_headless_chromium(tmp_path):
     title = "SmolLM2-135M-Instruct · LoRA r=16 α=32 · support_tickets.jsonl"
     draw_loss_chart(history, title=title, png_path=png, html_path=page, samples=SAMPLES)
 
-    hover_eval = 3  # the eval at step 80
+    hover_eval = 4  # the eval at step 80
     proc = subprocess.run(["node", "chart.mjs", str(page), str(shot),
                            json.dumps([{"selector": "#eval-loss use", "index": hover_eval}]), "table.samples"],
                           cwd=BROWSER_DIR, capture_output=True, text=True, timeout=120)
@@ -133,7 +135,7 @@ def test_eval_series_and_before_after_answers_in_headless_chromium(tmp_path):
 
     # The eval series: in the legend, a marker per eval, evenly spaced along the steps (every 20), each lower on the
     # screen than the one before as the eval loss falls; hovering one shows its eval loss.
-    assert "eval loss" in seen["legend"] and seen["eval_points"] == len(evals) == STEPS // EVAL_EVERY
+    assert "eval loss" in seen["legend"] and seen["eval_points"] == len(evals) == 1 + STEPS // EVAL_EVERY
     xs, ys = zip(*seen["eval_centres"])
     gaps = [b - a for a, b in zip(xs, xs[1:])]
     assert min(gaps) > 40 and max(gaps) - min(gaps) < 1.5

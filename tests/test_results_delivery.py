@@ -78,10 +78,12 @@ def test_a_run_with_every_results_feature_on(airflow_db, tiny_model_dir, mlflow_
     adapter, output = Path(result["artifacts"]["adapter"]), Path(result["artifacts"]["root"])
     assert ran["run_id"] in str(output)
 
-    # 1. Held-out evaluation every 2 steps: in the history, the summary (best step) and the XCom return value.
+    # 1. Held-out evaluation before training (the base model's, step 0) and every 2 steps: in the history, the
+    # summary (best step) and the XCom return value.
     evals = [row for row in result["history"] if "eval_loss" in row]
-    assert [row["step"] for row in evals] == [2, 4, 6]
-    best = min(evals, key=lambda row: row["eval_loss"])
+    assert [row["step"] for row in evals] == [0, 2, 4, 6]
+    assert summary["base_eval_loss"] == evals[0]["eval_loss"] > summary["final_eval_loss"]
+    best = min(evals[1:], key=lambda row: row["eval_loss"])
     assert summary["min_eval_loss"] == best["eval_loss"] and summary["best_eval_step"] == best["step"]
     assert summary["final_eval_loss"] == evals[-1]["eval_loss"]
 

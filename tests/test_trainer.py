@@ -58,14 +58,18 @@ def test_loss_falls_and_every_step_is_recorded(base_run):
     assert train_rows[-1]["num_tokens"] > train_rows[0]["num_tokens"] > 0
 
 
-def test_eval_split_gives_eval_loss_each_epoch(base_run):
+def test_eval_split_gives_eval_loss_before_training_and_each_epoch(base_run):
     output, outcome = base_run
-    evals = [r for r in history(output) if "eval_loss" in r]
-    assert len(evals) == 2
+    before, *evals = [r for r in history(output) if "eval_loss" in r]
+    assert before["step"] == 0 and [r["epoch"] for r in evals] == [1.0, 2.0]
+    # Step 0 is the base model's held-out loss, kept apart from the adapter's figures.
+    assert outcome.summary["base_eval_loss"] == before["eval_loss"]
     best = min(evals, key=lambda r: r["eval_loss"])
     assert (outcome.summary["best_eval_step"], outcome.summary["best_eval_epoch"]) == (best["step"], best["epoch"])
     assert outcome.summary["data"]["eval_rows"] == 12 and outcome.summary["data"]["train_rows"] == 36
-    assert outcome.summary["final_eval_loss"] == evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert outcome.summary["final_eval_loss"] == evals[-1]["eval_loss"] < evals[0]["eval_loss"] < before["eval_loss"]
+    card = (output / "adapter/README.md").read_text()
+    assert f"| held-out loss of the base model | {before['eval_loss']} |" in card
 
 
 def test_published_run_is_complete_and_readable(base_run):
@@ -180,8 +184,8 @@ def test_eval_steps_evaluates_every_that_many_steps(tiny_model_dir, dataset, tmp
     output = tmp_path / "run"
     outcome = train(tiny_model_dir, dataset, output, max_steps=6, eval_fraction=0.25, eval_steps=2)
     evals = [r for r in history(output) if "eval_loss" in r]
-    assert [r["step"] for r in evals] == [2, 4, 6]
-    best = min(evals, key=lambda r: r["eval_loss"])
+    assert [r["step"] for r in evals] == [0, 2, 4, 6]  # step 0: the base model, before training
+    best = min(evals[1:], key=lambda r: r["eval_loss"])
     assert outcome.summary["best_eval_step"] == best["step"] and outcome.summary["min_eval_loss"] == best["eval_loss"]
 
 

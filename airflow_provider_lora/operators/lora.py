@@ -46,7 +46,8 @@ DEFER_TIMEOUT_PADDING = datetime.timedelta(minutes=5)
 XCOM_LAUNCHED = "launched"  # {"kind": "Pod" | "TrainJob", "name", "namespace"}
 # The figures an adapter's asset event carries (besides its adapter, run and base_model): enough for a downstream
 # DAG (evaluate, register, deploy) to decide without reading the run.
-ADAPTER_EVENT_FIGURES = ("final_loss", "min_loss", "final_eval_loss", "min_eval_loss", "global_step", "epochs")
+ADAPTER_EVENT_FIGURES = ("final_loss", "min_loss", "base_eval_loss", "final_eval_loss", "min_eval_loss", "global_step",
+                         "epochs")
 XCOM_PLAN = "plan"  # a dry run's preflight plan (lora-train --plan's JSON), with the manifest the training would create
 
 

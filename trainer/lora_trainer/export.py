@@ -28,7 +28,8 @@ def summarize(spec: LoRASpec, *, run_dir: Path, train_output: Any, history: list
     import torch
 
     losses = [r["loss"] for r in history if r.get("loss") is not None]
-    eval_rows = [r for r in history if r.get("eval_loss") is not None]
+    # The held-out figures of the adapter: evaluations after training started (step 0 is the base model's).
+    eval_rows = [r for r in history if r.get("eval_loss") is not None and r["step"] > 0]
     evals = [r["eval_loss"] for r in eval_rows]
     best_eval = min(eval_rows, key=lambda r: r["eval_loss"], default=None)
     metrics = train_output.metrics
@@ -46,6 +47,9 @@ def summarize(spec: LoRASpec, *, run_dir: Path, train_output: Any, history: list
         "final_loss": losses[-1] if losses else None,
         "min_loss": min(losses) if losses else None,
         "first_loss": losses[0] if losses else None,
+        # The held-out loss at step 0, before training: the base model's (the adapter starts as a no-op).
+        "base_eval_loss": next((r["eval_loss"] for r in history if r.get("eval_loss") is not None
+                                and r["step"] == 0), None),
         "final_eval_loss": evals[-1] if evals else None,
         "min_eval_loss": min(evals) if evals else None,
         # Where the held-out loss was lowest: past it, more steps fitted the training rows, not the task.
@@ -186,6 +190,7 @@ def write_model_card(adapter_dir: Path, spec: LoRASpec, summary: dict[str, Any])
             ("max sequence length", spec.max_seq_len), ("seed", spec.seed)]
     results_rows = [(name, summary.get(key)) for name, key in (
         ("final training loss", "final_loss"), ("lowest training loss", "min_loss"),
+        ("held-out loss of the base model", "base_eval_loss"),
         ("final held-out loss", "final_eval_loss"), ("lowest held-out loss", "min_eval_loss"),
         ("checkpoint with the lowest held-out loss", "best_eval_checkpoint"),
         ("tokens trained", "tokens"), ("training time (s)", "train_runtime_seconds"),

@@ -23,9 +23,9 @@ from lora_trainer.export import launching_task
 
 SUMMARY_KEY = "mlflow"  # summary.json[SUMMARY_KEY]: {"run_id", "experiment_id", "experiment", "tracking_uri"}
 # summary.json figures logged as metrics at the end (the per-step ones come from MLflowCallback).
-FINAL_METRICS = ("final_loss", "min_loss", "first_loss", "final_eval_loss", "min_eval_loss", "best_eval_step",
-                 "global_step", "epochs", "tokens", "train_runtime_seconds", "tokens_per_second", "wall_seconds",
-                 "peak_memory_bytes", "trainable_parameters", "total_parameters")
+FINAL_METRICS = ("final_loss", "min_loss", "first_loss", "base_eval_loss", "final_eval_loss", "min_eval_loss",
+                 "best_eval_step", "global_step", "epochs", "tokens", "train_runtime_seconds", "tokens_per_second",
+                 "wall_seconds", "peak_memory_bytes", "trainable_parameters", "total_parameters")
 URI_ENV = "MLFLOW_TRACKING_URI"  # MLflow's own variable, read when the spec sets no URI
 SPEC_PARAM_PREFIX = "spec."  # the spec's fields, apart from TrainingArguments' own names the callback logs
 

@@ -284,8 +284,13 @@ def _train(spec: LoRASpec, setup: _Setup, loaded: _Loaded, state: Any, run_dir: 
         callbacks.append(tracker.callback())
     resume_from = _resume_checkpoint(spec, checkpoint_dir)
     initial = oom_lib.trainable_state(loaded.model) if state.num_processes == 1 else None
+    # The held-out loss before the first step: the base model's (a new LoRA adapter changes nothing until it has
+    # trained), the figure the trained adapter is compared with. Once per run: not on a resumed run, whose history
+    # has it, nor on the tries after running out of memory.
+    eval_on_start = loaded.data.eval is not None and resume_from is None
     while True:
-        config = _sft_config(spec, setup, loaded, state, checkpoint_dir)
+        config = _sft_config(spec, setup, loaded, state, checkpoint_dir, eval_on_start)
+        eval_on_start = False
         trainer = SFTTrainer(model=loaded.model, args=config, train_dataset=loaded.data.train,
                              eval_dataset=loaded.data.eval, processing_class=loaded.tokenizer, callbacks=callbacks)
         trainer.remove_callback(PrinterCallback)  # our progress lines replace its raw dicts
@@ -331,7 +336,8 @@ def _after_out_of_memory(setup: _Setup, state: Any, report: str) -> _Setup:
                                oom_adjustments=[*setup.oom_adjustments, change])
 
 
-def _sft_config(spec: LoRASpec, setup: _Setup, loaded: _Loaded, state: Any, checkpoint_dir: Path) -> Any:
+def _sft_config(spec: LoRASpec, setup: _Setup, loaded: _Loaded, state: Any, checkpoint_dir: Path,
+                eval_on_start: bool = False) -> Any:
     """trl's SFTConfig for this spec, batch plan and machine."""
     from trl import SFTConfig
 
@@ -366,6 +372,7 @@ def _sft_config(spec: LoRASpec, setup: _Setup, loaded: _Loaded, state: Any, chec
         logging_first_step=True,
         eval_strategy="no" if loaded.data.eval is None else "steps" if spec.eval_steps else "epoch",
         eval_steps=spec.eval_steps,
+        eval_on_start=eval_on_start,
         save_strategy="epoch" if spec.checkpoint_at_epoch else "no",
         save_only_model=False,
         report_to="none",
