@@ -109,6 +109,11 @@ MLFLOW_CREDENTIALS_HINT = ("give credentials from a Kubernetes Secret instead: s
                            "'secret-name/key'} (or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)")
 
 
+def _untidy(text: str) -> bool:
+    """Whitespace at either end, or a control character: never meant in a name, path or URI."""
+    return text != text.strip() or any(ch < " " or ch == "\x7f" for ch in text)
+
+
 def redact_uri(uri: str) -> str:
     """``uri`` with any user:password@ replaced by ***@, for messages and logs."""
     return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1***@", uri)
@@ -116,7 +121,7 @@ def redact_uri(uri: str) -> str:
 
 def check_tracking_uri(uri: str) -> str | None:
     """Why ``uri`` cannot be an MLflow tracking URI for the trainer, or None when it can."""
-    if uri != uri.strip() or any(ch < " " or ch == "\x7f" for ch in uri):
+    if _untidy(uri):
         return "must not contain whitespace at either end or control characters"
     try:
         parts = urlsplit(uri)
@@ -456,7 +461,7 @@ class LoRASpec(BaseModel):
     def _experiment(cls, v: Optional[str]) -> Optional[str]:
         if v is None or v == "":
             return None
-        if v != v.strip() or any(ch < " " or ch == "\x7f" for ch in v):
+        if _untidy(v):
             raise _bad("mlflow_experiment", v, "an experiment name without control characters or whitespace at "
                                                "either end, such as 'support-bot-lora'")
         return v
@@ -489,7 +494,7 @@ class LoRASpec(BaseModel):
             if info.field_name == "base_model":
                 raise _bad("base_model", v, "give a Hugging Face model id (org/name) or a local/PVC model directory")
             return v
-        if v != v.strip() or any(ch < " " or ch == "\x7f" for ch in v):
+        if _untidy(v):
             raise _bad(info.field_name, v, "must not contain control characters or leading/trailing whitespace")
         if info.field_name == "base_model" and v.startswith("oci://"):
             raise _bad("base_model", v, "oci:// models (modelcars) are not supported; give a Hugging Face model id "

@@ -3,9 +3,8 @@
 The rows are the first of the eval split (``eval_fraction``), as the trainer tokenised them: the prompt is every
 token before the first answer token, the expected answer the first answer turn. The prompt is shown without the
 chat template's framing of a user turn (a default system prompt, role headers), as the user wrote it. Each prompt
-is answered twice,
-greedily and at most ``sample_max_new_tokens`` tokens: with the adapter, and with it disabled (peft's
-``disable_adapter``), which is the base model. A failure here never fails the run: the answers are a courtesy.
+is answered twice, greedily and at most ``sample_max_new_tokens`` tokens: with the adapter, and with it disabled
+(peft's ``disable_adapter``), which is the base model. A failure here never fails the run: the answers are a courtesy.
 """
 
 from __future__ import annotations

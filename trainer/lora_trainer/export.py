@@ -28,8 +28,9 @@ def summarize(spec: LoRASpec, *, run_dir: Path, train_output: Any, history: list
     import torch
 
     losses = [r["loss"] for r in history if r.get("loss") is not None]
-    # The held-out figures of the adapter: evaluations after training started (step 0 is the base model's).
-    eval_rows = [r for r in history if r.get("eval_loss") is not None and r["step"] > 0]
+    all_evals = [r for r in history if r.get("eval_loss") is not None]
+    # The adapter's held-out figures: evaluations after training started (step 0 is the base model's).
+    eval_rows = [r for r in all_evals if r["step"] > 0]
     evals = [r["eval_loss"] for r in eval_rows]
     best_eval = min(eval_rows, key=lambda r: r["eval_loss"], default=None)
     metrics = train_output.metrics
@@ -48,8 +49,7 @@ def summarize(spec: LoRASpec, *, run_dir: Path, train_output: Any, history: list
         "min_loss": min(losses) if losses else None,
         "first_loss": losses[0] if losses else None,
         # The held-out loss at step 0, before training: the base model's (the adapter starts as a no-op).
-        "base_eval_loss": next((r["eval_loss"] for r in history if r.get("eval_loss") is not None
-                                and r["step"] == 0), None),
+        "base_eval_loss": next((r["eval_loss"] for r in all_evals if r["step"] == 0), None),
         "final_eval_loss": evals[-1] if evals else None,
         "min_eval_loss": min(evals) if evals else None,
         # Where the held-out loss was lowest: past it, more steps fitted the training rows, not the task.
@@ -98,12 +98,18 @@ def launching_task() -> dict[str, Any] | None:
 CHECKPOINT_STATE = "trainer_state.json"  # transformers writes it last into a checkpoint-<step> directory
 
 
+def _checkpoint_step(path: Path) -> int | None:
+    """The step of a transformers checkpoint-<step> directory (None for another name)."""
+    step = path.name.removeprefix("checkpoint-")
+    return int(step) if step.isdigit() else None
+
+
 def complete_checkpoints(directory: Path) -> list[Path]:
     """The checkpoint-<step> directories in ``directory`` that were written to the end, oldest first. One without
     CHECKPOINT_STATE was cut short (the pod was killed while saving it): resuming from it fails in transformers."""
-    found = [(int(step), path) for path in directory.glob("checkpoint-*")
-             if (step := path.name.removeprefix("checkpoint-")).isdigit() and (path / CHECKPOINT_STATE).is_file()]
-    return [path for _, path in sorted(found)]
+    found = [path for path in directory.glob("checkpoint-*")
+             if _checkpoint_step(path) is not None and (path / CHECKPOINT_STATE).is_file()]
+    return sorted(found, key=_checkpoint_step)
 
 
 def checkpoint_figures(spec: LoRASpec, checkpoint_dir: Path, eval_rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -115,7 +121,7 @@ def checkpoint_figures(spec: LoRASpec, checkpoint_dir: Path, eval_rows: list[dic
     at_step = {row["step"]: row["eval_loss"] for row in eval_rows}
     saved = []
     for path in complete_checkpoints(checkpoint_dir):
-        step = int(path.name.removeprefix("checkpoint-"))
+        step = _checkpoint_step(path)
         saved.append({"name": path.name, "step": step, "eval_loss": at_step.get(step)})
     best = min((c for c in saved if c["eval_loss"] is not None), key=lambda c: c["eval_loss"], default=None)
     return {"saved_checkpoints": saved, "best_eval_checkpoint": best["name"] if best else None}
