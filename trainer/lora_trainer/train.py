@@ -8,6 +8,7 @@ is the output contract (airflow_provider_lora.core.contract), which the launcher
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import os
@@ -89,8 +90,13 @@ def run(spec: LoRASpec, work_dir: str | Path | None = None) -> Outcome:
         if tracker is not None:  # (before start(), end() only puts the environment back)
             tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
+    outcome = Outcome(summary or {}, loaded.model, loaded.tokenizer)
+    # The trainer's DDP wrapper holds the process group: free it while the group is alive. Freed after _close's
+    # destroy_process_group, gloo's destructor hung joining its threads (rank 1 under torchrun on CPU, twice in CI).
+    del trained, loaded
+    gc.collect()
     _close(state)
-    return Outcome(summary or {}, loaded.model, loaded.tokenizer)
+    return outcome
 
 
 # ---- 1. check ------------------------------------------------------------------------------------------------------
